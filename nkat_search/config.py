@@ -184,3 +184,227 @@ def adapt_patch_size(img_size: int, conv_stem: str, patch_size: int) -> int:
     """
     feature = img_size // STEM_STRIDE[conv_stem]
     return max(d for d in range(1, patch_size + 1) if feature % d == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Study files (studies/*.toml)
+
+DATASET_NAMES = ("cifar10", "mnist", "fashion_mnist", "emnist_letters")
+# Fields a study may search or fix: everything but what the dataset decides.
+DATASET_FIELDS = {"in_chans", "img_size", "num_classes"}
+SEARCHABLE = (field_names(ModelConfig) - DATASET_FIELDS) | (field_names(TrainConfig) - {"limit_train", "compile"})
+PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving")
+STUDY_KEYS = {
+    "study": {"name", "trials"},
+    "sampler": {"kind", "seed", "multivariate", "constant_liar", "n_startup_trials"},
+    "pruner": {"kind", "n_startup_trials", "n_warmup_steps", "percentile", "min_resource", "reduction_factor"},
+    "stage1": {"dataset", "epochs", "gate"},
+    "stage2": {"datasets", "epochs"},
+    "data": {"source", "root", "val_size", "split_seed", "download", "synthetic_train", "synthetic_test"},
+    "model": field_names(ModelConfig) - DATASET_FIELDS,
+    "train": field_names(TrainConfig) - {"epochs"},
+    "report": {"epochs", "warmup"},
+    "space": None,  # checked per parameter below
+}
+PARAM_KEYS = {"int": {"type", "low", "high", "step", "log"}, "float": {"type", "low", "high", "step", "log"},
+              "categorical": {"type", "choices"}}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One searched parameter: int/float range (optional step or log) or categorical choices."""
+
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: tuple = ()
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    path: str
+    trials: int
+    space: tuple[ParamSpec, ...]
+    sampler: dict
+    pruner: dict
+    stage1_dataset: str
+    stage1_epochs: int
+    gate: float
+    stage2_datasets: tuple[str, ...]
+    stage2_epochs: int
+    data: DataConfig
+    model: dict  # fixed ModelConfig fields
+    train: TrainConfig  # the recipe; epochs is set per stage
+    report_epochs: int
+    report_warmup: int
+
+    def definition(self) -> dict:
+        """What makes two studies the same search (stored on the study; the path and budget are not part)."""
+        out = dataclasses.asdict(self)
+        for key in ("path", "trials"):
+            out.pop(key)
+        return _jsonable(out)
+
+    @classmethod
+    def from_definition(cls, d: dict, path: str = "<storage>", trials: int = 0) -> "StudyConfig":
+        """The StudyConfig stored on a study by definition()."""
+        train = dict(d["train"], randaugment=tuple(d["train"]["randaugment"]))
+        return cls(**{
+            **d, "path": path, "trials": trials,
+            "space": tuple(ParamSpec(**dict(p, choices=tuple(p["choices"]))) for p in d["space"]),
+            "stage2_datasets": tuple(d["stage2_datasets"]), "data": DataConfig(**d["data"]),
+            "train": TrainConfig(**train),
+        })
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def load_study(path: str) -> StudyConfig:
+    """Read and validate a study file; every problem is one UsageError naming the file and the key."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"study file {path} does not exist; pass --study with a file from studies/.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path} is not valid TOML ({exc}); fix the syntax at that line.") from None
+
+    def fail(key: str, problem: str) -> UsageError:
+        return UsageError(f"{path}: {key}: {problem}")
+
+    for section, value in raw.items():
+        if section not in STUDY_KEYS:
+            raise fail(section, f"unknown section; use one of {', '.join(STUDY_KEYS)}.")
+        if not isinstance(value, dict):
+            raise fail(section, "must be a table ([" + section + "]).")
+        allowed = STUDY_KEYS[section]
+        for key in value if allowed is not None else ():
+            if key not in allowed:
+                raise fail(f"{section}.{key}", f"unknown key; use one of {', '.join(sorted(allowed))}.")
+
+    def get(section: str, key: str, default=dataclasses.MISSING):
+        value = raw.get(section, {}).get(key, default)
+        if value is dataclasses.MISSING:
+            raise fail(f"{section}.{key}", "is required; add it to the file.")
+        return value
+
+    name = get("study", "name")
+    if not isinstance(name, str) or not name.strip():
+        raise fail("study.name", "must be a non-empty string.")
+    trials = get("study", "trials", 50)
+    if not isinstance(trials, int) or trials < 1:
+        raise fail("study.trials", f"must be a positive integer, got {trials!r}.")
+
+    datasets = [get("stage1", "dataset")] + list(get("stage2", "datasets"))
+    for i, ds in enumerate(datasets):
+        if ds not in DATASET_NAMES:
+            key = "stage1.dataset" if i == 0 else "stage2.datasets"
+            raise fail(key, f"unknown dataset {ds!r}; use one of {', '.join(DATASET_NAMES)}.")
+    gate = get("stage1", "gate")
+    if not isinstance(gate, (int, float)) or isinstance(gate, bool) or not 0 < gate < float("inf"):
+        raise fail("stage1.gate", f"must be a number in (0, inf), got {gate!r}; the research's gate is 0.60.")
+    for key in ("stage1.epochs", "stage2.epochs"):
+        value = get(*key.split("."))
+        if not isinstance(value, int) or value < 1:
+            raise fail(key, f"must be a positive integer, got {value!r}.")
+
+    kinds = {"tpe", "random"}
+    sampler = {"kind": "tpe", "seed": None, "multivariate": True, "constant_liar": True, "n_startup_trials": 10}
+    sampler.update(raw.get("sampler", {}))
+    if sampler["kind"] not in kinds:
+        raise fail("sampler.kind", f"unknown sampler {sampler['kind']!r}; use tpe or random.")
+    pruner = {"kind": "median", "n_startup_trials": 5, "n_warmup_steps": 1}
+    pruner.update(raw.get("pruner", {}))
+    if pruner["kind"] not in PRUNERS:
+        raise fail("pruner.kind", f"unknown pruner {pruner['kind']!r}; use one of {', '.join(PRUNERS)}.")
+
+    try:
+        data = DataConfig(**raw.get("data", {}))
+    except UsageError as exc:
+        raise fail("data", str(exc)) from None
+    model_fixed = dict(raw.get("model", {}))
+    train_fixed = dict(raw.get("train", {}))
+    if "randaugment" in train_fixed:
+        train_fixed["randaugment"] = tuple(train_fixed["randaugment"])
+    try:
+        base_model = ModelConfig(**model_fixed)
+        train = TrainConfig(**train_fixed)
+    except (UsageError, TypeError) as exc:
+        raise fail("model/train", str(exc)) from None
+
+    space = tuple(_param_spec(path, name_, spec) for name_, spec in raw.get("space", {}).items())
+    if not space:
+        raise fail("space", "is empty; declare at least one [space.<parameter>].")
+    for p in space:
+        if p.name in model_fixed or p.name in train_fixed:
+            raise fail(f"space.{p.name}", "is both searched and fixed in [model]/[train]; keep one.")
+        # Each end of each range (each choice) must make a valid model / recipe on its own.
+        values = p.choices if p.type == "categorical" else (p.low, p.high)
+        for value in values:
+            try:
+                if p.name in field_names(ModelConfig):
+                    dataclasses.replace(base_model, **{p.name: _cast(p, value)})
+                else:
+                    dataclasses.replace(train, **{p.name: _cast(p, value)})
+            except UsageError as exc:
+                raise fail(f"space.{p.name}", f"the value {value!r} is invalid: {exc}") from None
+    return StudyConfig(
+        name=name, path=path, trials=trials, space=space, sampler=sampler, pruner=pruner,
+        stage1_dataset=datasets[0], stage1_epochs=get("stage1", "epochs"), gate=float(gate),
+        stage2_datasets=tuple(datasets[1:]), stage2_epochs=get("stage2", "epochs"), data=data,
+        model=model_fixed, train=train, report_epochs=get("report", "epochs", 40),
+        report_warmup=get("report", "warmup", train.warmup),
+    )
+
+
+def _cast(p: ParamSpec, value):
+    if p.type == "int":
+        return int(value)
+    if p.type == "float":
+        return float(value)
+    return value
+
+
+def _param_spec(path: str, name: str, spec) -> ParamSpec:
+    key = f"space.{name}"
+
+    def fail(problem: str) -> UsageError:
+        return UsageError(f"{path}: {key}: {problem}")
+
+    if name not in SEARCHABLE:
+        raise fail(f"is not a parameter of the model or the recipe; use one of {', '.join(sorted(SEARCHABLE))}.")
+    if not isinstance(spec, dict) or spec.get("type") not in PARAM_KEYS:
+        raise fail("needs type = \"int\", \"float\" or \"categorical\".")
+    for k in spec:
+        if k not in PARAM_KEYS[spec["type"]]:
+            raise fail(f"unknown key {k!r}; a {spec['type']} parameter takes {', '.join(sorted(PARAM_KEYS[spec['type']]))}.")
+    if spec["type"] == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise fail("needs a non-empty list of choices.")
+        return ParamSpec(name, "categorical", choices=tuple(choices))
+    low, high = spec.get("low"), spec.get("high")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+        raise fail("needs numeric low and high.")
+    if spec["type"] == "int" and not all(isinstance(v, int) for v in (low, high)):
+        raise fail("an int parameter needs integer low and high.")
+    if low >= high:
+        raise fail(f"the range {low}..{high} is empty or inverted; make low < high.")
+    if spec.get("log") and low <= 0:
+        raise fail("a log-scale range must have low > 0.")
+    step = spec.get("step")
+    if step is not None and (spec.get("log") or not step > 0):
+        raise fail("step must be > 0 and cannot be combined with log.")
+    return ParamSpec(name, spec["type"], low=low, high=high, step=step, log=bool(spec.get("log", False)))

@@ -24,10 +24,11 @@ from .config import DataConfig, TrainConfig, UsageError
 # RandAugment draws its ops once per call; calling it on chunks of this many images gives each
 # chunk its own ops (one draw for a whole batch would make every batch one augmentation).
 RANDAUGMENT_CHUNK = 8
-# Synthetic difficulty: per-pixel noise and distractor weight, relative to a unit-variance
-# prototype; tuned so that on 10k images a linear model reaches about 48-68% and a small MLP
-# about 71-85% validation accuracy in 5 epochs (chance is 10%, or 4% for the 26 letters).
-NOISE, DISTRACTOR = 1.0, 0.6
+# Synthetic difficulty: per-pixel noise and distractor weight relative to a unit grating, and
+# orientation jitter in units of the gap between classes. Measured with `nkat-search train
+# --data-source synthetic --embed_dim 64 --depth 2 --epochs 3` (the research's recipe, 5,000
+# training images): cifar10 0.51, emnist_letters 0.15 validation accuracy (chance 0.10 / 0.04).
+NOISE, DISTRACTOR, JITTER = 0.7, 0.4, 0.4
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,13 @@ def get_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
+def ensure_available(name: str, data: DataConfig) -> None:
+    """Download a real dataset when absent, or fail with a UsageError; synthetic data always is."""
+    spec = get_spec(name)
+    if data.source == "torchvision":
+        _torchvision(spec, data)
+
+
 def load_splits(name: str, data: DataConfig, device: str | torch.device = "cpu") -> Splits:
     """Train/validation/test uint8 tensors of a dataset, moved to `device` once."""
     spec = get_spec(name)
@@ -106,36 +114,38 @@ def load_splits(name: str, data: DataConfig, device: str | torch.device = "cpu")
 
 
 def _synthetic(spec: DatasetSpec, n: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n class-structured images: a smooth prototype of the class, shifted, rescaled, noised, plus
-    a fainter prototype of another class as a distractor. Prototypes depend on the dataset only;
-    `stream` picks the samples (train and test are drawn from different streams)."""
+    """n class-structured images: an oriented grating whose orientation, frequency and (on RGB)
+    colour tint belong to the class, with random phase, contrast and brightness, Gaussian noise
+    and a fainter grating of another class as a distractor. Orientations of neighbouring classes
+    overlap by their jitter, so a model must learn, not look up. The class parameters depend on
+    the dataset only; `stream` picks the samples (train and test use different streams)."""
     k, c, s = spec.num_classes, spec.channels, spec.image_size
-    per_class, shift, low = 3, 3, 5  # prototypes per class, max shift in px, prototype grid
     base = zlib.crc32(spec.name.encode())
     g = torch.Generator().manual_seed(base)
-    coarse = torch.randn(k * per_class, c, low, low, generator=g)
-    protos = F.interpolate(coarse, size=(s + 2 * shift, s + 2 * shift), mode="bicubic", align_corners=False)
-    protos = (protos - protos.mean()) / protos.std()
+    order = torch.randperm(k, generator=g)  # which class gets which orientation
+    angle = torch.pi * order.float() / k
+    freq = (2.0 + 1.5 * (torch.arange(k) % 3).float()) / s  # cycles per pixel: 3 bands
+    # Signed per-channel weights: the colour-wise LayerNorm of the model removes each pixel's
+    # channel mean, so class colour must live in the direction of the channel vector.
+    tint = torch.randn(k, c, generator=g) if c > 1 else torch.ones(k, 1)
 
     g = torch.Generator().manual_seed(base + 1_000_003 * stream)
     y = torch.arange(n) % k
     y = y[torch.randperm(n, generator=g)]
     other = (y + torch.randint(1, k, (n,), generator=g)) % k
+    coords = torch.arange(s, dtype=torch.float32) - (s - 1) / 2
 
-    def pick(cls: torch.Tensor) -> torch.Tensor:
-        return cls * per_class + torch.randint(0, per_class, (n,), generator=g)
+    def grating(cls: torch.Tensor) -> torch.Tensor:
+        theta = angle[cls] + JITTER * torch.pi / k * torch.randn(n, generator=g)
+        phase = 2 * torch.pi * torch.rand(n, generator=g)
+        u = coords[None, :, None] * theta.sin()[:, None, None] + coords[None, None, :] * theta.cos()[:, None, None]
+        wave = torch.cos(2 * torch.pi * freq[cls][:, None, None] * u + phase[:, None, None])
+        return wave[:, None] * tint[cls][:, :, None, None]  # [n, c, s, s]
 
-    off = torch.randint(0, 2 * shift + 1, (2, n), generator=g)
-    signal = _crop(protos[pick(y)], off[0], off[1], s)
-    distractor = _crop(protos[pick(other)], off[1], off[0], s)
-    scale = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)
-    bias = 0.5 * torch.randn(n, 1, 1, 1, generator=g)
-    # Each channel has its own prototype, so RGB carries more evidence per image, while grayscale
-    # loses much of its signal where the dark MNIST-like range clips at 0; the weaker RGB pattern
-    # (c**-1.5, tuned) keeps CIFAR-10 the hardest, as it is on real data.
-    amp = c**-1.5
+    contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)
+    brightness = 0.3 * torch.randn(n, 1, 1, 1, generator=g)
     z = torch.randn(n, c, s, s, generator=g).mul_(NOISE)
-    z.add_(signal.mul_(scale * amp)).add_(distractor, alpha=DISTRACTOR * amp).add_(bias)
+    z.add_(grating(y).mul_(contrast)).add_(grating(other), alpha=DISTRACTOR).add_(brightness)
     mean = 255 * torch.tensor(spec.mean).view(1, c, 1, 1)
     std = 255 * torch.tensor(spec.std).view(1, c, 1, 1)
     x = z.mul_(std).add_(mean).round_().clamp_(0, 255).to(torch.uint8)

@@ -163,7 +163,8 @@ class NKATViT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.color_norm = ColorLayerNorm(cfg.in_chans) if cfg.color_norm else nn.Identity()
+        # On one channel a LayerNorm over C would map every pixel to its bias and erase the image.
+        self.color_norm = ColorLayerNorm(cfg.in_chans) if cfg.color_norm and cfg.in_chans > 1 else nn.Identity()
         self.stem = ConvStem(cfg.conv_stem, cfg.in_chans)
         self.patch_embed = PatchEmbed(self.stem.out_chans, cfg.embed_dim, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))

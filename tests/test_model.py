@@ -10,7 +10,7 @@ STEM_CONVS = {"off": [], "tiny": [(32, 2), (64, 2)], "small": [(64, 2), (128, 2)
 def formula_params(cfg: ModelConfig) -> int:
     """Parameter count written out by hand from seed-notes' description of the model."""
     d, c = cfg.embed_dim, cfg.in_chans
-    total = 2 * c if cfg.color_norm else 0
+    total = 2 * c if cfg.color_norm and c > 1 else 0  # no colour norm on grayscale
     cin = c
     for cout, _ in STEM_CONVS[cfg.conv_stem]:
         total += cin * cout * 9 + cout + 2 * cout  # conv with bias + BatchNorm
@@ -142,3 +142,12 @@ def test_bad_model_config_is_one_clear_sentence(kwargs, words):
     with pytest.raises(UsageError) as err:
         ModelConfig(**kwargs)
     assert words in str(err.value)
+
+
+def test_grayscale_input_is_not_erased_by_the_colour_norm():
+    # A LayerNorm over one channel maps every pixel to its bias: the model must not apply it.
+    cfg = ModelConfig(in_chans=1, img_size=28, num_classes=10, conv_stem="off", patch_size=7, embed_dim=32,
+                      depth=1, num_heads=4, nkat_strength=0, dropout_embed=0, dropout_attn=0)
+    model = NKATViT(cfg).eval()
+    a, b = torch.zeros(1, 1, 28, 28), torch.ones(1, 1, 28, 28)
+    assert not torch.allclose(model(a), model(b))

@@ -1,0 +1,98 @@
+"""The two-stage objective (seed-notes, "Round 2"): thin glue over space, data, train and metrics.
+
+Stage 1 trains on the gate dataset (CIFAR-10) and reports the Local TPE after every epoch, so
+Optuna's pruner can stop a poor learning curve; at the end, a Local TPE below the study's gate
+prunes the trial. Stage 2 trains the survivors on the other datasets; the trial's value is the
+Global TPE over all of them. Everything recorded on the trial is measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import optuna
+
+from .config import StudyConfig
+from .data import Splits, get_spec
+from .metrics import consistency, global_tpe, robustness
+from .space import configs_for, suggest
+from .train import FitResult, NonFiniteLossError, fit
+
+log = logging.getLogger("nkat_search")
+METRIC_NAMES = ["global_tpe"]
+
+
+def check_gate(local_tpe: float, gate: float, epoch: int, trial: optuna.Trial) -> None:
+    """Prune (Optuna's PRUNED state) when the Stage-1 Local TPE is below the gate; record why."""
+    if local_tpe < gate:
+        reason = f"gate: local TPE {local_tpe:.4f} < {gate} after epoch {epoch}"
+        trial.set_user_attr("prune_reason", reason)
+        trial.set_user_attr("pruned_at_epoch", epoch)
+        raise optuna.TrialPruned(reason)
+
+
+def record(trial: optuna.Trial, result: FitResult) -> None:
+    """Per-dataset attributes: accuracy, params, lambda, local TPE, seconds, epochs."""
+    d = result.dataset
+    for key, value in (("accuracy", result.accuracy), ("params", result.params), ("lambda", result.lambda_),
+                       ("local_tpe", result.local_tpe), ("seconds", result.seconds), ("epochs", result.epochs)):
+        trial.set_user_attr(f"{d}_{key}", value)
+
+
+def make_objective(study: StudyConfig, load: Callable[[str], Splits],
+                   on_progress: Callable[[str], None] | None = None) -> Callable[[optuna.Trial], float]:
+    """The objective for study.optimize / ask-tell; load(name) gives a dataset's splits (cached)."""
+    say = on_progress or log.info
+
+    def train(trial: optuna.Trial, params: dict, dataset: str, epochs: int, on_epoch=None) -> FitResult:
+        model_cfg, train_cfg = configs_for(params, study, get_spec(dataset), epochs)
+        try:
+            return fit(model_cfg, train_cfg, load(dataset), on_epoch=on_epoch)
+        except NonFiniteLossError as exc:
+            # A diverging configuration is a property of the point, not a fault of the worker:
+            # PRUNED (kept out of the ranking, no retry), with the reason on the trial.
+            trial.set_user_attr("prune_reason", f"non-finite loss: {exc}")
+            raise optuna.TrialPruned(str(exc)) from None
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, study)
+        say(f"trial {trial.number} started: {params}")
+        stage1 = study.stage1_dataset
+        started = time.perf_counter()
+
+        def on_epoch(epoch: int, accuracy: float, tpe: float) -> None:
+            trial.report(tpe, epoch)
+            say(f"trial {trial.number} stage 1 {stage1} epoch {epoch}/{study.stage1_epochs}: "
+                f"val accuracy {accuracy:.4f}, local TPE {tpe:.4f}")
+            if trial.should_prune():
+                reason = f"pruner ({study.pruner['kind']}): local TPE {tpe:.4f} at epoch {epoch}"
+                trial.set_user_attr("prune_reason", reason)
+                trial.set_user_attr("pruned_at_epoch", epoch)
+                raise optuna.TrialPruned(reason)
+
+        try:
+            result = train(trial, params, stage1, study.stage1_epochs, on_epoch)
+        finally:
+            trial.set_user_attr("stage1_seconds", time.perf_counter() - started)
+        record(trial, result)
+        check_gate(result.local_tpe, study.gate, result.epochs, trial)
+
+        started = time.perf_counter()
+        results = [result]
+        try:
+            for dataset in study.stage2_datasets:
+                say(f"trial {trial.number} stage 2 {dataset}: {study.stage2_epochs} epochs")
+                results.append(train(trial, params, dataset, study.stage2_epochs))
+                record(trial, results[-1])
+        finally:
+            trial.set_user_attr("stage2_seconds", time.perf_counter() - started)
+        tpes = [r.local_tpe for r in results]
+        value = global_tpe([r.accuracy for r in results], [r.params for r in results])
+        trial.set_user_attr("global_tpe", value)
+        trial.set_user_attr("consistency", consistency(tpes))
+        trial.set_user_attr("robustness", robustness(tpes))
+        return value
+
+    return objective

@@ -1,0 +1,186 @@
+"""fit(): one training run of one configuration on one dataset (seed-notes, "The training recipe").
+
+AdamW, linear warm-up then cosine decay per step, EMA weights (used for evaluation), gradient
+clipping, label smoothing; augmentation happens on the device in data.BatchLoader. The loop does
+no per-image Python work and no host synchronisation per batch: the loss is summed on the device
+and checked once per epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, TrainConfig
+from .data import BatchLoader, Splits
+from .metrics import local_tpe, theory_size
+from .model import NKATViT, count_params
+
+# on_epoch(epoch, validation accuracy, local TPE so far); it may raise to stop training.
+EpochCallback = Callable[[int, float, float], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run cannot go on."""
+
+
+@dataclass
+class FitResult:
+    dataset: str
+    accuracy: float  # validation split, EMA weights
+    test_accuracy: float | None
+    params: int
+    lambda_: float
+    local_tpe: float
+    epochs: int
+    seconds: float
+    images_per_second: float
+    precision: str
+    device: str
+    limit_train: int
+    history: list[dict] = field(default_factory=list)
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    def summary(self) -> dict:
+        """The JSON-ready record (`lambda` spelled as in seed-notes; no model)."""
+        out = asdict(self, dict_factory=lambda items: {k: v for k, v in items if k != "model"})
+        out["lambda"] = out.pop("lambda_")
+        return out
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. auto: bf16 on CUDA, fp32 on the CPU."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def build_model(model_cfg: ModelConfig, device: torch.device) -> nn.Module:
+    model = NKATViT(model_cfg).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0 at total_steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class EMA:
+    """Exponential moving average of a model's weights and buffers, used for evaluation.
+
+    The decay warms up as min(decay, (1+n)/(10+n)) after n updates (as timm's ModelEmaV3 does),
+    so that short runs do not evaluate near-initial weights: with a fixed 0.9995 a 300-step run
+    would still be 86% initialisation. Not torch's AveragedModel: its update reads its step
+    counter on the host twice per step (a device sync on CUDA) and cannot lerp integer buffers.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+        self.floats = [pair for pair in pairs if pair[0].is_floating_point()]
+        self.others = [pair for pair in pairs if not pair[0].is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        weight = 1 - min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_([e for e, _ in self.floats], [m for _, m in self.floats], weight)
+        for ema_tensor, tensor in self.others:
+            ema_tensor.copy_(tensor)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, splits: Splits, batch_size: int,
+             autocast: torch.dtype | None) -> float:
+    """Accuracy (fraction) over every image of x."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    for images, labels in BatchLoader(x, y, splits.spec, batch_size, train=False):
+        with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            correct += (model(images).argmax(dim=-1) == labels).sum()
+    return correct.item() / len(y)
+
+
+def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, *,
+        on_epoch: EpochCallback | None = None, eval_test: bool = False) -> FitResult:
+    """Train model_cfg on splits with train_cfg; evaluate the EMA weights after every epoch."""
+    device = splits.train_x.device
+    autocast = resolve_precision(train_cfg.precision, device)
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(model_cfg, device)
+    params = count_params(model)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train_cfg.lr, fused=device.type == "cuda",
+    )
+    loader = BatchLoader(splits.train_x, splits.train_y, splits.spec, train_cfg.batch_size, train=True,
+                         train_cfg=train_cfg, seed=train_cfg.seed, limit=train_cfg.limit_train)
+    steps = len(loader)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(train_cfg.warmup * steps, train_cfg.epochs * steps))
+    ema = EMA(model, train_cfg.ema) if train_cfg.ema else None
+    step_model = torch.compile(model) if train_cfg.compile else model
+    criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
+    eval_model = ema.module if ema is not None else model
+
+    history: list[dict] = []
+    train_seconds, train_images, started = 0.0, 0, time.perf_counter()
+    for epoch in range(1, train_cfg.epochs + 1):
+        model.train()
+        epoch_start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for images, targets in loader:
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                loss = criterion(step_model(images), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if train_cfg.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_grad)
+            optimizer.step()
+            schedule.step()
+            if ema is not None:
+                ema.update()
+            loss_sum += loss.detach().float()
+            train_images += len(images)
+        mean_loss = loss_sum.item() / steps  # the one host synchronisation of the epoch
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(
+                f"the training loss of {splits.spec.name} became {mean_loss} in epoch {epoch}; "
+                "lower the learning rate or raise the temperature.")
+        train_seconds += time.perf_counter() - epoch_start
+        accuracy = evaluate(eval_model, splits.val_x, splits.val_y, splits, train_cfg.batch_size, autocast)
+        tpe = local_tpe(accuracy, params)
+        history.append({"epoch": epoch, "train_loss": mean_loss, "val_accuracy": accuracy, "local_tpe": tpe,
+                        "seconds": time.perf_counter() - epoch_start})
+        if on_epoch is not None:
+            on_epoch(epoch, accuracy, tpe)
+
+    test_accuracy = None
+    if eval_test:
+        test_accuracy = evaluate(eval_model, splits.test_x, splits.test_y, splits, train_cfg.batch_size, autocast)
+    return FitResult(
+        dataset=splits.spec.name, accuracy=accuracy, test_accuracy=test_accuracy, params=params,
+        lambda_=theory_size(params), local_tpe=tpe, epochs=train_cfg.epochs,
+        seconds=time.perf_counter() - started, images_per_second=train_images / max(train_seconds, 1e-9),
+        precision=str(autocast or torch.float32).removeprefix("torch."), device=str(device),
+        limit_train=train_cfg.limit_train, history=history, model=eval_model,
+    )
