@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import threading
+import warnings
 from collections.abc import Iterator
 
 import optuna
@@ -146,7 +147,9 @@ def create_or_resume(storage, url: str, study: StudyConfig, budget: int) -> optu
                     f"({', '.join(changed)} differ); rename the study in {study.path} or use the file it was made from.")
         handle = optuna.create_study(storage=storage, study_name=study.name, direction="maximize",
                                      sampler=sampler(study), pruner=pruner(study), load_if_exists=True)
-        handle.set_metric_names(METRIC_NAMES)
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and the dashboard reads it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            handle.set_metric_names(METRIC_NAMES)
         handle.set_user_attr("definition", definition)
         handle.set_user_attr("budget", budget)
         handle.set_user_attr("direction", "maximize")

@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 
 from . import storage as st
 from .config import UsageError
+from .dashboard import annotate_trial
 from .data import load_splits
 from .objective import make_objective
 
@@ -123,30 +124,40 @@ def next_trial(study: optuna.Study, url: str):
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, objective) -> TrialState:
-    """Run one trial to a defined end state."""
+    """Run one trial to a defined end state (an interrupt fails it, queues a retry and re-raises)."""
     started = time.perf_counter()
-    with heartbeat(study._storage, trial._trial_id):
-        try:
-            value = objective(trial)
-        except optuna.TrialPruned as exc:
-            study.tell(trial, state=TrialState.PRUNED)
-            log.info("trial %d pruned after %.1f s: %s", trial.number, time.perf_counter() - started, exc)
-            return TrialState.PRUNED
-        except KeyboardInterrupt as exc:
-            reason = f"interrupted ({exc})" if str(exc) else "interrupted"
-            fail_trial(study, study._storage.get_trial(trial._trial_id), reason, retry=True)
-            log.warning("trial %d %s; it is queued again", trial.number, reason)
-            raise
-        except Exception as exc:  # a crash, an OOM, a bug: FAILED with the error on the trial
-            reason = f"{type(exc).__name__}: {exc}"
-            fail_trial(study, study._storage.get_trial(trial._trial_id), reason, retry=False)
-            log.error("trial %d failed: %s", trial.number, reason)
-            return TrialState.FAIL
-    study.tell(trial, value)
-    best = study.best_value
-    log.info("trial %d complete in %.1f s: global TPE %.4f (best so far %.4f) params %s",
-             trial.number, time.perf_counter() - started, value, best, trial.params)
-    return TrialState.COMPLETE
+    try:
+        with heartbeat(study._storage, trial._trial_id):
+            try:
+                value = objective(trial)
+            except optuna.TrialPruned as exc:
+                study.tell(trial, state=TrialState.PRUNED)
+                log.info("trial %d pruned after %.1f s: %s", trial.number, time.perf_counter() - started, exc)
+                return TrialState.PRUNED
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # a crash, an OOM, a bug: FAILED with the error on the trial
+                reason = f"{type(exc).__name__}: {exc}"
+                fail_trial(study, study._storage.get_trial(trial._trial_id), reason, retry=False)
+                log.error("trial %d failed: %s", trial.number, reason)
+                return TrialState.FAIL
+        study.tell(trial, value)
+        log.info("trial %d complete in %.1f s: global TPE %.4f (best so far %.4f)",
+                 trial.number, time.perf_counter() - started, value, study.best_value)
+        return TrialState.COMPLETE
+    finally:
+        frozen = study._storage.get_trial(trial._trial_id)
+        if frozen.state.is_finished():
+            annotate_trial(study, frozen)
+
+
+def interrupt(study: optuna.Study, trial: optuna.Trial, exc: KeyboardInterrupt) -> None:
+    """A signal arrived: fail the trial if it still runs, with the reason, and queue it again."""
+    frozen = study._storage.get_trial(trial._trial_id)
+    if frozen.state == TrialState.RUNNING:
+        reason = f"interrupted ({exc})" if str(exc) else "interrupted"
+        fail_trial(study, frozen, reason, retry=True)
+        log.warning("trial %d %s; it is queued again", trial.number, reason)
 
 
 def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_failures: int = 3,
@@ -165,14 +176,21 @@ def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_fai
     log.info("worker %s on %s: study %r in %s", worker_id(), device, study.study_name, st.mask(url))
     failures = 0
     while True:
-        trial = next_trial(study, url)
-        if trial is DONE:
-            log.info("study %r reached its budget of %d finished trials", study.study_name, study.user_attrs["budget"])
-            return 0
-        if trial is WAIT:
-            time.sleep(poll_seconds)
-            continue
-        state = run_trial(study, trial, objective)
+        trial = None
+        try:
+            trial = next_trial(study, url)
+            if trial is DONE:
+                log.info("study %r reached its budget of %d finished trials", study.study_name,
+                         study.user_attrs["budget"])
+                return 0
+            if trial is WAIT:
+                time.sleep(poll_seconds)
+                continue
+            state = run_trial(study, trial, objective)
+        except KeyboardInterrupt as exc:
+            if isinstance(trial, optuna.Trial):
+                interrupt(study, trial, exc)
+            raise
         failures = failures + 1 if state == TrialState.FAIL else 0
         if failures >= max_failures:
             raise WorkerStopped(f"{failures} trials in a row failed on this worker (see fail_reason on the trials); "

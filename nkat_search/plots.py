@@ -1,0 +1,337 @@
+"""The search in pictures, and what a retrained model looks at.
+
+`plots`: Optuna's plotly figures (optimisation history, parameter importances, embed_dim x depth
+contour) and ours (Stage-1 Local TPE per trial with the gate, Stage-1 learning curves of pruned
+vs kept trials, per-dataset accuracy of the top trials), written as HTML and PNG (kaleido) and
+attached to the study for optuna-dashboard (save_plotly_graph_object).
+
+`attention`: class-token attention of every layer over validation images, from the weights that
+`nkat-search report` saved for a trial (NKATViT.attention_maps).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import optuna
+import plotly.graph_objects as go
+import plotly.io as pio
+import torch
+import torch.nn.functional as F
+from optuna.trial import FrozenTrial, TrialState
+
+from .config import StudyConfig, UsageError
+from .report import datasets_of
+
+log = logging.getLogger("nkat_search")
+TOP_TRIALS = 5  # trials shown in the per-dataset accuracy plot
+STATE_COLORS = {"COMPLETE": "#1f77b4", "PRUNED": "#d62728", "FAIL": "#7f7f7f", "RUNNING": "#2ca02c"}
+# Prefix of our figures' ids in optuna-dashboard (a valid HTML id; reused, so a rerun overwrites).
+DASHBOARD_ID = "nkat-{name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _gate(study: optuna.Study, config: StudyConfig) -> float:
+    return float(study.user_attrs.get("gate", {}).get("threshold", config.gate))
+
+
+def _stage1_tpe(trial: FrozenTrial, dataset: str) -> float | None:
+    """The Stage-1 Local TPE a trial ended with: the recorded one, else its last reported epoch."""
+    value = trial.user_attrs.get(f"{dataset}_local_tpe")
+    if value is None and trial.intermediate_values:
+        value = trial.intermediate_values[max(trial.intermediate_values)]
+    return value
+
+
+def gate_figure(study: optuna.Study, config: StudyConfig) -> go.Figure | None:
+    """Stage-1 Local TPE of each finished trial, coloured by state, with the gate as a line."""
+    dataset, gate = config.stage1_dataset, _gate(study, config)
+    fig = go.Figure()
+    shown = 0
+    for state in (TrialState.COMPLETE, TrialState.PRUNED):
+        trials = [t for t in study.get_trials(deepcopy=False, states=(state,)) if _stage1_tpe(t, dataset) is not None]
+        shown += len(trials)
+        fig.add_trace(go.Scatter(
+            x=[t.number for t in trials], y=[_stage1_tpe(t, dataset) for t in trials], mode="markers",
+            name=state.name.lower(), marker={"color": STATE_COLORS[state.name], "size": 9},
+            text=[t.user_attrs.get("prune_reason", "") for t in trials]))
+    if not shown:
+        return None
+    fig.add_hline(y=gate, line_dash="dash", line_color="black", annotation_text=f"gate {gate:g}")
+    fig.update_layout(title=f"Stage-1 Local TPE on {dataset} per trial (gate {gate:g})",
+                      xaxis_title="trial", yaxis_title=f"Local TPE ({dataset}, validation)")
+    return fig
+
+
+def learning_curves_figure(study: optuna.Study, config: StudyConfig) -> go.Figure | None:
+    """Stage-1 Local TPE per epoch (the intermediate values), pruned trials against kept ones."""
+    fig = go.Figure()
+    legend: set[str] = set()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if not t.intermediate_values:
+            continue
+        kind = "kept" if t.state == TrialState.COMPLETE else "pruned"
+        epochs = sorted(t.intermediate_values)
+        fig.add_trace(go.Scatter(
+            x=epochs, y=[t.intermediate_values[e] for e in epochs], mode="lines+markers", name=kind,
+            legendgroup=kind, showlegend=kind not in legend, hovertext=f"trial {t.number}",
+            line={"color": STATE_COLORS[t.state.name]}, opacity=0.8))
+        legend.add(kind)
+    if not legend:
+        return None
+    fig.add_hline(y=_gate(study, config), line_dash="dash", line_color="black",
+                  annotation_text=f"gate {_gate(study, config):g}")
+    fig.update_layout(title=f"Stage-1 learning curves on {config.stage1_dataset}: pruned vs kept trials",
+                      xaxis_title="epoch", yaxis_title="Local TPE (validation)")
+    return fig
+
+
+def top_trials_figure(study: optuna.Study, config: StudyConfig, top: int = TOP_TRIALS) -> go.Figure | None:
+    """Validation accuracy per dataset of the best completed trials (grouped bars)."""
+    done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value,
+                  reverse=True)[:top]
+    if not done:
+        return None
+    datasets = datasets_of(config)
+    fig = go.Figure([go.Bar(name=f"trial {t.number} (Global TPE {t.value:.3g})", x=datasets,
+                            y=[t.user_attrs.get(f"{d}_accuracy") for d in datasets]) for t in done])
+    fig.update_layout(barmode="group", title=f"Per-dataset validation accuracy of the top {len(done)} trials",
+                      xaxis_title="dataset", yaxis_title="accuracy", yaxis_range=[0, 1])
+    return fig
+
+
+def figures(study: optuna.Study, config: StudyConfig) -> tuple[dict[str, go.Figure], dict[str, str]]:
+    """(name -> figure, name -> why it was left out) for every plot of the study."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    made: dict[str, go.Figure] = {}
+    skipped: dict[str, str] = {}
+    vis = optuna.visualization
+    if complete:
+        made["optimization_history"] = vis.plot_optimization_history(study, target_name="Global TPE")
+    else:
+        skipped["optimization_history"] = "no completed trials yet"
+    if len(complete) >= 2:
+        made["param_importances"] = vis.plot_param_importances(study, target_name="Global TPE")
+    else:
+        skipped["param_importances"] = "needs at least two completed trials"
+    searched = {p.name for p in config.space}
+    if not {"embed_dim", "depth"} <= searched:
+        skipped["embed_dim_depth"] = "embed_dim and depth are not both searched in this study"
+    elif len(complete) >= 2:
+        made["embed_dim_depth"] = vis.plot_contour(study, params=["embed_dim", "depth"], target_name="Global TPE")
+    else:
+        skipped["embed_dim_depth"] = "needs at least two completed trials"
+    for name, build in (("stage1_local_tpe", gate_figure), ("stage1_learning_curves", learning_curves_figure),
+                        ("top_trials_accuracy", top_trials_figure)):
+        fig = build(study, config)
+        if fig is None:
+            skipped[name] = "no trial has the values it shows yet"
+        else:
+            made[name] = fig
+    return made, skipped
+
+
+def attach_to_dashboard(study: optuna.Study, figs: dict[str, go.Figure]) -> list[str]:
+    """Save each figure on the study for optuna-dashboard; unchanged figures are not written again."""
+    import optuna_dashboard
+    # The reader of saved figures is not public API; it spares a journal a copy per unchanged rerun.
+    from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
+
+    stored = get_plotly_graph_objects(study.system_attrs)
+    ids = []
+    for name, fig in figs.items():
+        graph_id = DASHBOARD_ID.format(name=name.replace("_", "-"))
+        if stored.get(graph_id) != fig.to_json():
+            optuna_dashboard.save_plotly_graph_object(study, fig, graph_object_id=graph_id)
+        ids.append(graph_id)
+    return ids
+
+
+def write_plots(study: optuna.Study, config: StudyConfig, out: str | Path, *, png: bool = True,
+                dashboard: bool = True) -> dict:
+    """Write NAME.html (and NAME.png) per figure into out; returns what was written and skipped."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figs, skipped = figures(study, config)
+    written = []
+    for name, fig in figs.items():
+        # plotly.min.js once beside the pages: they open offline and stay small.
+        fig.write_html(out / f"{name}.html", include_plotlyjs="directory")
+        written.append(str(out / f"{name}.html"))
+    if png and figs:
+        paths = [out / f"{name}.png" for name in figs]
+        try:
+            # One call renders every figure in one browser session (a few seconds, not a few per image).
+            pio.write_images(list(figs.values()), paths, width=1000, height=600)
+        except Exception as exc:  # kaleido raises its own errors when it cannot start a browser
+            raise UsageError(f"kaleido could not write PNG files ({type(exc).__name__}: {exc}); install Chromium "
+                             "or Chrome (`plotly_get_chrome`), or pass --no-png for HTML only.") from None
+        written += [str(p) for p in paths]
+    ids = attach_to_dashboard(study, figs) if dashboard and figs else []
+    return {"written": written, "skipped": skipped, "dashboard": ids}
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention maps
+
+
+def _image_for_display(x: torch.Tensor):
+    """uint8 [C, H, W] -> an array matplotlib shows (H, W, 3) or (H, W)."""
+    img = x.permute(1, 2, 0).cpu().numpy()
+    return img[..., 0] if img.shape[-1] == 1 else img
+
+
+def attention_figures(model, images: torch.Tensor, labels: torch.Tensor, spec, out: str | Path) -> list[str]:
+    """One PNG per image (the image, then each layer's class-token attention over it) and summary.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import BatchLoader
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    (x, _), = BatchLoader(images.to(device), labels.to(device), spec, len(images), train=False)
+    model.eval()
+    with torch.no_grad():
+        predicted = model(x).argmax(dim=-1).cpu()
+        maps = model.attention_maps(x).float().cpu()  # [depth, B, num_patches]
+    depth, count, patches = maps.shape
+    side = int(round(patches**0.5))
+    size = images.shape[-1]
+    grids = maps.view(depth, count, 1, side, side)
+    upsampled = torch.stack([F.interpolate(g, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+                             for g in grids])  # [depth, B, H, W]
+    cmap = "gray" if images.shape[1] == 1 else None
+    paths = []
+
+    def draw_row(axes, i: int) -> None:
+        axes[0].imshow(_image_for_display(images[i]), cmap=cmap)
+        axes[0].set_title(f"label {labels[i].item()}, pred {predicted[i].item()}", fontsize=8)
+        for layer in range(depth):
+            axes[layer + 1].imshow(_image_for_display(images[i]), cmap=cmap)
+            axes[layer + 1].imshow(upsampled[layer, i], cmap="jet", alpha=0.5)
+            axes[layer + 1].set_title(f"layer {layer + 1}", fontsize=8)
+        for ax in axes:
+            ax.axis("off")
+
+    for i in range(count):
+        fig, axes = plt.subplots(1, depth + 1, figsize=(2 * (depth + 1), 2.3), squeeze=False)
+        draw_row(axes[0], i)
+        fig.suptitle(f"{spec.name} validation image {i}: class-token attention per layer", fontsize=9)
+        fig.tight_layout()
+        path = out / f"attention_{i:02d}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(str(path))
+    fig, axes = plt.subplots(count, depth + 1, figsize=(1.6 * (depth + 1), 1.7 * count), squeeze=False)
+    for i in range(count):
+        draw_row(axes[i], i)
+    fig.suptitle(f"{spec.name}: class-token attention, {count} validation images x {depth} layers", fontsize=9)
+    fig.tight_layout()
+    path = out / "summary.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(str(path))
+    return paths
+
+
+def retrained_weights(study: optuna.Study, trial_number: int, dataset: str) -> dict:
+    """The record `nkat-search report` left for a trial's retrained model on a dataset."""
+    from .retrain import WEIGHTS_ATTR
+
+    numbers = {t.number for t in study.get_trials(deepcopy=False)}
+    if trial_number not in numbers:
+        raise UsageError(f"study {study.study_name!r} has no trial {trial_number}; pass the number of one of its "
+                         "trials (see `nkat-search leaderboard`).")
+    record = study.user_attrs.get(WEIGHTS_ATTR.format(number=trial_number), {}).get(dataset)
+    if record is None:
+        raise UsageError(f"trial {trial_number} has no retrained {dataset} model; run `nkat-search report "
+                         f"--study {study.study_name}` (with --top large enough to include trial {trial_number}) first.")
+    return record
+
+
+def attention(study: optuna.Study, config: StudyConfig, trial_number: int, dataset: str, images: int,
+              out: str | Path, artifacts: str | Path) -> list[str]:
+    """Attention PNGs of the retrained model of a trial over the first `images` validation images."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from .data import load_splits
+    from .retrain import load_model
+
+    if images < 1:
+        raise UsageError(f"--images must be at least 1, got {images}.")
+    if dataset not in datasets_of(config):
+        raise UsageError(f"{dataset} is not a dataset of study {study.study_name!r}; use one of "
+                         f"{', '.join(datasets_of(config))}.")
+    record = retrained_weights(study, trial_number, dataset)
+    store = FileSystemArtifactStore(base_path=str(artifacts))
+    model = load_model(record["artifact_id"], artifact_store=store)
+    splits = load_splits(dataset, config.data, "cpu")
+    count = min(images, len(splits.val_y))
+    return attention_figures(model, splits.val_x[:count], splits.val_y[:count], splits.spec, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def run_plots(args) -> int:
+    from .cli import _attach
+
+    _, study, config = _attach(args)
+    out = args.out or os.path.join("reports", study.study_name, "plots")
+    result = write_plots(study, config, out, png=not args.no_png, dashboard=not args.no_dashboard)
+    for path in result["written"]:
+        print(f"wrote {path}")
+    for name, reason in result["skipped"].items():
+        print(f"left out {name}: {reason}")
+    if result["dashboard"]:
+        print(f"attached {len(result['dashboard'])} figures to study {study.study_name!r} for optuna-dashboard")
+    return 0
+
+
+def run_attention(args) -> int:
+    from .cli import _attach
+
+    _, study, config = _attach(args)
+    out = args.out or os.path.join("reports", study.study_name, f"attention-trial-{args.trial}-{args.dataset}")
+    paths = attention(study, config, args.trial, args.dataset, args.images, out, args.artifacts)
+    print(f"wrote {len(paths) - 1} attention maps and a summary to {out}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Register `plots` and `attention` on the CLI's subparsers."""
+    storage_help = "Optuna storage URL [$NKAT_SEARCH_STORAGE or journal:nkat-search.journal]"
+    study_help = "study name [$NKAT_SEARCH_STUDY, or the only study in the storage]"
+    p = sub.add_parser("plots", help="write the search's plots as HTML and PNG and attach them to optuna-dashboard",
+                       description="Optimisation history, parameter importances, embed_dim x depth contour, Stage-1 "
+                                   "Local TPE with the gate, Stage-1 learning curves of pruned vs kept trials, and "
+                                   "per-dataset accuracy of the top trials.")
+    p.add_argument("--storage", help=storage_help)
+    p.add_argument("--study", help=study_help)
+    p.add_argument("--out", default=None, help="output folder [reports/<study>/plots]")
+    p.add_argument("--no-png", action="store_true", help="HTML only (PNG needs kaleido and Chromium)")
+    p.add_argument("--no-dashboard", action="store_true", help="do not attach the figures to the study")
+    p.set_defaults(func=run_plots)
+
+    p = sub.add_parser("attention", help="class-token attention maps of a retrained trial over validation images",
+                       description="PNG maps of the class-token attention of every layer over validation images, "
+                                   "from the weights `nkat-search report` saved for the trial.")
+    p.add_argument("--storage", help=storage_help)
+    p.add_argument("--study", help=study_help)
+    p.add_argument("--trial", type=int, required=True, help="trial number (retrained by `nkat-search report`)")
+    p.add_argument("--dataset", default="cifar10", help="dataset of the retrained model [%(default)s]")
+    p.add_argument("--images", type=int, default=10, help="validation images to draw [%(default)s]")
+    p.add_argument("--out", default=None, help="output folder [reports/<study>/attention-trial-N-<dataset>]")
+    p.add_argument("--artifacts", default="artifacts",
+                   help="folder of the artifact store that `nkat-search report` used [%(default)s]")
+    p.set_defaults(func=run_attention)

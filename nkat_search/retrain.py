@@ -1,0 +1,326 @@
+"""The official Stage-2 result (seed-notes, "Round 2 ... Then the best configuration is retrained
+for the full budget and the Stage-2 metrics above are recomputed as the official result").
+
+The best completed trials are retrained with the study's report budget on every dataset of the
+study and evaluated once on the TEST split; Global TPE, Consistency and Robustness are computed
+from those test accuracies with nkat_search.metrics. Each finished dataset is written to the
+output folder at once (state.json + safetensors weights), so an interrupted report resumes where
+it stopped. The weights are also uploaded to an Optuna artifact store (see save_weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.trial import FrozenTrial, TrialState
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, StudyConfig, UsageError
+from .data import get_spec, load_splits
+from .metrics import consistency, global_tpe, local_tpe, robustness
+from .model import NKATViT
+from .report import datasets_of
+from .space import configs_for
+from .train import fit
+
+log = logging.getLogger("nkat_search")
+
+# seed-notes, "Where the research stood": the Stage-2 targets.
+STAGE2_TARGETS = {"global_tpe": 0.70, "consistency": 0.80, "robustness": 0.75}
+STAGE2_TITLES = {"global_tpe": "Global TPE", "consistency": "Consistency", "robustness": "Robustness"}
+# seed-notes, "Per-dataset targets for the next round": (accuracy, Local TPE).
+DATASET_TARGETS = {"mnist": (0.91, 0.69), "fashion_mnist": (0.87, 0.67), "emnist_letters": (0.75, 0.60),
+                   "cifar10": (0.60, 0.45)}
+# Study user attribute that maps a retrained trial to its weights: {dataset: {"artifact_id", ...}}.
+WEIGHTS_ATTR = "report:trial-{number}"
+STATE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def save_weights(model: torch.nn.Module, model_cfg: ModelConfig, path: Path) -> str:
+    """Write the model's state_dict as safetensors, with its ModelConfig in the metadata; sha256."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"model_config": json.dumps(dataclasses.asdict(model_cfg))})
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_model(source: str | os.PathLike, model_cfg: ModelConfig | None = None, *,
+               artifact_store: FileSystemArtifactStore | None = None,
+               device: str | torch.device = "cpu") -> NKATViT:
+    """An NKATViT in eval mode from a safetensors file or (with artifact_store) an artifact id.
+
+    Without model_cfg the ModelConfig stored in the file's metadata is used. safetensors holds
+    tensors only, so loading never runs code from the file.
+    """
+    path = Path(source)
+    if not path.is_file():
+        if artifact_store is None:
+            raise UsageError(f"{source} is not a file; pass a .safetensors path, or an artifact id together "
+                             "with its artifact store.")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "weights.safetensors"
+            try:
+                download_artifact(artifact_store=artifact_store, file_path=str(local), artifact_id=str(source))
+            except ArtifactNotFound:
+                raise UsageError(f"artifact {source} is not in the artifact store; pass the --artifacts folder "
+                                 "that `nkat-search report` used.") from None
+            return load_model(local, model_cfg, device=device)
+    if model_cfg is None:
+        with safe_open(str(path), framework="pt") as fh:
+            stored = (fh.metadata() or {}).get("model_config")
+        if stored is None:
+            raise UsageError(f"{path} has no model_config in its metadata; pass the ModelConfig it was trained with.")
+        model_cfg = ModelConfig(**json.loads(stored))
+    model = NKATViT(model_cfg)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Retraining
+
+
+def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:
+    """The best `top` completed trials by Global TPE (the search's validation value)."""
+    if top < 1:
+        raise UsageError(f"--top must be at least 1, got {top}.")
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not done:
+        raise UsageError(f"study {study.study_name!r} has no completed trials yet; run `nkat-search worker` "
+                         "until at least one trial completes, then report.")
+    done.sort(key=lambda t: t.value, reverse=True)
+    return done[:top]
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _shortfall(value: float, target: float) -> dict:
+    return {"value": value, "target": target, "ok": value >= target,
+            "short_by": None if value >= target else target - value}
+
+
+def retrain_trial(study: optuna.Study, config: StudyConfig, trial: FrozenTrial, *, epochs: int, warmup: int,
+                  out: Path, device: torch.device, artifacts: Path, say: Callable[[str], None] = log.info) -> dict:
+    """Retrain one trial on every dataset (reusing finished ones from out/state.json) and score it on test."""
+    out.mkdir(parents=True, exist_ok=True)
+    key = {"version": STATE_VERSION, "study": study.study_name, "trial": trial.number, "params": trial.params,
+           "epochs": epochs, "warmup": warmup, "data": dataclasses.asdict(config.data), "seed": config.train.seed}
+    state_path = out / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if state is None or state.get("key") != key:
+        if state is not None:
+            say(f"trial {trial.number}: {state_path} belongs to another run (trial, parameters, epochs or data "
+                "differ); starting over")
+        state = {"key": key, "datasets": {}}
+    store_path = str(Path(artifacts).resolve())
+    artifact_store = FileSystemArtifactStore(base_path=store_path)
+    weights_attr = WEIGHTS_ATTR.format(number=trial.number)
+
+    for dataset in datasets_of(config):
+        done = state["datasets"].get(dataset)
+        weights = out / f"trial-{trial.number}-{dataset}.safetensors"
+        if done is not None and weights.is_file() and hashlib.sha256(weights.read_bytes()).hexdigest() == done["sha256"]:
+            say(f"trial {trial.number} {dataset}: reused from {state_path}")
+            done["reused"] = True
+        else:
+            spec = get_spec(dataset)
+            model_cfg, train_cfg = configs_for(trial.params, config, spec, epochs)
+            train_cfg = dataclasses.replace(train_cfg, warmup=warmup)
+            say(f"trial {trial.number} {dataset}: training {epochs} epochs on {device}")
+            result = fit(model_cfg, train_cfg, load_splits(dataset, config.data, device), eval_test=True)
+            done = {**result.summary(), "weights": weights.name,
+                    "sha256": save_weights(result.model, model_cfg, weights),
+                    "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(train_cfg),
+                    "reused": False}
+            say(f"trial {trial.number} {dataset}: test accuracy {done['test_accuracy']:.4f} "
+                f"(validation {done['accuracy']:.4f}) in {done['seconds']:.1f} s")
+        if done.get("artifact_store") != store_path:
+            # Optuna refuses new attributes on a finished trial in every storage, so the weights are
+            # artifacts of the study; the study attribute WEIGHTS_ATTR maps trial and dataset to them.
+            done["artifact_id"] = upload_artifact(artifact_store=artifact_store, file_path=str(weights),
+                                                  study_or_trial=study)
+            done["artifact_store"] = store_path
+        state["datasets"][dataset] = done
+        _write_json(state_path, state)
+
+    results = [state["datasets"][d] for d in datasets_of(config)]
+    study.set_user_attr(weights_attr, {
+        r["dataset"]: {"artifact_id": r["artifact_id"], "file": r["weights"], "epochs": epochs,
+                       "test_accuracy": r["test_accuracy"]} for r in results})
+    accuracies = [r["test_accuracy"] for r in results]
+    params = [r["params"] for r in results]
+    tpes = [local_tpe(a, p) for a, p in zip(accuracies, params)]
+    measured = {"global_tpe": global_tpe(accuracies, params), "consistency": consistency(tpes),
+                "robustness": robustness(tpes)}
+    rows = []
+    for r, tpe in zip(results, tpes):
+        acc_target, tpe_target = DATASET_TARGETS.get(r["dataset"], (None, None))
+        rows.append({
+            "dataset": r["dataset"], "test_accuracy": r["test_accuracy"], "val_accuracy": r["accuracy"],
+            "local_tpe": tpe, "params": r["params"], "lambda": r["lambda"],
+            "accuracy_target": _shortfall(r["test_accuracy"], acc_target) if acc_target is not None else None,
+            "tpe_target": _shortfall(tpe, tpe_target) if tpe_target is not None else None,
+            "epochs": r["epochs"], "seconds": r["seconds"], "precision": r["precision"], "device": r["device"],
+            "weights": str(out / r["weights"]), "sha256": r["sha256"], "artifact_id": r["artifact_id"],
+            "artifact_store": r["artifact_store"], "reused": r["reused"], "model_config": r["model_config"],
+            "train_config": r["train_config"],
+        })
+    return {"trial": trial.number, "search_global_tpe": trial.value, "params": trial.params,
+            "seeds": {"train": config.train.seed, "split": config.data.split_seed},
+            "stage2": {m: _shortfall(v, STAGE2_TARGETS[m]) for m, v in measured.items()},
+            "datasets": rows, "state": str(state_path), "weights_attr": weights_attr}
+
+
+def software() -> dict:
+    """Versions of what decides the numbers: Python, torch, optuna, safetensors, nkat-search."""
+    import safetensors
+
+    try:
+        ours = version("nkat-search")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        ours = "source tree"
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "optuna": optuna.__version__,
+            "safetensors": safetensors.__version__, "nkat-search": ours, "platform": platform.platform()}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def build_report(study: optuna.Study, config: StudyConfig, *, top: int = 1, epochs: int | None = None,
+                 out: str | Path, device: torch.device, artifacts: str | Path, storage_url: str = "",
+                 say: Callable[[str], None] = log.info) -> dict:
+    """Retrain the best `top` trials, score them on test, write report.json and report.md to out."""
+    from .storage import mask
+
+    if epochs is not None and epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {epochs}.")
+    started = time.perf_counter()
+    trials = best_trials(study, top)
+    budget_epochs = epochs if epochs is not None else config.report_epochs
+    # The study's warm-up is meant for its report budget; a shorter --epochs keeps at least one
+    # epoch of cosine decay. The value used is recorded in the report.
+    warmup = min(config.report_warmup, max(0, budget_epochs - 1))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    Path(artifacts).mkdir(parents=True, exist_ok=True)
+    results = [retrain_trial(study, config, t, epochs=budget_epochs, warmup=warmup, out=out / f"trial-{t.number}",
+                             device=device, artifacts=Path(artifacts), say=say) for t in trials]
+    report = {
+        "study": study.study_name, "storage": mask(storage_url) if storage_url else None,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "split": "test", "datasets": datasets_of(config), "data": dataclasses.asdict(config.data),
+        "budget": {"epochs": budget_epochs, "warmup": warmup,
+                   "source": "--epochs" if epochs is not None else "study report.epochs",
+                   "study_report_epochs": config.report_epochs, "study_report_warmup": config.report_warmup},
+        "top_requested": top, "targets": {"stage2": STAGE2_TARGETS,
+                                          "datasets": {d: {"accuracy": a, "local_tpe": t}
+                                                       for d, (a, t) in DATASET_TARGETS.items()}},
+        "device": str(device), "device_name": device_name(device), "software": software(),
+        "artifact_store": str(Path(artifacts).resolve()), "trials": results,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    _write_json(out / "report.json", report)
+    (out / "report.md").write_text(format_markdown(report))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def _verdict(check: dict | None) -> str:
+    if check is None:
+        return "-"
+    return "OK" if check["ok"] else f"short by {check['short_by']:.4f}"
+
+
+def format_trial(t: dict, budget: dict) -> str:
+    """Markdown tables of one retrained trial: Stage 2 against its targets, then per dataset."""
+    lines = [f"## Trial {t['trial']}", "",
+             f"Retrained for {budget['epochs']} epochs (warm-up {budget['warmup']}) per dataset, evaluated on the "
+             f"test split. Search value (validation Global TPE): {t['search_global_tpe']:.4f}.", "",
+             "### Stage 2", "", "| metric | measured | target | result |", "|---|---|---|---|"]
+    for m, check in t["stage2"].items():
+        lines.append(f"| {STAGE2_TITLES[m]} | {check['value']:.4f} | >= {check['target']:.2f} | {_verdict(check)} |")
+    lines += ["", "### Per dataset", "",
+              "| dataset | test accuracy | target | result | TPE | target | result | params | lambda |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in t["datasets"]:
+        acc, tpe = r["accuracy_target"], r["tpe_target"]
+        lines.append(
+            f"| {r['dataset']} | {r['test_accuracy']:.4f} | {'>= %.2f' % acc['target'] if acc else '-'} | "
+            f"{_verdict(acc)} | {r['local_tpe']:.4f} | {'>= %.2f' % tpe['target'] if tpe else '-'} | "
+            f"{_verdict(tpe)} | {r['params']:,} | {r['lambda']:.4f} |")
+    lines += ["", "Parameters: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in t["params"].items()),
+              f"Seeds: train {t['seeds']['train']}, split {t['seeds']['split']}.", ""]
+    return "\n".join(lines)
+
+
+def format_markdown(report: dict) -> str:
+    sw = report["software"]
+    head = [f"# Stage-2 report: {report['study']}", "",
+            f"Created {report['created']} on {report['device']} ({report['device_name']}) in "
+            f"{report['wall_seconds']:.0f} s. Python {sw['python']}, torch {sw['torch']}, optuna {sw['optuna']}. "
+            f"Data source: {report['data']['source']}.", ""]
+    return "\n".join(head) + "\n".join(format_trial(t, report["budget"]) for t in report["trials"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def run_report(args) -> int:
+    from .cli import _attach, resolve_device
+
+    url, study, config = _attach(args)
+    out = args.out or os.path.join("reports", study.study_name)
+    report = build_report(study, config, top=args.top, epochs=args.epochs, out=out,
+                          device=resolve_device(args.device), artifacts=args.artifacts, storage_url=url)
+    print(format_markdown(report), end="")
+    print(f"wrote {os.path.join(out, 'report.json')} and {os.path.join(out, 'report.md')}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Register `report` on the CLI's subparsers."""
+    p = sub.add_parser("report", help="retrain the best trials for the full budget and score Stage 2 on the test sets",
+                       description="Retrain the best completed trials with the study's report budget on every "
+                                   "dataset, evaluate once on the test splits, print the Stage-2 table against the "
+                                   "research's targets, and write report.json, report.md and the weights.")
+    p.add_argument("--storage", help="Optuna storage URL [$NKAT_SEARCH_STORAGE or journal:nkat-search.journal]")
+    p.add_argument("--study", help="study name [$NKAT_SEARCH_STUDY, or the only study in the storage]")
+    p.add_argument("--top", type=int, default=1, help="retrain the best N completed trials [%(default)s]")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per dataset [the study's report.epochs]")
+    p.add_argument("--out", default=None, help="output folder; holds state for resuming [reports/<study>]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [%(default)s]")
+    p.add_argument("--artifacts", default="artifacts",
+                   help="folder of the Optuna file-system artifact store for the weights [%(default)s]")
+    p.set_defaults(func=run_report)

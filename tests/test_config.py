@@ -1,0 +1,91 @@
+"""Study files: the shipped ones load, and every kind of mistake is one sentence naming file and key."""
+
+import pytest
+
+from conftest import ROOT, TINY_STUDY, cli
+from nkat_search.config import StudyConfig, TrainConfig, UsageError, load_study
+
+
+@pytest.mark.parametrize("name", ["round2", "smoke"])
+def test_shipped_study_files_load_and_round_trip_through_the_storage_definition(name):
+    study = load_study(str(ROOT / "studies" / f"{name}.toml"))
+    assert study.stage1_dataset == "cifar10"
+    assert study.stage2_datasets == ("mnist", "fashion_mnist", "emnist_letters")
+    assert StudyConfig.from_definition(study.definition()).definition() == study.definition()
+
+
+def test_round2_is_the_research_search_space():
+    study = load_study(str(ROOT / "studies" / "round2.toml"))
+    space = {p.name: p for p in study.space}
+    assert space["patch_size"].choices == (2, 4)
+    assert space["conv_stem"].choices == ("off", "tiny", "small")
+    assert (space["embed_dim"].low, space["embed_dim"].high, space["embed_dim"].step) == (384, 512, 64)
+    assert (space["depth"].low, space["depth"].high) == (5, 9)
+    assert (space["temperature"].low, space["temperature"].high) == (0.6, 1.0)
+    assert (space["top_p"].low, space["top_p"].high) == (0.80, 0.95)
+    assert space["lr"].log and study.gate == 0.60 and study.data.source == "torchvision"
+    assert study.trials == 50 and study.report_epochs == 40
+
+
+BASE = TINY_STUDY.format(name="bad", trials=3, gate=0.5)
+
+
+@pytest.mark.parametrize("edit, key, words", [
+    (lambda s: s + "\n[extra]\nx = 1\n", "extra", "unknown section"),
+    (lambda s: s.replace("epochs = 1\ngate", "epoch = 1\ngate"), "stage1.epoch", "unknown key"),
+    (lambda s: s.replace("low = 0.6\nhigh = 1.0", "low = 1.0\nhigh = 0.6"), "space.temperature", "empty or inverted"),
+    (lambda s: s.replace("low = 8\nhigh = 16", "low = 16\nhigh = 16"), "space.embed_dim", "empty or inverted"),
+    (lambda s: s + "\n[space.wingspan]\ntype = \"int\"\nlow = 1\nhigh = 2\n", "space.wingspan",
+     "not a parameter of the model"),
+    (lambda s: s.replace("gate = 0.5", "gate = 0"), "stage1.gate", "(0, inf)"),
+    (lambda s: s.replace("gate = 0.5", "gate = -1.0"), "stage1.gate", "(0, inf)"),
+    (lambda s: s.replace('datasets = ["mnist"]', 'datasets = ["svhn"]'), "stage2.datasets", "unknown dataset 'svhn'"),
+    (lambda s: s.replace('dataset = "cifar10"', 'dataset = "imagenet"'), "stage1.dataset", "unknown dataset"),
+    (lambda s: s.replace("low = 0.6\nhigh = 1.0", "low = 0.0\nhigh = 1.0"), "space.temperature",
+     "temperature must be > 0"),
+    (lambda s: s.replace("trials = 3", "trials = 0"), "study.trials", "positive integer"),
+    (lambda s: s.replace('kind = "none"', 'kind = "sometimes"'), "pruner.kind", "unknown pruner"),
+    (lambda s: s + "\n[space.top_p]\ntype = \"float\"\nlow = 0.8\nhigh = 1.5\n", "space.top_p", "top_p must be in"),
+    (lambda s: s.replace('type = "float"', 'type = "real"'), "space.temperature", "needs type"),
+    (lambda s: s.replace("[train]\n", "[train]\nepochz = 3\n"), "train.epochz", "unknown key"),
+    (lambda s: s.replace("name = \"bad\"", "name = \"\""), "study.name", "non-empty"),
+])
+def test_bad_study_file_is_one_sentence_naming_file_and_key(tmp_path, edit, key, words):
+    path = tmp_path / "bad.toml"
+    path.write_text(edit(BASE))
+    with pytest.raises(UsageError) as err:
+        load_study(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path}: {key}")
+    assert words in message
+    assert "\n" not in message
+
+
+def test_malformed_toml_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[study\nname = 1")
+    with pytest.raises(UsageError, match="is not valid TOML"):
+        load_study(str(path))
+
+
+def test_cli_refuses_a_bad_study_with_exit_2_and_writes_nothing(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(BASE.replace("low = 0.6\nhigh = 1.0", "low = 1.0\nhigh = 0.6"))
+    journal = tmp_path / "s.journal"
+    run = cli("start", "--study", str(path), "--storage", f"journal:{journal}", "--workers", "0")
+    assert run.returncode == 2
+    assert "space.temperature" in run.stderr and "Traceback" not in run.stderr
+    assert not journal.exists()
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(epochs=0), "epochs must be at least 1"),
+    (dict(ema=1.0), "ema must be in [0, 1)"),
+    (dict(cutmix=1.5), "cutmix is a probability"),
+    (dict(randaugment=(2, 40)), "randaugment N M"),
+    (dict(precision="fp8"), "precision 'fp8' is unknown"),
+])
+def test_bad_recipe_is_one_clear_sentence(kwargs, words):
+    with pytest.raises(UsageError) as err:
+        TrainConfig(**kwargs)
+    assert words in str(err.value)
