@@ -83,6 +83,14 @@ def nucleus_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
     return logits >= threshold
 
 
+def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout; the same distribution as F.dropout, drawn with uniform_ instead of the CPU's
+    element-serial bernoulli_ (several times slower on the small [B, H, N, N] attention tensors)."""
+    if p == 0:
+        return x
+    return x * ((torch.rand_like(x) >= p) * (1 / (1 - p))).to(x.dtype)
+
+
 class NKATAttention(nn.Module):
     """Scaled dot-product attention with a learnable temperature, top-k/top-p filtering and the
     NKAT modulation (1 + s * r^l * theta(x)) of the attention weights of layer l.
@@ -121,17 +129,26 @@ class NKATAttention(nn.Module):
             logits = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
             if self.color_heads:
                 logits = self._color_bias(logits, colors)
-            logits = logits.masked_fill(~nucleus_mask(logits, self.top_k, self.top_p), float("-inf"))
-            attn = logits.softmax(dim=-1)
-            if self.theta is not None:
-                stats = torch.stack((x.mean(-1), x.var(-1, unbiased=False)), dim=-1)
-                theta = torch.tanh(self.theta(stats.to(self.theta.weight.dtype))).squeeze(-1)
-                attn = attn * (1 + self.strength * theta[:, None, None, :]).to(attn.dtype)
+            # The mask is boolean: recording its topk/softmax/cumsum for autograd would be waste.
+            with torch.no_grad():
+                keep = nucleus_mask(logits, self.top_k, self.top_p)
+            if self.theta is not None and self.strength < 1:
+                # softmax(l + log w) = softmax(l) * w / sum(softmax(l) * w): the modulation folded
+                # into the logits, valid while w = 1 + s * tanh(.) > 0, i.e. s < 1.
+                logits = logits + torch.log1p(self.strength * self._theta(x))[:, None, None, :].to(logits.dtype)
+            attn = logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+            if self.theta is not None and self.strength >= 1:
+                attn = attn * (1 + self.strength * self._theta(x)[:, None, None, :]).to(attn.dtype)
                 attn = attn / attn.sum(dim=-1, keepdim=True)
             if self.keep_attention:
                 self.last_attention = attn.detach()
-            out = F.dropout(attn, dropout, self.training) @ v
+            out = _dropout(attn, dropout) @ v
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+    def _theta(self, x: torch.Tensor) -> torch.Tensor:
+        """theta(x) in (-1, 1) per token: [B, N]."""
+        stats = torch.stack((x.mean(-1), x.var(-1, unbiased=False)), dim=-1)
+        return torch.tanh(self.theta(stats.to(self.theta.weight.dtype))).squeeze(-1)
 
     def _color_bias(self, logits: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
         # colors: [B, N, C] mean intensity of each input channel under each token.

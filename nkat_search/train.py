@@ -117,30 +117,57 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, splits: Splits,
     return correct.item() / len(y)
 
 
+class TrainStep:
+    """One optimisation step of fit(): forward and loss under autocast, backward, gradient
+    clipping, AdamW, the learning-rate schedule, EMA. Returns the detached loss (no host sync).
+
+    `nkat-search bench` times this same object, so what it measures is what fit() runs."""
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, steps_per_epoch: int):
+        self.autocast = resolve_precision(train_cfg.precision, device)
+        self.device_type, self.clip_grad = device.type, train_cfg.clip_grad
+        self.model = build_model(model_cfg, device)
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        # The fused kernel exists for CPU and CUDA: one pass over each parameter instead of ~8.
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=train_cfg.lr, fused=True,
+        )
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            warmup_cosine(train_cfg.warmup * steps_per_epoch, train_cfg.epochs * steps_per_epoch))
+        self.ema = EMA(self.model, train_cfg.ema) if train_cfg.ema else None
+        self.step_model = torch.compile(self.model) if train_cfg.compile else self.model
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            loss = self.criterion(self.step_model(images), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_grad:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad, foreach=True)
+        self.optimizer.step()
+        self.schedule.step()
+        if self.ema is not None:
+            self.ema.update()
+        return loss.detach()
+
+
 def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, *,
         on_epoch: EpochCallback | None = None, eval_test: bool = False) -> FitResult:
     """Train model_cfg on splits with train_cfg; evaluate the EMA weights after every epoch."""
     device = splits.train_x.device
-    autocast = resolve_precision(train_cfg.precision, device)
     torch.manual_seed(train_cfg.seed)
-    model = build_model(model_cfg, device)
-    params = count_params(model)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=train_cfg.lr, fused=device.type == "cuda",
-    )
     loader = BatchLoader(splits.train_x, splits.train_y, splits.spec, train_cfg.batch_size, train=True,
                          train_cfg=train_cfg, seed=train_cfg.seed, limit=train_cfg.limit_train)
     steps = len(loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(train_cfg.warmup * steps, train_cfg.epochs * steps))
-    ema = EMA(model, train_cfg.ema) if train_cfg.ema else None
-    step_model = torch.compile(model) if train_cfg.compile else model
-    criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
-    eval_model = ema.module if ema is not None else model
+    step = TrainStep(model_cfg, train_cfg, device, steps)
+    model, autocast = step.model, step.autocast
+    params = count_params(model)
+    eval_model = step.ema.module if step.ema is not None else model
 
     history: list[dict] = []
     train_seconds, train_images, started = 0.0, 0, time.perf_counter()
@@ -149,17 +176,7 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, *,
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for images, targets in loader:
-            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                loss = criterion(step_model(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if train_cfg.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_grad)
-            optimizer.step()
-            schedule.step()
-            if ema is not None:
-                ema.update()
-            loss_sum += loss.detach().float()
+            loss_sum += step(images, targets).float()
             train_images += len(images)
         mean_loss = loss_sum.item() / steps  # the one host synchronisation of the epoch
         if not math.isfinite(mean_loss):

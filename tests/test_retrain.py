@@ -1,0 +1,205 @@
+"""The official Stage-2 report on a tiny real study: tables, metrics, resumption, weights as artifacts."""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from optuna.artifacts import FileSystemArtifactStore
+
+from nkat_search import metrics, retrain, storage, worker
+from nkat_search.config import UsageError, load_study
+from nkat_search.data import load_splits
+from nkat_search.report import datasets_of
+
+# smoke.toml shrunk to seconds: tiny models, 300 synthetic images, no pruner, a gate every trial passes.
+TINY_STUDY = """
+[study]
+name = "nkat-tiny"
+trials = 2
+[sampler]
+kind = "random"
+seed = 0
+[pruner]
+kind = "none"
+[stage1]
+dataset = "cifar10"
+epochs = 2
+gate = 0.001
+[stage2]
+datasets = ["mnist", "fashion_mnist", "emnist_letters"]
+epochs = 1
+[data]
+source = "synthetic"
+val_size = 100
+synthetic_train = 300
+synthetic_test = 100
+[model]
+num_heads = 2
+conv_stem = "tiny"
+patch_size = 4
+[train]
+batch_size = 64
+warmup = 0
+randaugment = [0, 9]
+[report]
+epochs = 2
+warmup = 1
+[space.embed_dim]
+type = "int"
+low = 8
+high = 16
+step = 8
+[space.depth]
+type = "int"
+low = 1
+high = 2
+[space.lr]
+type = "float"
+low = 1e-3
+high = 3e-3
+log = true
+"""
+
+
+def build_tiny_study(folder: Path) -> tuple[str, str]:
+    """A journal study with two completed trials, made by the real worker; (url, study name)."""
+    path = folder / "tiny.toml"
+    path.write_text(TINY_STUDY)
+    config = load_study(str(path))
+    url = f"journal:{folder / 'tiny.journal'}"
+    storage.create_or_resume(storage.open_storage(url), url, config, config.trials)
+    assert worker.run_worker(url, config.name, "cpu") == 0
+    return url, config.name
+
+
+# Session-scoped so that test_plots.py (which imports these fixtures) uses the same study and report.
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    url, name = build_tiny_study(folder)
+    return folder, url, name
+
+
+def _args(url: str, out: Path, artifacts: Path, **kw) -> argparse.Namespace:
+    return argparse.Namespace(storage=url, study=None, top=kw.get("top", 1), epochs=kw.get("epochs", 1),
+                              out=str(out), device="cpu", artifacts=str(artifacts))
+
+
+def _attach(url: str):
+    return storage.attach(storage.open_storage(url), url, None)
+
+
+@pytest.fixture(scope="session")
+def reported(tiny):
+    """One report run of the best trial (1 epoch per dataset): (folder, url, report.json)."""
+    folder, url, _ = tiny
+    assert retrain.run_report(_args(url, folder / "report", folder / "artifacts")) == 0
+    return folder, url, json.loads((folder / "report" / "report.json").read_text())
+
+
+def test_report_writes_every_field(reported, capsys):
+    folder, url, report = reported
+    study, config = _attach(url)
+    for key in ("study", "created", "split", "budget", "targets", "device", "device_name", "software", "trials",
+                "wall_seconds", "artifact_store", "data"):
+        assert key in report, key
+    assert report["split"] == "test" and report["budget"]["epochs"] == 1 and report["budget"]["source"] == "--epochs"
+    assert {"python", "torch", "optuna"} <= set(report["software"])
+    (t,) = report["trials"]
+    best = max((x for x in study.trials if x.value is not None), key=lambda x: x.value)
+    assert t["trial"] == best.number and t["params"] == best.params and t["seeds"] == {"train": 0, "split": 0}
+    assert [r["dataset"] for r in t["datasets"]] == datasets_of(config)
+    assert set(t["stage2"]) == {"global_tpe", "consistency", "robustness"}
+    assert t["stage2"]["global_tpe"]["target"] == 0.70
+    # The study records where each retrained model is, for `attention` and users.
+    records = study.user_attrs[f"report:trial-{t['trial']}"]
+    assert {d: r["artifact_id"] for d, r in records.items()} == {r["dataset"]: r["artifact_id"] for r in t["datasets"]}
+    md = (folder / "report" / "report.md").read_text()
+    assert "| Global TPE |" in md and "| emnist_letters |" in md and ("short by" in md or "OK" in md)
+
+
+def test_report_metrics_are_nkat_metrics_of_test_accuracies(reported):
+    _, _, report = reported
+    (t,) = report["trials"]
+    acc = [r["test_accuracy"] for r in t["datasets"]]
+    params = [r["params"] for r in t["datasets"]]
+    tpes = [metrics.local_tpe(a, p) for a, p in zip(acc, params)]
+    assert [r["local_tpe"] for r in t["datasets"]] == tpes
+    assert t["stage2"]["global_tpe"]["value"] == metrics.global_tpe(acc, params)
+    assert t["stage2"]["consistency"]["value"] == metrics.consistency(tpes)
+    assert t["stage2"]["robustness"]["value"] == metrics.robustness(tpes)
+    for check in t["stage2"].values():
+        assert check["ok"] == (check["value"] >= check["target"])
+        assert check["short_by"] is None if check["ok"] else math.isclose(check["short_by"],
+                                                                           check["target"] - check["value"])
+    # Test accuracies, not the search's validation ones: the two splits are different images.
+    assert all(0 <= a <= 1 for a in acc)
+
+
+def test_rerun_reuses_finished_datasets(reported, monkeypatch):
+    folder, url, first = reported
+    calls = []
+    real_fit = retrain.fit
+    monkeypatch.setattr(retrain, "fit", lambda *a, **k: calls.append(a) or real_fit(*a, **k))
+    assert retrain.run_report(_args(url, folder / "report", folder / "artifacts")) == 0
+    again = json.loads((folder / "report" / "report.json").read_text())
+    assert calls == []
+    assert all(r["reused"] for r in again["trials"][0]["datasets"])
+    assert again["trials"][0]["stage2"] == first["trials"][0]["stage2"]
+    # An interrupted report: one dataset's weights lost, only that one is trained again.
+    (folder / "report" / f"trial-{first['trials'][0]['trial']}" /
+     f"trial-{first['trials'][0]['trial']}-mnist.safetensors").unlink()
+    assert retrain.run_report(_args(url, folder / "report", folder / "artifacts")) == 0
+    assert len(calls) == 1 and calls[0][1].epochs == 1
+    # Another budget is another run: nothing is reused.
+    calls.clear()
+    study, _ = _attach(url)
+    retrain.build_report(study, _attach(url)[1], epochs=2, out=folder / "report2", device=torch.device("cpu"),
+                         artifacts=folder / "artifacts")
+    assert len(calls) == 4
+
+
+def test_artifact_round_trips(reported):
+    folder, url, report = reported
+    study, config = _attach(url)
+    row = report["trials"][0]["datasets"][0]
+    store = FileSystemArtifactStore(base_path=str(folder / "artifacts"))
+    from_file = retrain.load_model(row["weights"])
+    from_artifact = retrain.load_model(row["artifact_id"], artifact_store=store)
+    a, b = from_file.state_dict(), from_artifact.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    splits = load_splits(row["dataset"], config.data)
+    from nkat_search.data import BatchLoader
+
+    correct = 0
+    for x, y in BatchLoader(splits.test_x, splits.test_y, splits.spec, 64, train=False):
+        out_file, out_artifact = from_file(x), from_artifact(x)
+        assert torch.equal(out_file, out_artifact)
+        correct += (out_file.argmax(-1) == y).sum().item()
+    # The loaded weights are the ones that were scored: same test accuracy.
+    assert correct / len(splits.test_y) == row["test_accuracy"]
+
+
+def test_no_completed_trials_is_a_usage_error(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_STUDY)
+    config = load_study(str(path))
+    url = f"journal:{tmp_path / 'empty.journal'}"
+    storage.create_or_resume(storage.open_storage(url), url, config, 1)
+    with pytest.raises(UsageError, match="no completed trials"):
+        retrain.run_report(_args(url, tmp_path / "out", tmp_path / "artifacts"))
+
+
+def test_missing_weights_file_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="not a file"):
+        retrain.load_model(tmp_path / "nothing.safetensors")
+
+
+def test_add_parser_registers_report():
+    parser = argparse.ArgumentParser()
+    retrain.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["report", "--top", "2", "--epochs", "3"])
+    assert args.func is retrain.run_report and args.top == 2 and args.epochs == 3 and args.artifacts == "artifacts"
