@@ -21,9 +21,9 @@ from torchvision.transforms import v2
 
 from .config import DataConfig, TrainConfig, UsageError
 
-# RandAugment draws its ops once per call; calling it on chunks of this many images gives each
-# chunk its own ops (one draw for a whole batch would make every batch one augmentation).
-RANDAUGMENT_CHUNK = 8
+# RandAugment draws its ops and signs per image, as in the paper (a chunk of one image); see
+# BatchLoader._randaugment for how that stays a few dozen tensor calls per batch.
+RANDAUGMENT_CHUNK = 1
 # Synthetic difficulty: per-pixel noise and distractor weight relative to a unit grating, and
 # orientation jitter in units of the gap between classes. Measured with `nkat-search train
 # --data-source synthetic --embed_dim 64 --depth 2 --epochs 3` (the research's recipe, 5,000
@@ -231,14 +231,11 @@ def _writable(root: str) -> bool:
 
 
 def _crop(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, size: int) -> torch.Tensor:
-    """A size x size window of every image of x at its own offset (oy[i], ox[i]), by gathering."""
-    b, c = x.shape[:2]
-    ar = torch.arange(size, device=x.device)
-    images = torch.arange(b, device=x.device)[:, None, None, None]
-    channels = torch.arange(c, device=x.device)[None, :, None, None]
-    rows = (oy[:, None] + ar)[:, None, :, None]
-    cols = (ox[:, None] + ar)[:, None, None, :]
-    return x[images, channels, rows, cols]
+    """A size x size window of every image of x at its own offset (oy[i], ox[i]).
+
+    unfold makes a view of every window; indexing it copies only the chosen ones."""
+    windows = x.unfold(2, size, 1).unfold(3, size, 1)  # [B, C, offsets_y, offsets_x, size, size]
+    return windows[torch.arange(len(x), device=x.device), :, oy, ox]
 
 
 class BatchLoader:
@@ -310,7 +307,7 @@ class BatchLoader:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(batch_seed)
             if self.randaugment is not None:
-                x = torch.cat([self.randaugment(chunk) for chunk in x.split(RANDAUGMENT_CHUNK)])
+                x = self._randaugment(x)
             x = self._normalise(x)
             if cfg.cutout > 0:
                 x = self._cutout(x, cfg.cutout, gen)
@@ -320,6 +317,27 @@ class BatchLoader:
             elif self.mixup is not None:
                 x, y = self.mixup(x, y)
         return x, y
+
+    def _randaugment(self, x: torch.Tensor) -> torch.Tensor:
+        """torchvision's RandAugment with its own ops and signs for every image, applied op by op to
+        the images that drew it: at most ~2 x 20 calls per batch, whatever its size. The draws come
+        from torch's CPU RNG (seeded per batch), so choosing the images never waits for the device."""
+        ra, n, (h, w) = self.randaugment, len(x), x.shape[-2:]
+        space = list(ra._AUGMENTATION_SPACE.items())
+        x = x.clone()
+        for _ in range(ra.num_ops):
+            op, negative = torch.randint(len(space), (n,)), torch.rand(n) <= 0.5
+            for i, (name, (magnitudes_fn, signed)) in enumerate(space):
+                magnitudes = magnitudes_fn(ra.num_magnitude_bins, h, w)
+                magnitude = 0.0 if magnitudes is None else float(magnitudes[ra.magnitude])
+                for sign in ((1, -1) if signed and magnitude else (0,)):
+                    chosen = op == i if not sign else (op == i) & (negative == (sign < 0))
+                    idx = chosen.nonzero().squeeze(1)
+                    if len(idx):
+                        idx = idx.to(x.device, non_blocking=True)
+                        x[idx] = ra._apply_image_or_video_transform(
+                            x[idx], name, magnitude * (sign or 1), interpolation=ra.interpolation, fill=ra._fill)
+        return x
 
     @staticmethod
     def _cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
