@@ -142,7 +142,7 @@ def attach_to_dashboard(study: optuna.Study, figs: dict[str, go.Figure]) -> list
     # The reader of saved figures is not public API; it spares a journal a copy per unchanged rerun.
     from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 
-    stored = get_plotly_graph_objects(study.system_attrs)
+    stored = get_plotly_graph_objects(study._storage.get_study_system_attrs(study._study_id))
     ids = []
     for name, fig in figs.items():
         graph_id = DASHBOARD_ID.format(name=name.replace("_", "-"))
@@ -208,7 +208,7 @@ def attention_figures(model, images: torch.Tensor, labels: torch.Tensor, spec, o
     size = images.shape[-1]
     grids = maps.view(depth, count, 1, side, side)
     upsampled = torch.stack([F.interpolate(g, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-                             for g in grids])  # [depth, B, H, W]
+                             for g in grids]).numpy()  # [depth, B, H, W]
     cmap = "gray" if images.shape[1] == 1 else None
     paths = []
 

@@ -210,7 +210,7 @@ def software() -> dict:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def build_report(study: optuna.Study, config: StudyConfig, *, top: int = 1, epochs: int | None = None,
@@ -290,7 +290,7 @@ def format_markdown(report: dict) -> str:
             f"Created {report['created']} on {report['device']} ({report['device_name']}) in "
             f"{report['wall_seconds']:.0f} s. Python {sw['python']}, torch {sw['torch']}, optuna {sw['optuna']}. "
             f"Data source: {report['data']['source']}.", ""]
-    return "\n".join(head) + "\n".join(format_trial(t, report["budget"]) for t in report["trials"])
+    return "\n".join(head + [format_trial(t, report["budget"]) for t in report["trials"]])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterator
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
 from .config import StudyConfig, UsageError
@@ -78,13 +78,22 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         engine_kwargs.update(pool_size=3, max_overflow=2, connect_args={"connect_timeout": 5})
     try:
         # Workers starting at once would race to create the schema: serialise that step.
-        with budget_lock(url, "nkat-search schema"):
+        with budget_lock(url, "nkat-search schema"), warnings.catch_warnings():
+            # Heartbeats are "experimental" since Optuna 2.9 and are what keeps trials from staying RUNNING.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=grace,
-                              failed_trial_callback=RetryFailedTrialCallback(max_retry=MAX_RETRY))
+                              heartbeat_stale_trial_callback=retry_callback())
     except Exception as exc:  # sqlalchemy/driver errors: say what and where, never the password
         reason = mask(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot open the storage {mask(url)} ({reason}); check the host, port, user and "
                          "password, and that the server is running.") from None
+
+
+def retry_callback() -> RetryHeartbeatStaleTrialCallback:
+    """Optuna's callback that queues a failed trial again (same parameters, linked to the original)."""
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
 
 _local_lock = threading.Lock()

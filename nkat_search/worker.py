@@ -3,7 +3,7 @@
 Every trial ends in a defined state with its reason on the trial: COMPLETE; PRUNED (pruner, gate,
 non-finite loss); FAILED with `fail_reason` (an exception, "interrupted", a dead worker). Trials
 that failed through no fault of their own (interrupted, worker died) are queued again with the
-same parameters by Optuna's RetryFailedTrialCallback, linked to the original.
+same parameters by Optuna's RetryHeartbeatStaleTrialCallback, linked to the original.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import warnings
 from collections.abc import Iterator
 
 import optuna
-from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
 
 from . import storage as st
@@ -78,7 +77,7 @@ def fail_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str
     study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
     study.tell(trial.number, state=TrialState.FAIL)
     if retry:
-        RetryFailedTrialCallback(max_retry=st.MAX_RETRY)(study, study._storage.get_trial(trial._trial_id))
+        st.retry_callback()(study, study._storage.get_trial(trial._trial_id))
 
 
 def fail_dead_trials(study: optuna.Study) -> None:
