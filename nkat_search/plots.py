@@ -87,7 +87,7 @@ def learning_curves_figure(study: optuna.Study, config: StudyConfig) -> go.Figur
     fig.add_hline(y=_gate(study, config), line_dash="dash", line_color="black",
                   annotation_text=f"gate {_gate(study, config):g}")
     fig.update_layout(title=f"Stage-1 learning curves on {config.stage1_dataset}: pruned vs kept trials",
-                      xaxis_title="epoch", yaxis_title="Local TPE (validation)")
+                      xaxis_title="epoch", xaxis_dtick=1, yaxis_title="Local TPE (validation)")
     return fig
 
 
@@ -124,6 +124,7 @@ def figures(study: optuna.Study, config: StudyConfig) -> tuple[dict[str, go.Figu
         skipped["embed_dim_depth"] = "embed_dim and depth are not both searched in this study"
     elif len(complete) >= 2:
         made["embed_dim_depth"] = vis.plot_contour(study, params=["embed_dim", "depth"], target_name="Global TPE")
+        made["embed_dim_depth"].update_layout(title="Global TPE over embed_dim x depth (completed trials)")
     else:
         skipped["embed_dim_depth"] = "needs at least two completed trials"
     for name, build in (("stage1_local_tpe", gate_figure), ("stage1_learning_curves", learning_curves_figure),
@@ -165,6 +166,10 @@ def write_plots(study: optuna.Study, config: StudyConfig, out: str | Path, *, pn
         written.append(str(out / f"{name}.html"))
     if png and figs:
         paths = [out / f"{name}.png" for name in figs]
+        if log.getEffectiveLevel() > logging.DEBUG:
+            # kaleido and its browser driver log every step at INFO; keep them for -v.
+            for name in ("kaleido", "choreographer"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         try:
             # One call renders every figure in one browser session (a few seconds, not a few per image).
             pio.write_images(list(figs.values()), paths, width=1000, height=600)
@@ -215,9 +220,11 @@ def attention_figures(model, images: torch.Tensor, labels: torch.Tensor, spec, o
     def draw_row(axes, i: int) -> None:
         axes[0].imshow(_image_for_display(images[i]), cmap=cmap)
         axes[0].set_title(f"label {labels[i].item()}, pred {predicted[i].item()}", fontsize=8)
+        # The map over a grey copy of the image: colour in the overlay is attention, not the picture.
+        grey = images[i].float().mean(dim=0).numpy()
         for layer in range(depth):
-            axes[layer + 1].imshow(_image_for_display(images[i]), cmap=cmap)
-            axes[layer + 1].imshow(upsampled[layer, i], cmap="jet", alpha=0.5)
+            axes[layer + 1].imshow(grey, cmap="gray")
+            axes[layer + 1].imshow(upsampled[layer, i], cmap="inferno", alpha=0.6)
             axes[layer + 1].set_title(f"layer {layer + 1}", fontsize=8)
         for ax in axes:
             ax.axis("off")
@@ -226,7 +233,7 @@ def attention_figures(model, images: torch.Tensor, labels: torch.Tensor, spec, o
         fig, axes = plt.subplots(1, depth + 1, figsize=(2 * (depth + 1), 2.3), squeeze=False)
         draw_row(axes[0], i)
         fig.suptitle(f"{spec.name} validation image {i}: class-token attention per layer", fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.93))
         path = out / f"attention_{i:02d}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -235,7 +242,7 @@ def attention_figures(model, images: torch.Tensor, labels: torch.Tensor, spec, o
     for i in range(count):
         draw_row(axes[i], i)
     fig.suptitle(f"{spec.name}: class-token attention, {count} validation images x {depth} layers", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (1.7 * count)))
     path = out / "summary.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -254,7 +261,8 @@ def retrained_weights(study: optuna.Study, trial_number: int, dataset: str) -> d
     record = study.user_attrs.get(WEIGHTS_ATTR.format(number=trial_number), {}).get(dataset)
     if record is None:
         raise UsageError(f"trial {trial_number} has no retrained {dataset} model; run `nkat-search report "
-                         f"--study {study.study_name}` (with --top large enough to include trial {trial_number}) first.")
+                         f"--study {study.study_name}` (with --top large enough to include trial {trial_number}) "
+                         "first.")
     return record
 
 

@@ -61,6 +61,10 @@ def save_weights(model: torch.nn.Module, model_cfg: ModelConfig, path: Path) -> 
     """Write the model's state_dict as safetensors, with its ModelConfig in the metadata; sha256."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata={"model_config": json.dumps(dataclasses.asdict(model_cfg))})
+    return _sha256(path)
+
+
+def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -128,7 +132,8 @@ def retrain_trial(study: optuna.Study, config: StudyConfig, trial: FrozenTrial, 
     """Retrain one trial on every dataset (reusing finished ones from out/state.json) and score it on test."""
     out.mkdir(parents=True, exist_ok=True)
     key = {"version": STATE_VERSION, "study": study.study_name, "trial": trial.number, "params": trial.params,
-           "epochs": epochs, "warmup": warmup, "data": dataclasses.asdict(config.data), "seed": config.train.seed}
+           "epochs": epochs, "warmup": warmup, "data": dataclasses.asdict(config.data),
+           "seed": trial.params.get("seed", config.train.seed)}
     state_path = out / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else None
     if state is None or state.get("key") != key:
@@ -143,7 +148,8 @@ def retrain_trial(study: optuna.Study, config: StudyConfig, trial: FrozenTrial, 
     for dataset in datasets_of(config):
         done = state["datasets"].get(dataset)
         weights = out / f"trial-{trial.number}-{dataset}.safetensors"
-        if done is not None and weights.is_file() and hashlib.sha256(weights.read_bytes()).hexdigest() == done["sha256"]:
+        intact = weights.is_file() and done is not None and _sha256(weights) == done["sha256"]
+        if intact:
             say(f"trial {trial.number} {dataset}: reused from {state_path}")
             done["reused"] = True
         else:
@@ -190,7 +196,7 @@ def retrain_trial(study: optuna.Study, config: StudyConfig, trial: FrozenTrial, 
             "train_config": r["train_config"],
         })
     return {"trial": trial.number, "search_global_tpe": trial.value, "params": trial.params,
-            "seeds": {"train": config.train.seed, "split": config.data.split_seed},
+            "seeds": {"train": trial.params.get("seed", config.train.seed), "split": config.data.split_seed},
             "stage2": {m: _shortfall(v, STAGE2_TARGETS[m]) for m, v in measured.items()},
             "datasets": rows, "state": str(state_path), "weights_attr": weights_attr}
 
@@ -210,7 +216,8 @@ def software() -> dict:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def build_report(study: optuna.Study, config: StudyConfig, *, top: int = 1, epochs: int | None = None,
@@ -263,9 +270,11 @@ def _verdict(check: dict | None) -> str:
 
 def format_trial(t: dict, budget: dict) -> str:
     """Markdown tables of one retrained trial: Stage 2 against its targets, then per dataset."""
+    reused = [r["dataset"] for r in t["datasets"] if r["reused"]]
     lines = [f"## Trial {t['trial']}", "",
              f"Retrained for {budget['epochs']} epochs (warm-up {budget['warmup']}) per dataset, evaluated on the "
-             f"test split. Search value (validation Global TPE): {t['search_global_tpe']:.4f}.", "",
+             f"test split. Search value (validation Global TPE): {t['search_global_tpe']:.4f}."
+             + (f" Reused from an earlier run ({t['state']}): {', '.join(reused)}." if reused else ""), "",
              "### Stage 2", "", "| metric | measured | target | result |", "|---|---|---|---|"]
     for m, check in t["stage2"].items():
         lines.append(f"| {STAGE2_TITLES[m]} | {check['value']:.4f} | >= {check['target']:.2f} | {_verdict(check)} |")
