@@ -354,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="[%(default)s]")
     p.set_defaults(func=cmd_dashboard)
 
+    from . import bench, plots, retrain
+
+    bench.add_parser(sub)
+    retrain.add_parser(sub)
+    plots.add_parser(sub)
+
     p = sub.add_parser("download", help="download the real datasets once (e.g. into a shared volume)")
     p.add_argument("--data-root", help="folder for the datasets [$NKAT_SEARCH_DATA_ROOT or ./data]")
     p.add_argument("--datasets", nargs="+", default=["cifar10", "mnist", "fashion_mnist", "emnist_letters"],
@@ -367,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     from .train import NonFiniteLossError
+    from .storage import StorageUnavailable
     from .worker import WorkerStopped
 
     try:
@@ -374,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"nkat-search: error: {exc}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, WorkerStopped) as exc:
+    except (NonFiniteLossError, WorkerStopped, StorageUnavailable) as exc:
         print(f"nkat-search: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

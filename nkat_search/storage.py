@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import logging
 import hashlib
 import os
 import re
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
 from .config import StudyConfig, UsageError
 from .objective import METRIC_NAMES
 from .space import pruner, sampler
 
+log = logging.getLogger("nkat_search")
 ENV_STORAGE = "NKAT_SEARCH_STORAGE"
 # The embedded default: Optuna's journal file storage, safe for several local processes.
 DEFAULT_URL = "journal:nkat-search.journal"
@@ -49,6 +53,83 @@ def heartbeat_settings() -> tuple[int, int]:
     if interval < 1 or grace <= interval:
         raise UsageError("the heartbeat interval must be >= 1 s and the grace period longer than it.")
     return interval, grace
+
+
+def db_retry_seconds() -> float:
+    """How long a worker waits for a database that went away (NKAT_SEARCH_DB_RETRY_SECONDS, default 120)."""
+    try:
+        return float(os.environ.get("NKAT_SEARCH_DB_RETRY_SECONDS", "120"))
+    except ValueError:
+        raise UsageError("NKAT_SEARCH_DB_RETRY_SECONDS must be a number of seconds.") from None
+
+
+class StorageUnavailable(RuntimeError):
+    """The database stayed unreachable past the retry bound (exit 1)."""
+
+
+def _connection_error(exc: BaseException) -> BaseException | None:
+    """The driver's connection error behind exc (Optuna wraps it in StorageInternalError), if any."""
+    import sqlalchemy.exc
+
+    while exc is not None:
+        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or getattr(
+                exc, "connection_invalidated", False):
+            return exc
+        exc = exc.__cause__
+    return None
+
+
+def with_reconnect(call, url: str, bound: float):
+    """Run call(); while the database is unreachable, retry with bounded, logged exponential back-off."""
+    delay, waited = 0.5, 0.0
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            cause = _connection_error(exc)
+            if cause is None or bound <= 0:
+                raise
+            if waited >= bound:
+                raise StorageUnavailable(
+                    f"the database at {mask(url)} has been unreachable for {waited:.0f} s; this worker stops "
+                    "(its trial is failed and queued again by the next worker once the database is back).") from None
+            detail = str(getattr(cause, "orig", None) or cause).strip().splitlines()
+            log.warning("database at %s unreachable (%s); retrying in %.1f s", mask(url),
+                        mask(detail[0]) if detail else type(cause).__name__, delay)
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 10.0)
+
+
+class ResilientRDBStorage(RDBStorage):
+    """RDBStorage whose calls wait for a restarted database (bounded back-off) instead of failing."""
+
+    def __init__(self, url: str, retry_seconds: float, **kwargs):
+        self._url_for_retry, self._retry_seconds, self._gone = url, 0.0, None  # opening fails fast
+        super().__init__(url, **kwargs)
+        self._retry_seconds = retry_seconds
+
+
+def _resilient(name: str):
+    method = getattr(RDBStorage, name)
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if self._gone is not None:  # the worker is stopping: its clean-up must not wait again
+            raise StorageUnavailable(self._gone)
+        try:
+            return with_reconnect(lambda: method(self, *args, **kwargs), self._url_for_retry, self._retry_seconds)
+        except StorageUnavailable as exc:
+            self._gone = str(exc)
+            raise
+
+    return call
+
+
+for _name, _value in list(vars(RDBStorage).items()):
+    if callable(_value) and (not _name.startswith("_") or _name == "_get_stale_trial_ids") and _name not in (
+            "remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions"):
+        setattr(ResilientRDBStorage, _name, _resilient(_name))
 
 
 def journal_path(url: str) -> str | None:
@@ -78,29 +159,39 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         engine_kwargs.update(pool_size=3, max_overflow=2, connect_args={"connect_timeout": 5})
     try:
         # Workers starting at once would race to create the schema: serialise that step.
-        with budget_lock(url, "nkat-search schema"), warnings.catch_warnings():
+        with budget_lock(url, "nkat-search schema", retry_seconds=0), warnings.catch_warnings():
             # Heartbeats are "experimental" since Optuna 2.9 and are what keeps trials from staying RUNNING.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=grace,
-                              heartbeat_stale_trial_callback=retry_callback())
+            return ResilientRDBStorage(url, db_retry_seconds(), engine_kwargs=engine_kwargs,
+                                       heartbeat_interval=interval, grace_period=grace,
+                                       heartbeat_stale_trial_callback=retry)
     except Exception as exc:  # sqlalchemy/driver errors: say what and where, never the password
         reason = mask(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot open the storage {mask(url)} ({reason}); check the host, port, user and "
                          "password, and that the server is running.") from None
 
 
-def retry_callback() -> RetryHeartbeatStaleTrialCallback:
-    """Optuna's callback that queues a failed trial again (same parameters, linked to the original)."""
-    with warnings.catch_warnings():  # "experimental" since Optuna 2.8
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+def retry(study: optuna.Study, trial) -> None:
+    """Queue a failed trial again: same parameters, linked to the original the way Optuna's
+    RetryHeartbeatStaleTrialCallback links it (system attrs failed_trial, retry_history), but
+    without copying the failed attempt's user attributes (its partial results and fail_reason)
+    onto the retry. At most MAX_RETRY retries of one original trial."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if len(history) > MAX_RETRY:
+        log.warning("trial %d failed %d times; not queueing it again", history[0], len(history))
+        return
+    original = trial.system_attrs.get("failed_trial", trial.number)
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={"retry_of": original},
+        system_attrs={"failed_trial": original, "retry_history": history}))
 
 
 _local_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def budget_lock(url: str, study_name: str) -> Iterator[None]:
+def budget_lock(url: str, study_name: str, retry_seconds: float | None = None) -> Iterator[None]:
     """Held while a worker counts finished trials and asks for a new one, so N workers never
     start more trials than the budget: a PostgreSQL advisory lock, or a lock file beside a journal."""
     path = journal_path(url)
@@ -115,10 +206,26 @@ def budget_lock(url: str, study_name: str) -> Iterator[None]:
         import sqlalchemy
 
         key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
-        engine = _lock_engine(url)
-        with engine.begin() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        def acquire():
+            conn = _lock_engine(url).connect()
+            try:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            except Exception:
+                conn.invalidate()
+                conn.close()
+                raise
+            return conn
+
+        conn = with_reconnect(acquire, url, db_retry_seconds() if retry_seconds is None else retry_seconds)
+        try:
             yield
+        finally:
+            try:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                conn.commit()
+            except Exception:  # a dropped connection released its session lock already
+                conn.invalidate()
+            conn.close()
     else:
         with _local_lock:
             yield

@@ -3,7 +3,7 @@
 Every trial ends in a defined state with its reason on the trial: COMPLETE; PRUNED (pruner, gate,
 non-finite loss); FAILED with `fail_reason` (an exception, "interrupted", a dead worker). Trials
 that failed through no fault of their own (interrupted, worker died) are queued again with the
-same parameters by Optuna's RetryHeartbeatStaleTrialCallback, linked to the original.
+same parameters by storage.retry, linked to the original.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Iterator
 
 import optuna
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from . import storage as st
@@ -73,27 +74,38 @@ def heartbeat(storage, trial_id: int) -> Iterator[None]:
 
 
 def fail_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str, retry: bool) -> None:
-    """Mark a RUNNING trial FAILED with its reason; queue a retry with the same parameters if asked."""
+    """Mark a RUNNING trial FAILED with its reason; queue a retry with the same parameters if asked.
+
+    A trial that another worker already ended (its heartbeat went stale while the database was
+    away) is left as it is: that worker queued its retry.
+    """
+    if study._storage.get_trial(trial._trial_id).state.is_finished():
+        log.warning("trial %d was already ended by another worker; leaving it", trial.number)
+        return
     study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
     study.tell(trial.number, state=TrialState.FAIL)
     if retry:
-        st.retry_callback()(study, study._storage.get_trial(trial._trial_id))
+        st.retry(study, study._storage.get_trial(trial._trial_id))
 
 
-def fail_dead_trials(study: optuna.Study) -> None:
-    """Fail RUNNING trials whose worker is gone: stale heartbeats (RDB, via Optuna) and, on any
-    storage, trials of a process on this host that no longer exists (the journal has no heartbeat)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+def fail_dead_trials(study: optuna.Study, storage) -> None:
+    """Fail RUNNING trials whose worker is gone, with the reason, and queue them again: trials whose
+    heartbeat is stale (RDB storages) and, on any storage, trials of a process on this host that no
+    longer exists (the journal storage has no heartbeat)."""
     host = socket.gethostname()
+    stale = set(storage._get_stale_trial_ids(study._study_id)) if isinstance(storage, RDBStorage) else set()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get("worker", "")
         name, _, pid = owner.rpartition(":")
-        if name == host and pid.isdigit() and not _alive(int(pid)):
-            log.warning("trial %d: its worker %s is gone; failing it and queueing a retry", trial.number, owner)
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError):
-                fail_trial(study, trial, f"worker {owner} died", retry=True)
+        if trial._trial_id in stale:
+            reason = f"no heartbeat from worker {owner or '(unknown)'} for {storage.grace_period} s"
+        elif name == host and pid.isdigit() and not _alive(int(pid)):
+            reason = f"worker {owner} died"
+        else:
+            continue
+        log.warning("trial %d: %s; failing it and queueing a retry", trial.number, reason)
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            fail_trial(study, trial, reason, retry=True)
 
 
 def _alive(pid: int) -> bool:
@@ -106,10 +118,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def next_trial(study: optuna.Study, url: str):
+def next_trial(study: optuna.Study, storage, url: str):
     """A new trial, WAIT (others' running trials may still fail) or DONE (the budget is finished)."""
     with st.budget_lock(url, study.study_name):
-        fail_dead_trials(study)
+        fail_dead_trials(study, storage)
         budget = study.user_attrs["budget"]
         trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
         done = sum(t.state in FINISHED for t in trials)
@@ -117,7 +129,9 @@ def next_trial(study: optuna.Study, url: str):
             return DONE
         if len(trials) >= budget:
             return WAIT
-        trial = study.ask()
+        # Optuna warns (UserWarning) that heartbeats are meant for Study.optimize; this loop runs them itself.
+        with warnings.catch_warnings(action="ignore", category=UserWarning):
+            trial = study.ask()
         trial.set_user_attr("worker", worker_id())
         return trial
 
@@ -133,7 +147,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective) -> TrialState
                 study.tell(trial, state=TrialState.PRUNED)
                 log.info("trial %d pruned after %.1f s: %s", trial.number, time.perf_counter() - started, exc)
                 return TrialState.PRUNED
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, st.StorageUnavailable):
                 raise
             except Exception as exc:  # a crash, an OOM, a bug: FAILED with the error on the trial
                 reason = f"{type(exc).__name__}: {exc}"
@@ -145,9 +159,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective) -> TrialState
                  trial.number, time.perf_counter() - started, value, study.best_value)
         return TrialState.COMPLETE
     finally:
-        frozen = study._storage.get_trial(trial._trial_id)
-        if frozen.state.is_finished():
-            annotate_trial(study, frozen)
+        with contextlib.suppress(st.StorageUnavailable):
+            frozen = study._storage.get_trial(trial._trial_id)
+            if frozen.state.is_finished():
+                annotate_trial(study, frozen)
 
 
 def interrupt(study: optuna.Study, trial: optuna.Trial, exc: KeyboardInterrupt) -> None:
@@ -177,7 +192,7 @@ def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_fai
     while True:
         trial = None
         try:
-            trial = next_trial(study, url)
+            trial = next_trial(study, storage, url)
             if trial is DONE:
                 log.info("study %r reached its budget of %d finished trials", study.study_name,
                          study.user_attrs["budget"])
@@ -216,7 +231,10 @@ def parse_devices(gpus: str | None) -> list[str]:
     return devices
 
 
-def _child(url: str, study_name: str, device: str, verbose: bool) -> None:
+def _child(url: str, study_name: str, device: str, verbose: bool, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)  # K CPU workers share the cores instead of oversubscribing them
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format=f"%(asctime)s %(levelname)s [{device} pid {os.getpid()}] %(message)s", datefmt="%H:%M:%S")
     install_signal_handlers()
@@ -224,7 +242,7 @@ def _child(url: str, study_name: str, device: str, verbose: bool) -> None:
         code = run_worker(url, study_name, device)
     except KeyboardInterrupt:
         code = 130
-    except (UsageError, WorkerStopped) as exc:
+    except (UsageError, WorkerStopped, st.StorageUnavailable) as exc:
         log.error("%s", exc)
         code = 2 if isinstance(exc, UsageError) else 1
     raise SystemExit(code)
@@ -233,7 +251,8 @@ def _child(url: str, study_name: str, device: str, verbose: bool) -> None:
 def run_processes(url: str, study_name: str, devices: list[str], count: int, verbose: bool = False) -> int:
     """count worker processes, device i % len(devices) each; the worst exit code of them."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_child, args=(url, study_name, devices[i % len(devices)], verbose))
+    threads = max(1, (os.cpu_count() or 1) // count)
+    procs = [ctx.Process(target=_child, args=(url, study_name, devices[i % len(devices)], verbose, threads))
              for i in range(count)]
     for p in procs:
         p.start()

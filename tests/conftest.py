@@ -68,6 +68,8 @@ def _quick_heartbeats(monkeypatch):
     # Fault tests wait for the heartbeat grace period: keep it seconds, not minutes.
     monkeypatch.setenv("NKAT_SEARCH_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("NKAT_SEARCH_GRACE_PERIOD", "4")
+    # Tests run several worker processes at once on 2 cores: one thread each, no oversubscription.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

@@ -81,7 +81,8 @@ def test_a_signal_fails_the_running_trial_as_interrupted_and_queues_it_again(tin
     assert first.user_attrs["fail_reason"] == f"interrupted ({sig.name})"
     assert len(rest) == 1 and rest[0].state == TrialState.WAITING  # the retry, same parameters
     assert rest[0].params == first.params
-    assert rest[0].system_attrs["failed_trial"] == first._trial_id  # linked by Optuna's retry callback
+    assert rest[0].user_attrs == {"retry_of": first.number}  # linked, without the failed attempt's attributes
+    assert rest[0].system_attrs["failed_trial"] == first.number  # as Optuna's retry callback links it
 
 
 @pytest.mark.slow

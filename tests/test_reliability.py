@@ -1,0 +1,79 @@
+"""Faults against a real PostgreSQL: a killed worker, a database restart, a database that stays down."""
+
+import signal
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import cli, spawn
+from nkat_search import storage as st
+from test_worker import _wait_for, _with_stage1_epochs, assert_exact_budget
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+
+def _study(url):
+    return optuna.load_study(study_name="tiny", storage=st.open_storage(url))
+
+
+def test_killed_worker_trial_is_failed_and_retried_while_others_carry_on(pg_url, tiny_study):
+    path = _with_stage1_epochs(tiny_study(trials=4), 3)
+    assert cli("start", "--study", path, "--storage", pg_url, "--workers", "0").returncode == 0
+    victim, other = spawn("worker", "--storage", pg_url), spawn("worker", "--storage", pg_url)
+    study = _study(pg_url)
+    _wait_for(lambda: [t for t in study.get_trials(states=(TrialState.RUNNING,))
+                       if t.params and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")], what="the victim's trial")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    out = other.communicate(timeout=300)[0]
+    assert other.returncode == 0, out
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1 and f":{victim.pid}" in failed[0].user_attrs["worker"]
+    assert failed[0].user_attrs["fail_reason"] in (
+        f"worker {failed[0].user_attrs['worker']} died", f"no heartbeat from worker {failed[0].user_attrs['worker']} for 4 s")
+    retries = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == failed[0].number]
+    assert len(retries) == 1 and retries[0].params == failed[0].params
+    assert_exact_budget(study, 4)
+
+
+def test_database_restart_while_a_worker_runs_loses_nothing(pg_server, pg_url, tiny_study):
+    path = _with_stage1_epochs(tiny_study(trials=2), 6)
+    assert cli("start", "--study", path, "--storage", pg_url, "--workers", "0").returncode == 0
+    worker = spawn("worker", "--storage", pg_url)
+    study = _study(pg_url)
+    _wait_for(lambda: study.get_trials(states=(TrialState.RUNNING,)), what="a running trial")
+    pg_server.stop()
+    time.sleep(3)
+    pg_server.start()
+    out = worker.communicate(timeout=300)[0]
+    assert worker.returncode == 0, out
+    assert "unreachable" in out and "retrying" in out  # the back-off is logged
+    assert "nkat-test-pw" not in out
+    study = _study(pg_url)
+    assert not study.get_trials(states=(TrialState.FAIL,))
+    assert_exact_budget(study, 2)
+
+
+def test_database_down_past_the_bound_stops_the_worker_then_the_trial_is_retried(pg_server, pg_url, tiny_study):
+    path = _with_stage1_epochs(tiny_study(trials=1), 50)
+    assert cli("start", "--study", path, "--storage", pg_url, "--workers", "0").returncode == 0
+    worker = spawn("worker", "--storage", pg_url, env={"NKAT_SEARCH_DB_RETRY_SECONDS": "2"})
+    study = _study(pg_url)
+    _wait_for(lambda: study.get_trials(states=(TrialState.RUNNING,)), what="a running trial")
+    pg_server.stop()
+    try:
+        out = worker.communicate(timeout=120)[0]
+    finally:
+        pg_server.start()
+    assert worker.returncode == 1, out
+    assert "has been unreachable" in out and "Traceback" not in out
+    # The next worker fails the orphaned trial, queues it again, and finishes the budget.
+    _with_stage1_epochs(path, 1)
+    study = _study(pg_url)
+    assert study.get_trials(states=(TrialState.RUNNING,))
+    rerun = cli("worker", "--storage", pg_url)
+    assert rerun.returncode == 0, rerun.stderr
+    assert len(study.get_trials(states=(TrialState.FAIL,))) == 1
+    assert_exact_budget(study, 1)
