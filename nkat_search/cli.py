@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -189,8 +190,14 @@ def _run(url: str, study_name: str, args) -> int:
         return 0
     if count == 1:
         worker.install_signal_handlers()
-        return worker.run_worker(url, study_name, devices[0], max_failures=args.max_failures)
-    return worker.run_processes(url, study_name, devices, count, args.verbose)
+        return worker.run_worker(url, study_name, devices[0], max_failures=args.max_failures,
+                                 data_root=_data_root(args))
+    return worker.run_processes(url, study_name, devices, count, args.verbose, _data_root(args))
+
+
+def _data_root(args) -> str | None:
+    """--data-root, else $NKAT_SEARCH_DATA_ROOT, else None (the study file's data.root)."""
+    return args.data_root or os.environ.get("NKAT_SEARCH_DATA_ROOT")
 
 
 def cmd_start(args) -> int:
@@ -202,8 +209,9 @@ def cmd_start(args) -> int:
     budget = args.trials if args.trials is not None else config.trials
     if budget < 1:
         raise UsageError(f"--trials must be at least 1, got {budget}.")
+    data = dataclasses.replace(config.data, root=_data_root(args) or config.data.root)
     for dataset in (config.stage1_dataset, *config.stage2_datasets):
-        ensure_available(dataset, config.data)
+        ensure_available(dataset, data)
     url, store = _open(args)
     log.info("storage: %s", storage.mask(url))
     study = storage.create_or_resume(store, url, config, budget)
@@ -294,6 +302,8 @@ def _add_run_flags(p: argparse.ArgumentParser, workers_help: str) -> None:
     p.add_argument("--gpus", help="GPU indices for the trial processes, e.g. 0,1, or cpu [every visible GPU, else cpu]")
     p.add_argument("--max-failures", type=int, default=3,
                    help="stop a worker after this many trials in a row failed [%(default)s]")
+    p.add_argument("--data-root", help="where the real datasets lie on this host "
+                                       "[$NKAT_SEARCH_DATA_ROOT, else the study file's data.root]")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ same parameters by storage.retry, linked to the original.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -175,10 +176,15 @@ def interrupt(study: optuna.Study, trial: optuna.Trial, exc: KeyboardInterrupt) 
 
 
 def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_failures: int = 3,
-               poll_seconds: float = 2.0) -> int:
-    """Attach to a study and run trials until its budget of finished trials is reached."""
+               poll_seconds: float = 2.0, data_root: str | None = None) -> int:
+    """Attach to a study and run trials until its budget of finished trials is reached.
+
+    data_root, when given, replaces the study's data root: where the datasets lie is a property
+    of the host, not of the search."""
     storage = st.open_storage(url)
     study, config = st.attach(storage, url, study_name)
+    if data_root:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=data_root))
     cache: dict = {}
 
     def load(dataset: str):
@@ -231,7 +237,7 @@ def parse_devices(gpus: str | None) -> list[str]:
     return devices
 
 
-def _child(url: str, study_name: str, device: str, verbose: bool, threads: int) -> None:
+def _child(url: str, study_name: str, device: str, verbose: bool, threads: int, data_root: str | None) -> None:
     import torch
 
     torch.set_num_threads(threads)  # K CPU workers share the cores instead of oversubscribing them
@@ -239,7 +245,7 @@ def _child(url: str, study_name: str, device: str, verbose: bool, threads: int) 
                         format=f"%(asctime)s %(levelname)s [{device} pid {os.getpid()}] %(message)s", datefmt="%H:%M:%S")
     install_signal_handlers()
     try:
-        code = run_worker(url, study_name, device)
+        code = run_worker(url, study_name, device, data_root=data_root)
     except KeyboardInterrupt:
         code = 130
     except (UsageError, WorkerStopped, st.StorageUnavailable) as exc:
@@ -248,11 +254,12 @@ def _child(url: str, study_name: str, device: str, verbose: bool, threads: int) 
     raise SystemExit(code)
 
 
-def run_processes(url: str, study_name: str, devices: list[str], count: int, verbose: bool = False) -> int:
+def run_processes(url: str, study_name: str, devices: list[str], count: int, verbose: bool = False,
+                  data_root: str | None = None) -> int:
     """count worker processes, device i % len(devices) each; the worst exit code of them."""
     ctx = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // count)
-    procs = [ctx.Process(target=_child, args=(url, study_name, devices[i % len(devices)], verbose, threads))
+    procs = [ctx.Process(target=_child, args=(url, study_name, devices[i % len(devices)], verbose, threads, data_root))
              for i in range(count)]
     for p in procs:
         p.start()
