@@ -25,6 +25,7 @@ import statistics
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -343,6 +344,8 @@ def _storage_worker(url: str, study_name: str, ops: int, barrier, queue) -> None
     rng = random.Random(os.getpid())
     timings = []
     barrier.wait()
+    # Optuna warns (UserWarning) that heartbeat storages are meant for Study.optimize; ask/tell is the point here.
+    warnings.simplefilter("ignore", UserWarning)
     for i in range(ops + 1):
         start = time.perf_counter()
         trial = study.ask()

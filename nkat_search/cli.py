@@ -176,16 +176,31 @@ def _open(args):
 def _attach(args):
     from . import storage
 
-    url, store = _open(args)
+    url = storage.resolve_url(args.storage)
+    path = storage.journal_path(url)
+    if path is not None and not os.path.exists(path):  # opening a journal would create the file
+        raise UsageError(f"the storage {url} holds no studies ({path} does not exist); create one with "
+                         "`nkat-search start --study studies/<file>.toml` or pass the right --storage.")
+    store = storage.open_storage(url)
     study, config = storage.attach(store, url, args.study or os.environ.get("NKAT_SEARCH_STUDY"))
     return url, study, config
 
 
-def _run(url: str, study_name: str, args) -> int:
+def _plan(args) -> tuple[list[str], int]:
+    """(devices, worker processes) from --gpus and --workers; checked before the storage is touched."""
     from . import worker
 
     devices = worker.parse_devices(args.gpus)
     count = args.workers if args.workers is not None else len(devices)
+    if count < 0:
+        raise UsageError(f"--workers must be >= 0, got {count}.")
+    return devices, count
+
+
+def _run(url: str, study_name: str, args, plan: tuple[list[str], int]) -> int:
+    from . import worker
+
+    devices, count = plan
     if count == 0:
         return 0
     if count == 1:
@@ -209,6 +224,7 @@ def cmd_start(args) -> int:
     budget = args.trials if args.trials is not None else config.trials
     if budget < 1:
         raise UsageError(f"--trials must be at least 1, got {budget}.")
+    plan = _plan(args)
     data = dataclasses.replace(config.data, root=_data_root(args) or config.data.root)
     for dataset in (config.stage1_dataset, *config.stage2_datasets):
         ensure_available(dataset, data)
@@ -218,7 +234,7 @@ def cmd_start(args) -> int:
     dashboard.annotate_study(study)
     log.info("study %r: budget %d trials (%d finished so far)", config.name, budget,
              sum(t.state.is_finished() and t.state.name != "FAIL" for t in study.get_trials(deepcopy=False)))
-    code = _run(url, config.name, args)
+    code = _run(url, config.name, args, plan)
     if code == 0 and args.workers != 0:
         _print_status(study, config)
     return code
@@ -227,9 +243,10 @@ def cmd_start(args) -> int:
 def cmd_worker(args) -> int:
     from . import storage
 
+    plan = _plan(args)
     url, study, _ = _attach(args)
     log.info("storage: %s", storage.mask(url))
-    return _run(url, study.study_name, args)
+    return _run(url, study.study_name, args, plan)
 
 
 def _print_status(study, config) -> None:

@@ -232,6 +232,8 @@ def budget_lock(url: str, study_name: str, retry_seconds: float | None = None) -
 
 
 _engines: dict[str, object] = {}
+# A forked child must not share the parent's pooled lock connections (one socket, two clients).
+os.register_at_fork(after_in_child=lambda: [engine.dispose(close=False) for engine in _engines.values()])
 
 
 def _lock_engine(url: str):

@@ -134,6 +134,7 @@ def next_trial(study: optuna.Study, storage, url: str):
         with warnings.catch_warnings(action="ignore", category=UserWarning):
             trial = study.ask()
         trial.set_user_attr("worker", worker_id())
+        log.info("trial %d: %d of %d finished, %d running", trial.number, done, budget, len(trials) - done + 1)
         return trial
 
 

@@ -31,15 +31,6 @@ SECRETS = ("s3cret-pw", PASSWORD, WRONG_PASSWORD)  # the passwords the rows put 
 STORAGE_FILES = ("study.journal", "study.db", "nkat-search.journal")  # under {tmp}; the last is the default
 MAX_SECONDS = 60  # a bad input fails fast; an unreachable database must not hang
 
-# Rows the program does not yet get right; each reason says what is wrong (remove when fixed).
-XFAIL = {
-    "start-gpu-missing": "cmd_start creates the study in the storage (create_or_resume) before "
-                         "worker.parse_devices rejects --gpus",
-    "no-study-in-new-storage": "storage.open_storage creates an empty journal file for a read-only "
-                               "command on a path that does not exist",
-}
-
-
 @dataclass(frozen=True)
 class Row:
     id: str
@@ -168,8 +159,6 @@ def pg_outcomes(pg_server, tmp_path_factory) -> dict[str, Outcome]:
 
 def _param(row: Row):
     marks = [pytest.mark.postgres] if row.postgres else []
-    if row.id in XFAIL:
-        marks.append(pytest.mark.xfail(strict=True, reason=XFAIL[row.id]))
     return pytest.param(row, id=row.id, marks=marks)
 
 
