@@ -6,7 +6,7 @@ import dataclasses
 
 import optuna
 
-from .config import ModelConfig, ParamSpec, StudyConfig, TrainConfig, adapt_patch_size, field_names
+from .config import ModelConfig, StudyConfig, TrainConfig, adapt_patch_size, field_names
 
 
 def sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:

@@ -1,9 +1,6 @@
 """fit(): the per-epoch callback, NaN handling, reproducibility, explicit truncation."""
 
-import math
-
 import pytest
-import torch
 
 from nkat_search.config import DataConfig, ModelConfig, TrainConfig
 from nkat_search.data import load_splits

@@ -1,6 +1,5 @@
 """Workers: one budget shared exactly, signals and dead workers end trials in defined states."""
 
-import os
 import signal
 import time
 
