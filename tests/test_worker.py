@@ -49,7 +49,9 @@ def assert_exact_budget(study: optuna.Study, budget: int) -> None:
 @pytest.mark.slow
 def test_two_workers_share_one_budget_exactly(tiny_study, tmp_path):
     url = f"journal:{tmp_path / 's.journal'}"
-    created = cli("start", "--study", tiny_study(trials=6), "--storage", url, "--workers", "0")
+    # Three epochs per trial, so that one worker cannot finish the budget before the other starts.
+    path = _with_stage1_epochs(tiny_study(trials=6), 3)
+    created = cli("start", "--study", path, "--storage", url, "--workers", "0")
     assert created.returncode == 0, created.stderr
     workers = [spawn("worker", "--storage", url, "--study", "tiny") for _ in range(2)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
