@@ -177,11 +177,7 @@ def _attach(args):
     from . import storage
 
     url = storage.resolve_url(args.storage)
-    path = storage.journal_path(url)
-    if path is not None and not os.path.exists(path):  # opening a journal would create the file
-        raise UsageError(f"the storage {url} holds no studies ({path} does not exist); create one with "
-                         "`nkat-search start --study studies/<file>.toml` or pass the right --storage.")
-    store = storage.open_storage(url)
+    store = storage.open_storage(url, create=False)
     study, config = storage.attach(store, url, args.study or os.environ.get("NKAT_SEARCH_STUDY"))
     return url, study, config
 

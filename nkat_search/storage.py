@@ -136,12 +136,18 @@ def journal_path(url: str) -> str | None:
     return url[len("journal:"):] if url.startswith("journal:") else None
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Open an Optuna storage; an unknown scheme or an unreachable database is a UsageError."""
+def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
+    """Open an Optuna storage; an unknown scheme or an unreachable database is a UsageError.
+
+    create=False is for commands that only read or join existing studies: a journal file that
+    does not exist is then an error instead of a new empty file."""
     path = journal_path(url)
     if path is not None:
         if not path:
             raise UsageError("a journal storage needs a file: journal:PATH.")
+        if not create and not os.path.exists(path):
+            raise UsageError(f"the storage {url} holds no studies ({path} does not exist); create one with "
+                             "`nkat-search start --study studies/<file>.toml` or pass the right --storage.")
         directory = os.path.dirname(os.path.abspath(path))
         if not os.access(directory, os.W_OK):
             raise UsageError(f"cannot write the journal file {path}: {directory} is not writable; "
@@ -273,10 +279,6 @@ def create_or_resume(storage, url: str, study: StudyConfig, budget: int) -> optu
         handle.set_user_attr("direction", "maximize")
         handle.set_user_attr("gate", {"dataset": study.stage1_dataset, "metric": "local_tpe", "threshold": study.gate})
     return handle
-
-
-def study_names(storage) -> list[str]:
-    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
 
 
 def attach(storage, url: str, name: str | None) -> tuple[optuna.Study, StudyConfig]:

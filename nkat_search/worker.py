@@ -182,7 +182,7 @@ def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_fai
 
     data_root, when given, replaces the study's data root: where the datasets lie is a property
     of the host, not of the search."""
-    storage = st.open_storage(url)
+    storage = st.open_storage(url, create=False)
     study, config = st.attach(storage, url, study_name)
     if data_root:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=data_root))
