@@ -36,10 +36,6 @@ DASHBOARD_ID = "nkat-{name}"
 # Figures
 
 
-def _gate(study: optuna.Study, config: StudyConfig) -> float:
-    return float(study.user_attrs.get("gate", {}).get("threshold", config.gate))
-
-
 def _stage1_tpe(trial: FrozenTrial, dataset: str) -> float | None:
     """The Stage-1 Local TPE a trial ended with: the recorded one, else its last reported epoch."""
     value = trial.user_attrs.get(f"{dataset}_local_tpe")
@@ -50,7 +46,7 @@ def _stage1_tpe(trial: FrozenTrial, dataset: str) -> float | None:
 
 def gate_figure(study: optuna.Study, config: StudyConfig) -> go.Figure | None:
     """Stage-1 Local TPE of each finished trial, coloured by state, with the gate as a line."""
-    dataset, gate = config.stage1_dataset, _gate(study, config)
+    dataset, gate = config.stage1_dataset, config.gate
     fig = go.Figure()
     shown = 0
     for state in (TrialState.COMPLETE, TrialState.PRUNED):
@@ -84,8 +80,7 @@ def learning_curves_figure(study: optuna.Study, config: StudyConfig) -> go.Figur
         legend.add(kind)
     if not legend:
         return None
-    fig.add_hline(y=_gate(study, config), line_dash="dash", line_color="black",
-                  annotation_text=f"gate {_gate(study, config):g}")
+    fig.add_hline(y=config.gate, line_dash="dash", line_color="black", annotation_text=f"gate {config.gate:g}")
     fig.update_layout(title=f"Stage-1 learning curves on {config.stage1_dataset}: pruned vs kept trials",
                       xaxis_title="epoch", xaxis_dtick=1, yaxis_title="Local TPE (validation)")
     return fig
