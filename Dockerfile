@@ -11,7 +11,6 @@ WORKDIR /app
 # Metadata first so the dependency layer is reused when only the code changes.
 COPY pyproject.toml README.md ./
 COPY nkat_search ./nkat_search
-COPY studies ./studies
 # Same install as the README; a dev checkout uses `pip install -e .` instead.
 RUN pip install .
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .config import DataConfig, ModelConfig, TrainConfig, UsageError, adapt_patch_size
 
@@ -293,6 +294,27 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
+def cmd_studies(args) -> int:
+    from .config import load_study, packaged_studies, study_path
+
+    if args.copy:
+        name, dest = args.copy
+        source = study_path(name)
+        target = Path(dest)
+        if target.exists():
+            raise UsageError(f"{target} already exists; pick another file name or remove it first.")
+        if not target.parent.is_dir():
+            raise UsageError(f"cannot write {target}: the folder {target.parent} does not exist; create it first.")
+        target.write_bytes(source.read_bytes())
+        print(f"wrote {target} (a copy of {name}); edit it, then `nkat-search start --study {target}`")
+        return 0
+    for name, path in packaged_studies().items():
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        config = load_study(str(path))
+        print(f"{name:8s} {config.trials:3d} trials, gate {config.gate:g} on {config.stage1_dataset}: {first}")
+    return 0
+
+
 def cmd_download(args) -> int:
     from .data import ensure_available
 
@@ -341,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Create the study described by a study file, or resume it when the storage holds "
                                    "the same definition; record the trial budget; run trials until the study holds "
                                    "that many finished (complete + pruned) trials across all workers.")
-    p.add_argument("--study", default="studies/round2.toml", help="study file [%(default)s]")
+    p.add_argument("--study", default="round2",
+                   help="a packaged study (round2, smoke; see `nkat-search studies`) or a study file [%(default)s]")
     p.add_argument("--trials", type=int, default=None, help="trial budget of the study [the file's study.trials]")
     _add_storage_flags(p, None)
     _add_run_flags(p, "worker processes to run here; 0 = create or update the study only [1, or one per --gpus]")
@@ -382,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     retrain.add_parser(sub)
     plots.add_parser(sub)
+
+    p = sub.add_parser("studies", help="list the packaged study files, or copy one out as a starting point",
+                       description="List the study files shipped with nkat-search (pass a name to --study), or copy "
+                                   "one to a file of your own to edit.")
+    p.add_argument("--copy", nargs=2, metavar=("NAME", "FILE"), help="copy the packaged study NAME to FILE")
+    p.set_defaults(func=cmd_studies)
 
     p = sub.add_parser("download", help="download the real datasets once (e.g. into a shared volume)")
     p.add_argument("--data-root", help="folder for the datasets [$NKAT_SEARCH_DATA_ROOT or ./data]")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class UsageError(ValueError):
@@ -269,15 +270,34 @@ def _jsonable(value):
     return value
 
 
-def load_study(path: str) -> StudyConfig:
+def packaged_studies() -> dict[str, Path]:
+    """The study files shipped inside the package, by name (round2, smoke)."""
+    folder = Path(__file__).with_name("studies")
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+
+
+def study_path(name_or_path: str) -> Path:
+    """A packaged study's file by name, or the file at a path; anything else is a UsageError."""
+    packaged = packaged_studies()
+    if name_or_path in packaged:
+        return packaged[name_or_path]
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    raise UsageError(f"study {name_or_path} is neither a packaged study ({', '.join(packaged)}) nor an existing file; "
+                     "pass one of those names or the path of your own study file (`nkat-search studies` lists them).")
+
+
+def load_study(name_or_path: str) -> StudyConfig:
     """Read and validate a study file; every problem is one UsageError naming the file and the key."""
     import tomllib
 
+    path = str(study_path(name_or_path))
     try:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"study file {path} does not exist; pass --study with a file from studies/.") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read the study file {path} ({exc.strerror}); check its permissions.") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path} is not valid TOML ({exc}); fix the syntax at that line.") from None
 

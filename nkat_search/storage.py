@@ -147,7 +147,7 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
             raise UsageError("a journal storage needs a file: journal:PATH.")
         if not create and not os.path.exists(path):
             raise UsageError(f"the storage {url} holds no studies ({path} does not exist); create one with "
-                             "`nkat-search start --study studies/<file>.toml` or pass the right --storage.")
+                             "`nkat-search start --study <name or file>` or pass the right --storage.")
         directory = os.path.dirname(os.path.abspath(path))
         if not os.access(directory, os.W_OK):
             raise UsageError(f"cannot write the journal file {path}: {directory} is not writable; "
@@ -293,7 +293,7 @@ def attach(storage, url: str, name: str | None) -> tuple[optuna.Study, StudyConf
         name = names[0]
     if name not in names:
         raise UsageError(f"study {name!r} does not exist in {mask(url)}; create it with "
-                         "`nkat-search start --study studies/<file>.toml` first.")
+                         "`nkat-search start --study <name or file>` first.")
     definition = summaries[name].user_attrs.get("definition")
     if definition is None:
         raise UsageError(f"study {name!r} in {mask(url)} was not made by nkat-search start (it has no definition); "

@@ -8,14 +8,14 @@ from nkat_search.config import StudyConfig, TrainConfig, UsageError, load_study
 
 @pytest.mark.parametrize("name", ["round2", "smoke"])
 def test_shipped_study_files_load_and_round_trip_through_the_storage_definition(name):
-    study = load_study(str(ROOT / "studies" / f"{name}.toml"))
+    study = load_study(str(ROOT / "nkat_search" / "studies" / f"{name}.toml"))
     assert study.stage1_dataset == "cifar10"
     assert study.stage2_datasets == ("mnist", "fashion_mnist", "emnist_letters")
     assert StudyConfig.from_definition(study.definition()).definition() == study.definition()
 
 
 def test_round2_is_the_research_search_space():
-    study = load_study(str(ROOT / "studies" / "round2.toml"))
+    study = load_study(str(ROOT / "nkat_search" / "studies" / "round2.toml"))
     space = {p.name: p for p in study.space}
     assert space["patch_size"].choices == (2, 4)
     assert space["conv_stem"].choices == ("off", "tiny", "small")
