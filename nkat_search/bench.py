@@ -14,7 +14,6 @@ read on the host every batch.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import multiprocessing
@@ -399,43 +398,6 @@ def _name(dtype: torch.dtype | None) -> str:
 
 
 SECTIONS = ("train", "augment", "eval", "storage")
-
-
-def add_parser(sub) -> None:
-    """Register `bench` on an argparse subparsers object."""
-    m = ModelConfig()
-    p = sub.add_parser(
-        "bench", help="measure training, augmentation and evaluation speed, storage latency and memory",
-        description="Images per second of the real training step (TrainStep over BatchLoader) beside the bare "
-                    "model step and the research-style pipeline, measured side by side in one run; batched vs "
-                    "per-image PIL augmentation; evaluation; ask+tell latency of a storage; peak memory. "
-                    "Figures are medians over --repeats rounds on synthetic CIFAR-10-shaped data.")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [%(default)s]")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 on CUDA, fp32 on the CPU; a CPU with native bf16 also gets a bf16 row [%(default)s]")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step [32 on the CPU, 512 on CUDA]")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per variant per round [%(default)s]")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first [%(default)s]")
-    p.add_argument("--repeats", type=int, default=3, help="rounds; figures are their median [%(default)s]")
-    p.add_argument("--augment-batch", type=int, default=512,
-                   help="batch of the augment figure; GPU-sized, where the pipeline matters [%(default)s]")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads; 1 is steadier on a machine shared with other work [torch's default]")
-    p.add_argument("--images", type=int, default=1024, help="synthetic training images [%(default)s]")
-    p.add_argument("--eval-images", type=int, default=256, help="images per evaluation pass [%(default)s]")
-    p.add_argument("--conv-stem", choices=["off", "tiny", "small"], default=m.conv_stem, help="[%(default)s]")
-    p.add_argument("--patch-size", type=int, default=m.patch_size, help="[%(default)s]")
-    p.add_argument("--embed-dim", type=int, default=m.embed_dim, help="[%(default)s]")
-    p.add_argument("--depth", type=int, default=m.depth, help="[%(default)s]")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model of the real step")
-    p.add_argument("--storage", default=None, help="storage URL to time ask+tell on [a temporary journal file]")
-    p.add_argument("--storage-procs", type=int, default=8, help="concurrent processes [%(default)s]")
-    p.add_argument("--storage-ops", type=int, default=20, help="ask+tell pairs per process [%(default)s]")
-    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run [all]")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.set_defaults(func=run)
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -444,7 +406,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def measure(args: argparse.Namespace) -> dict:
+def measure(args) -> dict:
     """Every section asked for, as one JSON-ready dict."""
     device = _device(args.device)
     if args.threads:
@@ -517,9 +479,3 @@ def table(result: dict) -> str:
     if "memory" in result:
         row(f"memory: peak ({result['memory']['kind']})", f"{result['memory']['mib']:.0f} MiB")
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    result = measure(args)
-    print(json.dumps(result, indent=2) if args.json else table(result))
-    return 0

@@ -294,6 +294,51 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .retrain import build_report, format_markdown
+
+    url, study, config = _attach(args)
+    out = args.out or os.path.join("reports", study.study_name)
+    report = build_report(study, config, top=args.top, epochs=args.epochs, out=out,
+                          device=resolve_device(args.device), artifacts=args.artifacts, storage_url=url)
+    print(format_markdown(report), end="")
+    print(f"wrote {os.path.join(out, 'report.json')} and {os.path.join(out, 'report.md')}")
+    return 0
+
+
+def cmd_plots(args) -> int:
+    from .plots import write_plots
+
+    _, study, config = _attach(args)
+    out = args.out or os.path.join("reports", study.study_name, "plots")
+    result = write_plots(study, config, out, png=not args.no_png, dashboard=not args.no_dashboard)
+    for path in result["written"]:
+        print(f"wrote {path}")
+    for name, reason in result["skipped"].items():
+        print(f"left out {name}: {reason}")
+    if result["dashboard"]:
+        print(f"attached {len(result['dashboard'])} figures to study {study.study_name!r} for optuna-dashboard")
+    return 0
+
+
+def cmd_attention(args) -> int:
+    from .plots import attention
+
+    _, study, config = _attach(args)
+    out = args.out or os.path.join("reports", study.study_name, f"attention-trial-{args.trial}-{args.dataset}")
+    paths = attention(study, config, args.trial, args.dataset, args.images, out, args.artifacts)
+    print(f"wrote {len(paths) - 1} attention maps and a summary to {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import measure, table
+
+    result = measure(args)
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
+
+
 def cmd_studies(args) -> int:
     from .config import load_study, packaged_studies, study_path
 
@@ -339,6 +384,42 @@ def _add_run_flags(p: argparse.ArgumentParser, workers_help: str) -> None:
                    help="stop a worker after this many trials in a row failed [%(default)s]")
     p.add_argument("--data-root", help="where the real datasets lie on this host "
                                        "[$NKAT_SEARCH_DATA_ROOT, else the study file's data.root]")
+
+
+def _add_bench_parser(sub) -> None:
+    from .bench import SECTIONS
+
+    m = MODEL_DEFAULTS
+    p = sub.add_parser(
+        "bench", help="measure training, augmentation and evaluation speed, storage latency and memory",
+        description="Images per second of the real training step (TrainStep over BatchLoader) beside the bare "
+                    "model step and the research-style pipeline, measured side by side in one run; batched vs "
+                    "per-image PIL augmentation; evaluation; ask+tell latency of a storage; peak memory. "
+                    "Figures are medians over --repeats rounds on synthetic CIFAR-10-shaped data.")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [%(default)s]")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 on CUDA, fp32 on the CPU; a CPU with native bf16 also gets a bf16 row [%(default)s]")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step [32 on the CPU, 512 on CUDA]")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per variant per round [%(default)s]")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first [%(default)s]")
+    p.add_argument("--repeats", type=int, default=3, help="rounds; figures are their median [%(default)s]")
+    p.add_argument("--augment-batch", type=int, default=512,
+                   help="batch of the augment figure; GPU-sized, where the pipeline matters [%(default)s]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads; 1 is steadier on a machine shared with other work [torch's default]")
+    p.add_argument("--images", type=int, default=1024, help="synthetic training images [%(default)s]")
+    p.add_argument("--eval-images", type=int, default=256, help="images per evaluation pass [%(default)s]")
+    p.add_argument("--conv-stem", choices=["off", "tiny", "small"], default=m.conv_stem, help="[%(default)s]")
+    p.add_argument("--patch-size", type=int, default=m.patch_size, help="[%(default)s]")
+    p.add_argument("--embed-dim", type=int, default=m.embed_dim, help="[%(default)s]")
+    p.add_argument("--depth", type=int, default=m.depth, help="[%(default)s]")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model of the real step")
+    p.add_argument("--storage", default=None, help="storage URL to time ask+tell on [a temporary journal file]")
+    p.add_argument("--storage-procs", type=int, default=8, help="concurrent processes [%(default)s]")
+    p.add_argument("--storage-ops", type=int, default=20, help="ask+tell pairs per process [%(default)s]")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run [all]")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -400,11 +481,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="[%(default)s]")
     p.set_defaults(func=cmd_dashboard)
 
-    from . import bench, plots, retrain
+    _add_bench_parser(sub)
 
-    bench.add_parser(sub)
-    retrain.add_parser(sub)
-    plots.add_parser(sub)
+    p = sub.add_parser("report", help="retrain the best trials for the full budget and score Stage 2 on the test sets",
+                       description="Retrain the best completed trials with the study's report budget on every "
+                                   "dataset, evaluate once on the test splits, print the Stage-2 table against the "
+                                   "research's targets, and write report.json, report.md and the weights.")
+    _add_storage_flags(p, study_name_help)
+    p.add_argument("--top", type=int, default=1, help="retrain the best N completed trials [%(default)s]")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per dataset [the study's report.epochs]")
+    p.add_argument("--out", default=None, help="output folder; holds state for resuming [reports/<study>]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [%(default)s]")
+    p.add_argument("--artifacts", default="artifacts",
+                   help="folder of the Optuna file-system artifact store for the weights [%(default)s]")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("plots", help="write the search's plots as HTML and PNG and attach them to optuna-dashboard",
+                       description="Optimisation history, parameter importances, embed_dim x depth contour, Stage-1 "
+                                   "Local TPE with the gate, Stage-1 learning curves of pruned vs kept trials, and "
+                                   "per-dataset accuracy of the top trials.")
+    _add_storage_flags(p, study_name_help)
+    p.add_argument("--out", default=None, help="output folder [reports/<study>/plots]")
+    p.add_argument("--no-png", action="store_true", help="HTML only (PNG needs kaleido and Chromium)")
+    p.add_argument("--no-dashboard", action="store_true", help="do not attach the figures to the study")
+    p.set_defaults(func=cmd_plots)
+
+    p = sub.add_parser("attention", help="class-token attention maps of a retrained trial over validation images",
+                       description="PNG maps of the class-token attention of every layer over validation images, "
+                                   "from the weights `nkat-search report` saved for the trial.")
+    _add_storage_flags(p, study_name_help)
+    p.add_argument("--trial", type=int, required=True, help="trial number (retrained by `nkat-search report`)")
+    p.add_argument("--dataset", default="cifar10", help="dataset of the retrained model [%(default)s]")
+    p.add_argument("--images", type=int, default=10, help="validation images to draw [%(default)s]")
+    p.add_argument("--out", default=None, help="output folder [reports/<study>/attention-trial-N-<dataset>]")
+    p.add_argument("--artifacts", default="artifacts",
+                   help="folder of the artifact store that `nkat-search report` used [%(default)s]")
+    p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("studies", help="list the packaged study files, or copy one out as a starting point",
                        description="List the study files shipped with nkat-search (pass a name to --study), or copy "

@@ -300,36 +300,3 @@ def format_markdown(report: dict) -> str:
             f"{report['wall_seconds']:.0f} s. Python {sw['python']}, torch {sw['torch']}, optuna {sw['optuna']}. "
             f"Data source: {report['data']['source']}.", ""]
     return "\n".join(head + [format_trial(t, report["budget"]) for t in report["trials"]])
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def run_report(args) -> int:
-    from .cli import _attach, resolve_device
-
-    url, study, config = _attach(args)
-    out = args.out or os.path.join("reports", study.study_name)
-    report = build_report(study, config, top=args.top, epochs=args.epochs, out=out,
-                          device=resolve_device(args.device), artifacts=args.artifacts, storage_url=url)
-    print(format_markdown(report), end="")
-    print(f"wrote {os.path.join(out, 'report.json')} and {os.path.join(out, 'report.md')}")
-    return 0
-
-
-def add_parser(sub) -> None:
-    """Register `report` on the CLI's subparsers."""
-    p = sub.add_parser("report", help="retrain the best trials for the full budget and score Stage 2 on the test sets",
-                       description="Retrain the best completed trials with the study's report budget on every "
-                                   "dataset, evaluate once on the test splits, print the Stage-2 table against the "
-                                   "research's targets, and write report.json, report.md and the weights.")
-    p.add_argument("--storage", help="Optuna storage URL [$NKAT_SEARCH_STORAGE or journal:nkat-search.journal]")
-    p.add_argument("--study", help="study name [$NKAT_SEARCH_STUDY, or the only study in the storage]")
-    p.add_argument("--top", type=int, default=1, help="retrain the best N completed trials [%(default)s]")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per dataset [the study's report.epochs]")
-    p.add_argument("--out", default=None, help="output folder; holds state for resuming [reports/<study>]")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [%(default)s]")
-    p.add_argument("--artifacts", default="artifacts",
-                   help="folder of the Optuna file-system artifact store for the weights [%(default)s]")
-    p.set_defaults(func=run_report)

@@ -1,13 +1,12 @@
 """bench: every section runs with tiny settings and reports positive figures; the research-style
 reference computes the same function as our model; the timed step is the one fit() runs."""
 
-import argparse
 import json
 
 import pytest
 import torch
 
-from nkat_search import bench, train
+from nkat_search import bench, cli, train
 from nkat_search.config import DataConfig, ModelConfig, TrainConfig
 from nkat_search.data import load_splits
 from nkat_search.model import NKATViT, nucleus_mask
@@ -80,9 +79,7 @@ def test_storage_latency_on_a_journal(tmp_path):
 
 
 def test_command_prints_one_json_object(capsys):
-    parser = argparse.ArgumentParser()
-    bench.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["bench", "--json", "--only", "eval", "--embed-dim", "32", "--depth", "1",
+    args = cli.build_parser().parse_args(["bench", "--json", "--only", "eval", "--embed-dim", "32", "--depth", "1",
                               "--eval-images", "16", "--images", "16", "--batch-size", "16", "--repeats", "1"])
     assert args.func(args) == 0
     result = json.loads(capsys.readouterr().out)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from test_retrain import _one_thread, reported, tiny  # noqa: F401  (one tiny study and its report per session)
 
-from nkat_search import plots, storage
+from nkat_search import cli, plots, storage
 from nkat_search.config import UsageError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -29,7 +29,7 @@ def _attach(url):
 def test_plots_writes_html_png_and_dashboard_figures(tiny, tmp_path, capsys):
     _, url, _ = tiny
     args = argparse.Namespace(storage=url, study=None, out=str(tmp_path), no_png=False, no_dashboard=False)
-    assert plots.run_plots(args) == 0
+    assert cli.cmd_plots(args) == 0
     for name in ALL_PLOTS:
         html = (tmp_path / f"{name}.html").read_text()
         assert "Plotly.newPlot" in html and 'src="plotly.min.js"' in html, name
@@ -65,7 +65,7 @@ def test_attention_writes_one_png_per_image_and_a_summary(reported, tmp_path):
     trial = report["trials"][0]["trial"]
     args = argparse.Namespace(storage=url, study=None, trial=trial, dataset="cifar10", images=3,
                               out=str(tmp_path), artifacts=str(folder / "artifacts"))
-    assert plots.run_attention(args) == 0
+    assert cli.cmd_attention(args) == 0
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["attention_00.png", "attention_01.png", "attention_02.png", "summary.png"]
     for name in files:
@@ -83,9 +83,8 @@ def test_attention_without_a_report_says_to_run_report(tiny, tmp_path):
         plots.attention(study, config, 99, "cifar10", 2, tmp_path, tmp_path / "artifacts")
 
 
-def test_add_parser_registers_plots_and_attention():
-    parser = argparse.ArgumentParser()
-    plots.add_parser(parser.add_subparsers())
-    assert parser.parse_args(["plots", "--no-png"]).func is plots.run_plots
+def test_plots_and_attention_flags():
+    parser = cli.build_parser()
+    assert parser.parse_args(["plots", "--no-png"]).func is cli.cmd_plots
     args = parser.parse_args(["attention", "--trial", "3"])
-    assert args.func is plots.run_attention and args.dataset == "cifar10" and args.images == 10
+    assert args.func is cli.cmd_attention and args.dataset == "cifar10" and args.images == 10

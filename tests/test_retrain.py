@@ -10,7 +10,7 @@ import pytest
 import torch
 from optuna.artifacts import FileSystemArtifactStore
 
-from nkat_search import metrics, retrain, storage, worker
+from nkat_search import cli, metrics, retrain, storage, worker
 from nkat_search.config import UsageError, load_study
 from nkat_search.data import load_splits
 from nkat_search.report import datasets_of
@@ -123,7 +123,7 @@ def reported(tiny):
     folder, url, _ = tiny
     if "reported" not in _session:
         with one_thread():
-            assert retrain.run_report(_args(url, folder / "report", folder / "artifacts")) == 0
+            assert cli.cmd_report(_args(url, folder / "report", folder / "artifacts")) == 0
         _session["reported"] = folder, url, json.loads((folder / "report" / "report.json").read_text())
     return _session["reported"]
 
@@ -172,7 +172,7 @@ def test_rerun_reuses_finished_datasets(reported, monkeypatch):
     calls = []
     real_fit = retrain.fit
     monkeypatch.setattr(retrain, "fit", lambda *a, **k: calls.append(a) or real_fit(*a, **k))
-    assert retrain.run_report(_args(url, folder / "report", folder / "artifacts")) == 0
+    assert cli.cmd_report(_args(url, folder / "report", folder / "artifacts")) == 0
     again = json.loads((folder / "report" / "report.json").read_text())
     assert calls == []
     assert all(r["reused"] for r in again["trials"][0]["datasets"])
@@ -180,7 +180,7 @@ def test_rerun_reuses_finished_datasets(reported, monkeypatch):
     # An interrupted report: one dataset's weights lost, only that one is trained again.
     (folder / "report" / f"trial-{first['trials'][0]['trial']}" /
      f"trial-{first['trials'][0]['trial']}-mnist.safetensors").unlink()
-    assert retrain.run_report(_args(url, folder / "report", folder / "artifacts")) == 0
+    assert cli.cmd_report(_args(url, folder / "report", folder / "artifacts")) == 0
     assert len(calls) == 1 and calls[0][1].epochs == 1
     # Another budget is another run: it trains again from the first dataset.
     class Trained(Exception):
@@ -191,7 +191,7 @@ def test_rerun_reuses_finished_datasets(reported, monkeypatch):
 
     monkeypatch.setattr(retrain, "fit", refuse)
     with pytest.raises(Trained) as info:
-        retrain.run_report(_args(url, folder / "report", folder / "artifacts", epochs=2))
+        cli.cmd_report(_args(url, folder / "report", folder / "artifacts", epochs=2))
     assert info.value.args == ("cifar10", 2)
 
 
@@ -223,7 +223,7 @@ def test_no_completed_trials_is_a_usage_error(tmp_path):
     url = f"journal:{tmp_path / 'empty.journal'}"
     storage.create_or_resume(storage.open_storage(url), url, config, 1)
     with pytest.raises(UsageError, match="no completed trials"):
-        retrain.run_report(_args(url, tmp_path / "out", tmp_path / "artifacts"))
+        cli.cmd_report(_args(url, tmp_path / "out", tmp_path / "artifacts"))
 
 
 def test_missing_weights_file_is_a_usage_error(tmp_path):
@@ -231,8 +231,6 @@ def test_missing_weights_file_is_a_usage_error(tmp_path):
         retrain.load_model(tmp_path / "nothing.safetensors")
 
 
-def test_add_parser_registers_report():
-    parser = argparse.ArgumentParser()
-    retrain.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["report", "--top", "2", "--epochs", "3"])
-    assert args.func is retrain.run_report and args.top == 2 and args.epochs == 3 and args.artifacts == "artifacts"
+def test_report_flags():
+    args = cli.build_parser().parse_args(["report", "--top", "2", "--epochs", "3"])
+    assert args.func is cli.cmd_report and args.top == 2 and args.epochs == 3 and args.artifacts == "artifacts"
