@@ -1,4 +1,10 @@
-"""The command line. Parses flags into config objects and calls the library; no logic of its own."""
+"""The command line. Parses flags into config objects and calls the library; no logic of its own.
+
+Every parser lives here. The flags of `train` are generated from the fields of ModelConfig,
+TrainConfig and DataConfig (their help metadata), so a flag and a study-file key cannot disagree.
+Errors reach the user as one sentence: UsageError (exit 2), runtime failures (exit 1), OS errors
+(a port in use, a folder that does not exist: exit 1 with the path), an interrupt (exit 130).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,18 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
 import sys
+import typing
 from pathlib import Path
 
 from .config import DataConfig, ModelConfig, TrainConfig, UsageError, adapt_patch_size
 
 log = logging.getLogger("nkat_search")
 MODEL_DEFAULTS, TRAIN_DEFAULTS = ModelConfig(), TrainConfig()
+DATASET_FIELDS = ("in_chans", "img_size", "num_classes")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,131 +32,88 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _flag(group, name: str, **kwargs) -> None:
+def _flag(group, name: str, dest: str | None = None, **kwargs) -> None:
     """Add --name and, for snake_case names, its --kebab-case twin (both spellings welcome)."""
     spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    group.add_argument(*spellings, dest=name, **kwargs)
+    group.add_argument(*spellings, dest=dest or name, **kwargs)
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (defaults: the research's baseline)")
-    d = MODEL_DEFAULTS
-    _flag(g, "conv_stem", choices=["off", "tiny", "small"], default=d.conv_stem,
-          help="hybrid conv stem before the patch embedding: off, tiny (32->64 ch, /4) or small (64->128->128, /4) [%(default)s]")
-    _flag(g, "patch_size", type=int, default=None,
-          help="patch side on the stem's feature map; must divide it [2 on 32x32; on 28x28 the largest divisor <= 2]")
-    _flag(g, "embed_dim", type=int, default=d.embed_dim, help="token width; a multiple of --num_heads [%(default)s]")
-    _flag(g, "depth", type=int, default=d.depth, help="number of transformer blocks [%(default)s]")
-    _flag(g, "num_heads", type=int, default=d.num_heads, help="attention heads per block [%(default)s]")
-    _flag(g, "temperature", type=float, default=d.temperature,
-          help="initial attention temperature (logits are divided by it; learnable per layer), > 0 [%(default)s]")
-    _flag(g, "top_k", type=int, default=d.top_k, help="keys kept per query by the top-k filter; 0 = off [%(default)s]")
-    _flag(g, "top_p", type=float, default=d.top_p,
-          help="nucleus mass kept per query by the top-p filter, in (0, 1]; 1 = off [%(default)s]")
-    _flag(g, "nkat_strength", type=float, default=d.nkat_strength,
-          help="NKAT modulation strength s of the attention weights (1 + s*r^l*theta); 0 = off [%(default)s]")
-    _flag(g, "nkat_decay", type=float, default=d.nkat_decay, help="per-layer decay r of the NKAT strength [%(default)s]")
-    _flag(g, "dropout_attn", type=float, default=d.dropout_attn, help="dropout on attention weights [%(default)s]")
-    _flag(g, "dropout_embed", type=float, default=d.dropout_embed, help="dropout after the position embedding [%(default)s]")
-    _flag(g, "split_heads", action="store_true", help="split-head attention: one head per colour channel (off)")
-    _flag(g, "channel_shuffle", action="store_true", help="random colour-channel order per training image (off)")
-    _flag(g, "no_color_norm", action="store_true", help="turn off the colour-wise LayerNorm before the stem")
+def _number(kind: type, name: str):
+    """An argparse type for int or float flags that refuses NaN and infinity."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training recipe (defaults: the research's)")
-    d = TRAIN_DEFAULTS
-    _flag(g, "epochs", type=int, default=d.epochs, help="training epochs, each over the whole training split [%(default)s]")
-    _flag(g, "warmup", type=int, default=d.warmup, help="epochs of linear learning-rate warm-up before cosine decay [%(default)s]")
-    _flag(g, "lr", type=float, default=d.lr, help="peak AdamW learning rate [%(default)s]")
-    _flag(g, "weight_decay", type=float, default=d.weight_decay, help="AdamW weight decay on weight matrices [%(default)s]")
-    _flag(g, "batch_size", type=int, default=d.batch_size, help="images per step [%(default)s]")
-    _flag(g, "ema", type=float, default=d.ema, help="EMA decay of the weights used for evaluation; 0 = off [%(default)s]")
-    _flag(g, "clip_grad", type=float, default=d.clip_grad, help="gradient-norm clipping; 0 = off [%(default)s]")
-    _flag(g, "label_smoothing", type=float, default=d.label_smoothing, help="label smoothing [%(default)s]")
-    _flag(g, "mixup", type=float, default=d.mixup, help="MixUp Beta(alpha, alpha) on batches without CutMix; 0 = off [%(default)s]")
-    _flag(g, "cutmix", type=float, default=d.cutmix, help="probability that a batch uses CutMix; 0 = off [%(default)s]")
-    _flag(g, "randaugment", type=int, nargs=2, metavar=("N", "M"), default=list(d.randaugment),
-          help="RandAugment ops per image and magnitude (0-30), per chunk of the batch; N=0 = off [2 9]")
-    _flag(g, "cutout", type=int, default=d.cutout, help="side in pixels of the square erased per image; 0 = off [%(default)s]")
-    _flag(g, "seed", type=int, default=d.seed, help="seed of initialisation, batches and augmentation [%(default)s]")
-    _flag(g, "precision", choices=["auto", "fp32", "bf16"], default=d.precision,
-          help="auto: bf16 autocast on CUDA, fp32 on the CPU [%(default)s]")
-    _flag(g, "limit_train", type=int, default=0,
-          help="at most this many batches per epoch (recorded in the output); 0 = whole epochs [%(default)s]")
-    _flag(g, "compile", action="store_true", help="torch.compile the model (pays on CUDA for long runs only)")
+def _config_flags(parser, title: str, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of a config dataclass, from its type and help metadata; every flag
+    defaults to None (not given), so the dataclass's own default applies."""
+    group = parser.add_argument_group(title)
+    hints, defaults = typing.get_type_hints(cls), cls()
+    for f in dataclasses.fields(cls):
+        if f.name in skip or "help" not in f.metadata:
+            continue
+        name, default, kind = f.metadata.get("flag", f.name), getattr(defaults, f.name), hints[f.name]
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{f.metadata['help']} [{shown}]".replace("%", "%%")
+        if kind is bool:
+            if default:
+                _flag(group, f"no_{name}", dest=f.name, action="store_false", default=None,
+                      help=f"turn off: {help_text}")
+            else:
+                _flag(group, name, dest=f.name, action="store_true", default=None, help=help_text)
+        elif typing.get_origin(kind) is tuple:
+            args = typing.get_args(kind)
+            _flag(group, name, dest=f.name, type=_number(args[0], "int"), nargs=len(args), default=None,
+                  metavar=tuple("NM"[: len(args)]) if len(args) == 2 else None, help=help_text)
+        else:
+            base = next((k for k in (int, float, str) if k is kind or k in typing.get_args(kind)), str)
+            _flag(group, name, dest=f.name, type=str if base is str else _number(base, base.__name__), default=None,
+                  choices=f.metadata.get("choices"), help=help_text)
 
 
-def _add_data_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    _flag(g, "data_source", choices=["torchvision", "synthetic"], default="torchvision",
-          help="torchvision: the real datasets under --data-root (downloaded when absent and the network allows); "
-               "synthetic: generated images with the real shapes and class counts [%(default)s]")
-    _flag(g, "data_root", default=None, help="folder of the real datasets [$NKAT_SEARCH_DATA_ROOT or ./data]")
-    _flag(g, "val_size", type=int, default=None,
-          help="validation images held out from the training set [5000; 1000 for synthetic]")
-    _flag(g, "synthetic_train", type=int, default=6000, help="synthetic images generated for train + validation [%(default)s]")
-
-
-def _data_config(args, data_root_default: str) -> DataConfig:
-    synthetic = args.data_source == "synthetic"
-    return DataConfig(
-        source=args.data_source, root=args.data_root or data_root_default,
-        val_size=args.val_size or (1000 if synthetic else 5000), synthetic_train=args.synthetic_train,
-    )
-
-
-def _configs(args, spec) -> tuple[ModelConfig, TrainConfig]:
-    stem = args.conv_stem
-    patch = args.patch_size if args.patch_size is not None else adapt_patch_size(spec.image_size, stem, 2)
-    model_cfg = ModelConfig(
-        in_chans=spec.channels, img_size=spec.image_size, num_classes=spec.num_classes, conv_stem=stem,
-        patch_size=patch, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, nkat_strength=args.nkat_strength,
-        nkat_decay=args.nkat_decay, dropout_attn=args.dropout_attn, dropout_embed=args.dropout_embed,
-        split_heads=args.split_heads, channel_shuffle=args.channel_shuffle, color_norm=not args.no_color_norm,
-    )
-    train_cfg = TrainConfig(
-        epochs=args.epochs, warmup=args.warmup, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, ema=args.ema, clip_grad=args.clip_grad,
-        label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix,
-        randaugment=tuple(args.randaugment), cutout=args.cutout, seed=args.seed, precision=args.precision,
-        limit_train=args.limit_train, compile=args.compile,
-    )
-    return model_cfg, train_cfg
+def _given(cls, args, skip: tuple[str, ...] = ()) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if f.name not in skip and getattr(args, f.name, None) is not None}
 
 
 def data_root_default() -> str:
-    return os.environ.get("NKAT_SEARCH_DATA_ROOT", "data")
+    return os.environ.get("NKAT_SEARCH_DATA_ROOT") or "data"
 
 
-def resolve_device(name: str):
-    """auto -> cuda when available, else cpu; a CUDA index that does not exist is a usage error."""
-    import torch
+def _data_root(args) -> str | None:
+    """--data-root, else $NKAT_SEARCH_DATA_ROOT, else None (the study file's data.root)."""
+    return args.data_root or os.environ.get("NKAT_SEARCH_DATA_ROOT") or None
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise UsageError(f"device {name} does not exist: this machine has {count} CUDA device(s); "
-                             "use --device cpu or an index below the count.")
-    elif device.type != "cpu":
-        raise UsageError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N.")
-    return device
+
+def safe_name(name: str) -> str:
+    """A study name as one path component: separators and leading dots cannot leave the folder."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "study"
 
 
 def cmd_train(args) -> int:
     from .data import get_spec, load_splits
+    from .devices import resolve_device
     from .train import fit
 
     spec = get_spec(args.dataset)
-    model_cfg, train_cfg = _configs(args, spec)
-    data_cfg = _data_config(args, data_root_default())
+    model_kwargs = _given(ModelConfig, args, DATASET_FIELDS)
+    stem = model_kwargs.get("conv_stem", MODEL_DEFAULTS.conv_stem)
+    model_kwargs.setdefault("patch_size", adapt_patch_size(spec.image_size, stem, MODEL_DEFAULTS.patch_size))
+    model_cfg = ModelConfig(in_chans=spec.channels, img_size=spec.image_size, num_classes=spec.num_classes,
+                            **model_kwargs)
+    train_cfg = TrainConfig(**_given(TrainConfig, args))
+    data_cfg = DataConfig(**{**_given(DataConfig, args), "root": args.root or data_root_default()})
     device = resolve_device(args.device)
     splits = load_splits(args.dataset, data_cfg, device)
 
@@ -167,11 +134,11 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _open(args):
+def _open(args, create: bool = True):
     from . import storage
 
     url = storage.resolve_url(args.storage)
-    return url, storage.open_storage(url)
+    return url, storage.open_storage(url, create=create)
 
 
 def _attach(args):
@@ -179,15 +146,18 @@ def _attach(args):
 
     url = storage.resolve_url(args.storage)
     store = storage.open_storage(url, create=False)
-    study, config = storage.attach(store, url, args.study or os.environ.get("NKAT_SEARCH_STUDY"))
+    study, config = storage.attach(store, url, args.study or os.environ.get("NKAT_SEARCH_STUDY") or None)
     return url, study, config
 
 
 def _plan(args) -> tuple[list[str], int]:
     """(devices, worker processes) from --gpus and --workers; checked before the storage is touched."""
-    from . import worker
+    from .devices import parse_gpus
 
-    devices = worker.parse_devices(args.gpus)
+    if args.max_failures < 1:
+        raise UsageError(f"--max-failures must be at least 1, got {args.max_failures}; it is how many trials in a "
+                         "row may fail before a worker stops.")
+    devices = parse_gpus(args.gpus)
     count = args.workers if args.workers is not None else len(devices)
     if count < 0:
         raise UsageError(f"--workers must be >= 0, got {count}.")
@@ -204,18 +174,13 @@ def _run(url: str, study_name: str, args, plan: tuple[list[str], int]) -> int:
         worker.install_signal_handlers()
         return worker.run_worker(url, study_name, devices[0], max_failures=args.max_failures,
                                  data_root=_data_root(args))
-    return worker.run_processes(url, study_name, devices, count, args.verbose, _data_root(args))
-
-
-def _data_root(args) -> str | None:
-    """--data-root, else $NKAT_SEARCH_DATA_ROOT, else None (the study file's data.root)."""
-    return args.data_root or os.environ.get("NKAT_SEARCH_DATA_ROOT")
+    return worker.run_processes(url, study_name, devices, count, args.verbose, _data_root(args), args.max_failures)
 
 
 def cmd_start(args) -> int:
     from . import dashboard, storage
-    from .config import load_study
     from .data import ensure_available
+    from .study import load_study
 
     config = load_study(args.study)
     budget = args.trials if args.trials is not None else config.trials
@@ -223,14 +188,15 @@ def cmd_start(args) -> int:
         raise UsageError(f"--trials must be at least 1, got {budget}.")
     plan = _plan(args)
     data = dataclasses.replace(config.data, root=_data_root(args) or config.data.root)
-    for dataset in (config.stage1_dataset, *config.stage2_datasets):
+    for dataset in config.datasets:
         ensure_available(dataset, data)
     url, store = _open(args)
     log.info("storage: %s", storage.mask(url))
-    study = storage.create_or_resume(store, url, config, budget)
+    study = storage.create_or_resume(store, url, config, budget, warm_start_from=args.warm_start_from)
     dashboard.annotate_study(study)
     log.info("study %r: budget %d trials (%d finished so far)", config.name, budget,
-             sum(t.state.is_finished() and t.state.name != "FAIL" for t in study.get_trials(deepcopy=False)))
+             sum(t.state.name in ("COMPLETE", "PRUNED") and not storage.is_warm_start(t)
+                 for t in study.get_trials(deepcopy=False)))
     code = _run(url, config.name, args, plan)
     if code == 0 and args.workers != 0:
         _print_status(study, config)
@@ -280,6 +246,9 @@ def cmd_leaderboard(args) -> int:
 def cmd_export(args) -> int:
     from .report import export
 
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UsageError(f"cannot write {out}: the folder {out.parent} does not exist; create it or pass another --out.")
     _, study, _ = _attach(args)
     rows = export(study, args.out)
     print(f"wrote {rows} trials to {args.out}")
@@ -289,16 +258,17 @@ def cmd_export(args) -> int:
 def cmd_dashboard(args) -> int:
     from .dashboard import serve
 
-    _, store = _open(args)
-    serve(store, host=args.host, port=args.port)
+    _, store = _open(args, create=False)
+    serve(store, host=args.host, port=args.port, artifacts=args.artifacts)
     return 0
 
 
 def cmd_report(args) -> int:
+    from .devices import resolve_device
     from .retrain import build_report, format_markdown
 
     url, study, config = _attach(args)
-    out = args.out or os.path.join("reports", study.study_name)
+    out = args.out or os.path.join("reports", safe_name(study.study_name))
     report = build_report(study, config, top=args.top, epochs=args.epochs, out=out,
                           device=resolve_device(args.device), artifacts=args.artifacts, storage_url=url)
     print(format_markdown(report), end="")
@@ -310,7 +280,7 @@ def cmd_plots(args) -> int:
     from .plots import write_plots
 
     _, study, config = _attach(args)
-    out = args.out or os.path.join("reports", study.study_name, "plots")
+    out = args.out or os.path.join("reports", safe_name(study.study_name), "plots")
     result = write_plots(study, config, out, png=not args.no_png, dashboard=not args.no_dashboard)
     for path in result["written"]:
         print(f"wrote {path}")
@@ -325,7 +295,8 @@ def cmd_attention(args) -> int:
     from .plots import attention
 
     _, study, config = _attach(args)
-    out = args.out or os.path.join("reports", study.study_name, f"attention-trial-{args.trial}-{args.dataset}")
+    out = args.out or os.path.join("reports", safe_name(study.study_name),
+                                   f"attention-trial-{args.trial}-{safe_name(args.dataset)}")
     paths = attention(study, config, args.trial, args.dataset, args.images, out, args.artifacts)
     print(f"wrote {len(paths) - 1} attention maps and a summary to {out}")
     return 0
@@ -340,7 +311,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_studies(args) -> int:
-    from .config import load_study, packaged_studies, study_path
+    from .study import load_study, packaged_studies, study_path
 
     if args.copy:
         name, dest = args.copy
@@ -354,9 +325,9 @@ def cmd_studies(args) -> int:
         print(f"wrote {target} (a copy of {name}); edit it, then `nkat-search start --study {target}`")
         return 0
     for name, path in packaged_studies().items():
-        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
         config = load_study(str(path))
-        print(f"{name:8s} {config.trials:3d} trials, gate {config.gate:g} on {config.stage1_dataset}: {first}")
+        print(f"{name:8s} {config.trials:3d} trials, gate {config.gate:g} on {config.stage1_dataset}, "
+              f"{len(config.space)} searched parameters, data {config.data.source}")
     return 0
 
 
@@ -378,48 +349,53 @@ def _add_storage_flags(p: argparse.ArgumentParser, study_help: str | None) -> No
 
 
 def _add_run_flags(p: argparse.ArgumentParser, workers_help: str) -> None:
-    p.add_argument("--workers", type=int, default=None, help=workers_help)
-    p.add_argument("--gpus", help="GPU indices for the trial processes, e.g. 0,1, or cpu [every visible GPU, else cpu]")
-    p.add_argument("--max-failures", type=int, default=3,
-                   help="stop a worker after this many trials in a row failed [%(default)s]")
+    p.add_argument("--workers", type=_number(int, "int"), default=None, help=workers_help)
+    p.add_argument("--gpus", help="GPU indices for the trial processes, e.g. 0,1, or cpu or mps "
+                                  "[every visible GPU, else MPS, else cpu]; --gpus 0 --workers 4 runs 4 trials on GPU 0")
+    p.add_argument("--max-failures", type=_number(int, "int"), default=3,
+                   help="stop a worker after this many trials in a row failed (>= 1) [%(default)s]")
     p.add_argument("--data-root", help="where the real datasets lie on this host "
                                        "[$NKAT_SEARCH_DATA_ROOT, else the study file's data.root]")
 
 
 def _add_bench_parser(sub) -> None:
-    from .bench import SECTIONS
+    """`bench`: one flag per field of bench.BenchOptions (its type and help metadata)."""
+    from .bench import BenchOptions, measure, table
 
-    m = MODEL_DEFAULTS
     p = sub.add_parser(
-        "bench", help="measure training, augmentation and evaluation speed, storage latency and memory",
+        "bench", help="measure training, augmentation, evaluation and search speed, storage latency and memory",
         description="Images per second of the real training step (TrainStep over BatchLoader) beside the bare "
                     "model step and the research-style pipeline, measured side by side in one run; batched vs "
-                    "per-image PIL augmentation; evaluation; ask+tell latency of a storage; peak memory. "
-                    "Figures are medians over --repeats rounds on synthetic CIFAR-10-shaped data.")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [%(default)s]")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 on CUDA, fp32 on the CPU; a CPU with native bf16 also gets a bf16 row [%(default)s]")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step [32 on the CPU, 512 on CUDA]")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per variant per round [%(default)s]")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first [%(default)s]")
-    p.add_argument("--repeats", type=int, default=3, help="rounds; figures are their median [%(default)s]")
-    p.add_argument("--augment-batch", type=int, default=512,
-                   help="batch of the augment figure; GPU-sized, where the pipeline matters [%(default)s]")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads; 1 is steadier on a machine shared with other work [torch's default]")
-    p.add_argument("--images", type=int, default=1024, help="synthetic training images [%(default)s]")
-    p.add_argument("--eval-images", type=int, default=256, help="images per evaluation pass [%(default)s]")
-    p.add_argument("--conv-stem", choices=["off", "tiny", "small"], default=m.conv_stem, help="[%(default)s]")
-    p.add_argument("--patch-size", type=int, default=m.patch_size, help="[%(default)s]")
-    p.add_argument("--embed-dim", type=int, default=m.embed_dim, help="[%(default)s]")
-    p.add_argument("--depth", type=int, default=m.depth, help="[%(default)s]")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model of the real step")
-    p.add_argument("--storage", default=None, help="storage URL to time ask+tell on [a temporary journal file]")
-    p.add_argument("--storage-procs", type=int, default=8, help="concurrent processes [%(default)s]")
-    p.add_argument("--storage-ops", type=int, default=20, help="ask+tell pairs per process [%(default)s]")
-    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run [all]")
+                    "per-image PIL augmentation; evaluation; ask+tell latency of a storage; peak memory. Slow "
+                    "sections by name: search (where each trial's time goes), share (concurrent CPU workers with "
+                    "and without host sharing), procs (concurrent processes on one device). Figures are medians "
+                    "over --repeats rounds on synthetic CIFAR-10-shaped data; the precision used is printed with why.")
+    hints, defaults = typing.get_type_hints(BenchOptions), BenchOptions()
+    for f in dataclasses.fields(BenchOptions):
+        kind, default = hints[f.name], getattr(defaults, f.name)
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f.metadata["help"]
+        if default is not None and kind is not bool and not help_text.endswith("]"):
+            help_text += f" [{shown}]"
+        help_text = help_text.replace("%", "%%")
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            continue
+        base = next((k for k in (int, float, str) if k is kind or k in typing.get_args(kind)
+                     or any(k in typing.get_args(a) for a in typing.get_args(kind))), str)
+        parse = str if base is str else _number(base, base.__name__)
+        many = typing.get_origin(kind) is tuple or any(typing.get_origin(a) is tuple for a in typing.get_args(kind))
+        p.add_argument(flag, dest=f.name, type=parse, nargs="+" if many else None, default=default,
+                       choices=f.metadata.get("choices"), metavar=f.name.upper() if many else None, help=help_text)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.set_defaults(func=cmd_bench)
+
+    def run(args) -> int:
+        result = measure(BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)}))
+        print(json.dumps(result, indent=2) if args.json else table(result))
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,13 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one configuration on one dataset and print the result",
                        description="Train one NKAT ViT configuration on one dataset; evaluate the EMA weights "
                                    "on the validation split after every epoch.")
-    _flag(p, "dataset", default="cifar10", help="cifar10, mnist, fashion_mnist or emnist_letters [%(default)s]")
-    _flag(p, "device", default="auto", help="auto, cpu, cuda or cuda:N [%(default)s]")
+    _flag(p, "dataset", default="cifar10", choices=["cifar10", "mnist", "fashion_mnist", "emnist_letters"],
+          help="[%(default)s]")
+    _flag(p, "device", default="auto", help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps [%(default)s]")
     _flag(p, "eval_test", action="store_true", help="also evaluate on the test set (kept out of model selection)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary line")
-    _add_model_flags(p)
-    _add_train_flags(p)
-    _add_data_flags(p)
+    _config_flags(p, "model (defaults: the research's baseline)", ModelConfig, DATASET_FIELDS)
+    _config_flags(p, "training recipe (defaults: the research's)", TrainConfig)
+    _config_flags(p, "data", DataConfig)
     p.set_defaults(func=cmd_train)
 
     study_name_help = "study name [$NKAT_SEARCH_STUDY, or the only study in the storage]"
@@ -446,7 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that many finished (complete + pruned) trials across all workers.")
     p.add_argument("--study", default="round2",
                    help="a packaged study (round2, smoke; see `nkat-search studies`) or a study file [%(default)s]")
-    p.add_argument("--trials", type=int, default=None, help="trial budget of the study [the file's study.trials]")
+    p.add_argument("--trials", type=_number(int, "int"), default=None,
+                   help="trial budget of the study [the file's study.trials]")
+    p.add_argument("--warm-start-from", metavar="NAME", default=None,
+                   help="add the completed trials of an earlier study in the same storage to the sampler's history "
+                        "(they are not run again and do not count against the budget)")
     _add_storage_flags(p, None)
     _add_run_flags(p, "worker processes to run here; 0 = create or update the study only [1, or one per --gpus]")
     p.set_defaults(func=cmd_start)
@@ -460,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("leaderboard", help="completed trials ranked by Global TPE")
     _add_storage_flags(p, study_name_help)
-    p.add_argument("--top", type=int, default=None, help="show the best N only [all]")
+    p.add_argument("--top", type=_number(int, "int"), default=None, help="show the best N only [all]")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="[%(default)s]")
     p.set_defaults(func=cmd_leaderboard)
 
@@ -478,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_flags(p, None)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 exposes it to the network [%(default)s]")
-    p.add_argument("--port", type=int, default=8080, help="[%(default)s]")
+    p.add_argument("--port", type=_number(int, "int"), default=8080, help="[%(default)s]")
+    p.add_argument("--artifacts", default="artifacts",
+                   help="folder of the artifact store that `nkat-search report` writes the weights to [%(default)s]")
     p.set_defaults(func=cmd_dashboard)
 
     _add_bench_parser(sub)
@@ -488,10 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dataset, evaluate once on the test splits, print the Stage-2 table against the "
                                    "research's targets, and write report.json, report.md and the weights.")
     _add_storage_flags(p, study_name_help)
-    p.add_argument("--top", type=int, default=1, help="retrain the best N completed trials [%(default)s]")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per dataset [the study's report.epochs]")
+    p.add_argument("--top", type=_number(int, "int"), default=1, help="retrain the best N completed trials [%(default)s]")
+    p.add_argument("--epochs", type=_number(int, "int"), default=None, help="epochs per dataset [the study's report.epochs]")
     p.add_argument("--out", default=None, help="output folder; holds state for resuming [reports/<study>]")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [%(default)s]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps [%(default)s]")
     p.add_argument("--artifacts", default="artifacts",
                    help="folder of the Optuna file-system artifact store for the weights [%(default)s]")
     p.set_defaults(func=cmd_report)
@@ -510,9 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="PNG maps of the class-token attention of every layer over validation images, "
                                    "from the weights `nkat-search report` saved for the trial.")
     _add_storage_flags(p, study_name_help)
-    p.add_argument("--trial", type=int, required=True, help="trial number (retrained by `nkat-search report`)")
+    p.add_argument("--trial", type=_number(int, "int"), required=True,
+                   help="trial number (retrained by `nkat-search report`)")
     p.add_argument("--dataset", default="cifar10", help="dataset of the retrained model [%(default)s]")
-    p.add_argument("--images", type=int, default=10, help="validation images to draw [%(default)s]")
+    p.add_argument("--images", type=_number(int, "int"), default=10, help="validation images to draw [%(default)s]")
     p.add_argument("--out", default=None, help="output folder [reports/<study>/attention-trial-N-<dataset>]")
     p.add_argument("--artifacts", default="artifacts",
                    help="folder of the artifact store that `nkat-search report` used [%(default)s]")
@@ -527,26 +511,50 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="download the real datasets once (e.g. into a shared volume)")
     p.add_argument("--data-root", help="folder for the datasets [$NKAT_SEARCH_DATA_ROOT or ./data]")
     p.add_argument("--datasets", nargs="+", default=["cifar10", "mnist", "fashion_mnist", "emnist_letters"],
-                   help="[all four]")
+                   choices=["cifar10", "mnist", "fashion_mnist", "emnist_letters"], help="[all four]")
     p.set_defaults(func=cmd_download)
     return parser
 
 
+def _os_error(exc: OSError) -> str:
+    what = exc.strerror or type(exc).__name__
+    where = exc.filename or ""
+    if isinstance(exc, OSError) and exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
+        return f"the address is already in use ({what}); pick another --port or stop the program that holds it."
+    if where:
+        return f"cannot use {where} ({what}); check that the path exists and is writable."
+    return f"{what}; check the files, folders and ports the command uses."
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .devices import enable_mps_fallback
+
+    enable_mps_fallback()  # before torch is imported: torch reads it once
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    from .train import NonFiniteLossError
     from .storage import StorageUnavailable
+    from .train import NonFiniteLossError
     from .worker import WorkerStopped
 
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
     except UsageError as exc:
         print(f"nkat-search: error: {exc}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, WorkerStopped, StorageUnavailable) as exc:
         print(f"nkat-search: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader of our output went away (`status | head`): nothing left to say to it.
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())
+        print("nkat-search: the output was closed before everything was written (broken pipe).", file=sys.stderr)
+        return 141
+    except OSError as exc:
+        print(f"nkat-search: error: {_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("nkat-search: interrupted", file=sys.stderr)

@@ -1,21 +1,114 @@
-"""Frozen configuration objects: the one way a model, a training run and a dataset are described.
+"""Frozen configuration objects: the one way a model, a training run, a dataset and the search's
+sampler and pruner are described.
 
 CLI flags and study files become these dataclasses once, at the edge; everything inside takes
-them as arguments. Each dataclass validates itself in __post_init__ and raises UsageError with a
-sentence that names the field and the fix.
+them as arguments. Each dataclass checks its own fields in __post_init__: the type declared in
+its annotation (bool is not an int, floats are finite), then the ranges, raising UsageError with
+a sentence that names the field and the fix. The CLI's flags are generated from the same fields
+(their `help` metadata), so a flag and a study-file key cannot disagree. The study file itself is
+read by nkat_search.study.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from pathlib import Path
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 
 class UsageError(ValueError):
     """A user's mistake: the message is one sentence naming the problem and the fix (exit 2)."""
 
 
+def opt(default, help: str, **meta):
+    """A config field with its help text (and optional `choices`, `flag`) for the generated CLI flags."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def check_types(obj) -> None:
+    """Every field of a config dataclass has its annotated type; ints given for floats become floats,
+    lists given for tuples become tuples. Why our own: dataclasses do not check types at all."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        ok, conformed = _conform(value, hints[f.name])
+        if not ok:
+            raise UsageError(f"{f.name} must be {_describe(hints[f.name])}, got {value!r}.")
+        if conformed is not value:
+            object.__setattr__(obj, f.name, conformed)
+
+
+def _conform(value, kind) -> tuple[bool, object]:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            ok, out = _conform(value, arg)
+            if ok:
+                return True, out
+        return False, value
+    if kind is type(None):
+        return value is None, value
+    if kind is bool:
+        return isinstance(value, bool), value
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False, value
+        return True, float(value)
+    if kind is str:
+        return isinstance(value, str), value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            return False, value
+        out = []
+        for item, arg in zip(value, items):
+            ok, conformed = _conform(item, arg)
+            if not ok:
+                return False, value
+            out.append(conformed)
+        return True, tuple(out)
+    if origin is dict or kind is dict:
+        return isinstance(value, dict), value
+    raise TypeError(f"config fields of type {kind} are not supported")
+
+
+def _describe(kind) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}s"
+        return f"a list of {len(args)} {_describe(args[0])}s"
+    return {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string",
+            type(None): "absent"}.get(kind, str(kind))
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets: the shapes a model must accept (data.py adds the statistics and the loading)
+
+
+@dataclass(frozen=True)
+class DatasetShape:
+    channels: int
+    image_size: int
+    num_classes: int
+
+
+DATASET_SHAPES = {
+    "cifar10": DatasetShape(3, 32, 10),
+    "mnist": DatasetShape(1, 28, 10),
+    "fashion_mnist": DatasetShape(1, 28, 10),
+    "emnist_letters": DatasetShape(1, 28, 26),
+}
+DATASET_NAMES = tuple(DATASET_SHAPES)
 CONV_STEMS = ("off", "tiny", "small")
 # Total downsampling of each stem: tiny and small both halve the image twice.
 STEM_STRIDE = {"off": 1, "tiny": 4, "small": 4}
@@ -29,59 +122,67 @@ class ModelConfig:
     in_chans: int = 3
     img_size: int = 32
     num_classes: int = 10
-    conv_stem: str = "tiny"
-    patch_size: int = 2
-    embed_dim: int = 384
-    depth: int = 7
-    num_heads: int = 8
-    mlp_ratio: float = 4.0
-    temperature: float = 0.65
-    top_k: int = 6  # 0 turns the top-k filter off
-    top_p: float = 0.80  # 1.0 turns the top-p filter off
-    nkat_strength: float = 0.0024  # 0 turns the modulation (and its parameters) off
-    nkat_decay: float = 0.99
-    dropout_attn: float = 0.17
-    dropout_embed: float = 0.08
-    dropout_head: float = 0.1
-    color_norm: bool = True
-    split_heads: bool = False
-    channel_shuffle: bool = False
+    conv_stem: str = opt("tiny", "hybrid conv stem before the patch embedding: off, tiny (32->64 ch, /4) or "
+                                 "small (64->128->128, /4)", choices=CONV_STEMS)
+    patch_size: int = opt(2, "patch side on the stem's feature map; must divide it (on 28x28 images a trial uses "
+                             "the largest divisor of the feature map that is no larger)")
+    embed_dim: int = opt(384, "token width; a multiple of num_heads")
+    depth: int = opt(7, "number of transformer blocks")
+    num_heads: int = opt(8, "attention heads per block")
+    mlp_ratio: float = opt(4.0, "MLP hidden width as a multiple of embed_dim")
+    temperature: float = opt(0.65, "initial attention temperature (logits are divided by it; learnable per layer), > 0")
+    top_k: int = opt(6, "keys kept per query by the top-k filter; 0 = off")
+    top_p: float = opt(0.80, "nucleus mass kept per query by the top-p filter, in (0, 1]; 1 = off")
+    nkat_strength: float = opt(0.0024, "NKAT modulation strength s of the attention weights (1 + s*r^l*theta); 0 = off")
+    nkat_decay: float = opt(0.99, "per-layer decay r of the NKAT strength, in (0, 1]")
+    dropout_attn: float = opt(0.17, "dropout on attention weights, in [0, 1)")
+    dropout_embed: float = opt(0.08, "dropout after the position embedding, in [0, 1)")
+    dropout_head: float = opt(0.1, "dropout in the classification head, in [0, 1)")
+    color_norm: bool = opt(True, "colour-wise LayerNorm over each pixel's channels before the stem")
+    split_heads: bool = opt(False, "split-head attention: one head per colour channel")
+    channel_shuffle: bool = opt(False, "random colour-channel order per training image")
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.conv_stem not in CONV_STEMS:
             raise UsageError(f"conv_stem {self.conv_stem!r} is unknown; use one of {', '.join(CONV_STEMS)}.")
         if self.in_chans < 1 or self.num_classes < 2 or self.img_size < 1:
             raise UsageError("in_chans must be >= 1, num_classes >= 2 and img_size >= 1.")
+        if self.patch_size < 1:
+            raise UsageError(f"patch_size must be at least 1, got {self.patch_size}.")
         feature = self.img_size // STEM_STRIDE[self.conv_stem]
-        if self.img_size % STEM_STRIDE[self.conv_stem] or self.patch_size < 1 or feature % self.patch_size:
+        if self.img_size % STEM_STRIDE[self.conv_stem] or feature % self.patch_size:
+            divisors = ", ".join(str(d) for d in range(1, feature + 1) if feature % d == 0)
             raise UsageError(
                 f"patch_size {self.patch_size} does not divide the {feature}x{feature} feature map that the "
                 f"{self.conv_stem!r} stem makes from {self.img_size}x{self.img_size} images; "
-                f"pick a divisor of {feature}."
-            )
-        if self.embed_dim < 1 or self.num_heads < 1 or self.embed_dim % self.num_heads:
-            raise UsageError(
-                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
-                f"use a multiple of {self.num_heads}."
-            )
+                f"pick a divisor of {feature} ({divisors}).")
+        if self.num_heads < 1:
+            raise UsageError(f"num_heads must be at least 1, got {self.num_heads}.")
+        if self.embed_dim < 1 or self.embed_dim % self.num_heads:
+            raise UsageError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
+                             f"use a positive multiple of {self.num_heads}.")
         if self.depth < 1:
             raise UsageError(f"depth must be at least 1, got {self.depth}.")
+        if not self.mlp_ratio > 0 or round(self.embed_dim * self.mlp_ratio) < 1:
+            raise UsageError(f"mlp_ratio must be > 0 (embed_dim * mlp_ratio >= 1), got {self.mlp_ratio}.")
         if not self.temperature > 0:
             raise UsageError(f"temperature must be > 0, got {self.temperature}; 0.6-1.0 is the searched range.")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}; use 1.0 to turn the filter off.")
         if self.top_k < 0:
             raise UsageError(f"top_k must be >= 0, got {self.top_k}; use 0 to turn the filter off.")
-        if self.nkat_strength < 0 or not 0 < self.nkat_decay <= 1:
-            raise UsageError("nkat_strength must be >= 0 and nkat_decay in (0, 1].")
+        if self.nkat_strength < 0:
+            raise UsageError(f"nkat_strength must be >= 0, got {self.nkat_strength}; use 0 to turn it off.")
+        if not 0 < self.nkat_decay <= 1:
+            raise UsageError(f"nkat_decay must be in (0, 1], got {self.nkat_decay}.")
         for name in ("dropout_attn", "dropout_embed", "dropout_head"):
             if not 0 <= getattr(self, name) < 1:
                 raise UsageError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
         if self.split_heads and self.num_heads < self.in_chans + 1:
             raise UsageError(
                 f"split_heads needs more heads ({self.num_heads}) than input channels ({self.in_chans}); "
-                "raise num_heads or turn split_heads off."
-            )
+                "raise num_heads or turn split_heads off.")
 
     @property
     def num_patches(self) -> int:
@@ -97,25 +198,29 @@ class ModelConfig:
 class TrainConfig:
     """One training run (seed-notes, "The training recipe planned")."""
 
-    epochs: int = 40
-    warmup: int = 5
-    batch_size: int = 128
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    ema: float = 0.9995  # 0 turns EMA off
-    clip_grad: float = 1.0  # 0 turns clipping off
-    label_smoothing: float = 0.1
-    mixup: float = 0.1  # Beta(alpha, alpha) of MixUp; 0 turns it off
-    cutmix: float = 0.2  # probability that a batch uses CutMix instead of MixUp; 0 turns it off
-    randaugment: tuple[int, int] = (2, 9)  # (N, M); N = 0 turns it off
-    cutout: int = 8  # side of the erased square in pixels; 0 turns it off
-    crop_padding: int = 4  # random crop after zero padding; 0 turns it off
-    seed: int = 0
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on the CPU
-    limit_train: int = 0  # if > 0, at most this many batches per epoch (explicit, recorded)
-    compile: bool = False
+    epochs: int = opt(40, "training epochs, each over the whole training split")
+    warmup: int = opt(5, "epochs of linear learning-rate warm-up before cosine decay")
+    batch_size: int = opt(128, "images per step")
+    lr: float = opt(2e-4, "peak AdamW learning rate")
+    weight_decay: float = opt(1e-4, "AdamW weight decay on weight matrices")
+    ema: float = opt(0.9995, "EMA decay of the weights used for evaluation, in [0, 1); 0 = off")
+    clip_grad: float = opt(1.0, "gradient-norm clipping; 0 = off")
+    label_smoothing: float = opt(0.1, "label smoothing, in [0, 1)")
+    mixup: float = opt(0.1, "MixUp Beta(alpha, alpha) on batches without CutMix; 0 = off")
+    mixup_prob: float = opt(1.0, "probability that a batch without CutMix uses MixUp (the research: 0.1 at "
+                                 "alpha 0.2)")
+    cutmix: float = opt(0.2, "probability that a batch uses CutMix; 0 = off")
+    randaugment: tuple[int, int] = opt((2, 9), "RandAugment ops per image N and magnitude M (0-30); N = 0 = off")
+    cutout: int = opt(8, "side in pixels of the square erased per image; 0 = off")
+    crop_padding: int = opt(4, "random crop after zero padding by this many pixels; 0 = off")
+    seed: int = opt(0, "seed of initialisation, batches and augmentation")
+    precision: str = opt("auto", "auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32",
+                         choices=PRECISIONS)
+    limit_train: int = opt(0, "at most this many batches per epoch (recorded in the output); 0 = whole epochs")
+    compile: bool = opt(False, "torch.compile the model (pays on CUDA for long runs only)")
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.epochs < 1:
             raise UsageError(f"epochs must be at least 1, got {self.epochs}.")
         if self.warmup < 0:
@@ -126,10 +231,12 @@ class TrainConfig:
             raise UsageError(f"lr must be > 0, got {self.lr}.")
         if not 0 <= self.ema < 1:
             raise UsageError(f"ema must be in [0, 1), got {self.ema}; use 0 to turn EMA off.")
-        if self.clip_grad < 0 or self.weight_decay < 0 or self.mixup < 0 or self.cutout < 0:
-            raise UsageError("clip_grad, weight_decay, mixup and cutout must be >= 0.")
-        if not 0 <= self.cutmix <= 1:
-            raise UsageError(f"cutmix is a probability in [0, 1], got {self.cutmix}.")
+        for name in ("clip_grad", "weight_decay", "mixup", "cutout", "crop_padding", "limit_train"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}; use 0 to turn it off.")
+        for name in ("cutmix", "mixup_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UsageError(f"{name} is a probability in [0, 1], got {getattr(self, name)}.")
         if not 0 <= self.label_smoothing < 1:
             raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
         n, m = self.randaugment
@@ -137,34 +244,43 @@ class TrainConfig:
             raise UsageError(f"randaugment N M needs N >= 0 and 0 <= M <= 30, got {n} {m}.")
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision {self.precision!r} is unknown; use one of {', '.join(PRECISIONS)}.")
-        if self.limit_train < 0:
-            raise UsageError(f"limit_train must be >= 0, got {self.limit_train}.")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the images come from and how the validation split is held out."""
 
-    source: str = "torchvision"  # torchvision (real files) or synthetic (generated)
-    root: str = "data"
-    val_size: int = 5000
-    split_seed: int = 0
-    download: bool = True
-    synthetic_train: int = 10000  # images generated for train + validation (synthetic source)
-    synthetic_test: int = 2000
+    source: str = opt("torchvision", "torchvision: the real datasets under the data root (downloaded when absent "
+                                     "and the network allows); synthetic: generated images with the real shapes "
+                                     "and class counts", choices=("torchvision", "synthetic"), flag="data_source")
+    root: str = opt("data", "folder of the real datasets", flag="data_root")
+    val_size: int | None = opt(None, "validation images held out from the training set [5000; a tenth of "
+                                     "synthetic_train for synthetic data]")
+    split_seed: int = opt(0, "seed of the train/validation split")
+    download: bool = opt(True, "download a real dataset that is absent")
+    synthetic_train: int = opt(10000, "synthetic images generated for train + validation")
+    synthetic_test: int = opt(2000, "synthetic test images")
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.source not in ("torchvision", "synthetic"):
             raise UsageError(f"data source {self.source!r} is unknown; use torchvision or synthetic.")
-        if self.val_size < 1:
-            raise UsageError(f"val_size must be at least 1, got {self.val_size}.")
-        if self.source == "synthetic" and self.val_size >= self.synthetic_train:
-            raise UsageError(
-                f"val_size {self.val_size} leaves no training images out of synthetic_train "
-                f"{self.synthetic_train}; lower val_size or raise synthetic_train."
-            )
+        if not self.root:
+            raise UsageError("the data root is empty; pass a folder.")
         if self.synthetic_train < 2 or self.synthetic_test < 1:
             raise UsageError("synthetic_train must be >= 2 and synthetic_test >= 1.")
+        if self.val_size is not None and self.val_size < 1:
+            raise UsageError(f"val_size must be at least 1, got {self.val_size}.")
+        if self.source == "synthetic" and self.validation_images >= self.synthetic_train:
+            raise UsageError(
+                f"val_size {self.validation_images} leaves no training images out of synthetic_train "
+                f"{self.synthetic_train}; lower val_size or raise synthetic_train.")
+
+    @property
+    def validation_images(self) -> int:
+        if self.val_size is not None:
+            return self.val_size
+        return max(1, self.synthetic_train // 10) if self.source == "synthetic" else 5000
 
 
 def replace(cfg, **changes):
@@ -177,7 +293,7 @@ def field_names(cls) -> set[str]:
 
 
 def adapt_patch_size(img_size: int, conv_stem: str, patch_size: int) -> int:
-    """The patch size a trial uses on a dataset of this image size.
+    """The patch size a trial uses on a dataset of another image size than the one it was searched on.
 
     A searched patch size is meant for 32x32 CIFAR-10; on 28x28 images the stem's feature map is
     28 or 7 pixels wide, which 2 or 4 may not divide. The rule: the largest divisor of the
@@ -188,243 +304,101 @@ def adapt_patch_size(img_size: int, conv_stem: str, patch_size: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Study files (studies/*.toml)
-
-DATASET_NAMES = ("cifar10", "mnist", "fashion_mnist", "emnist_letters")
-# Fields a study may search or fix: everything but what the dataset decides.
-DATASET_FIELDS = {"in_chans", "img_size", "num_classes"}
-SEARCHABLE = (field_names(ModelConfig) - DATASET_FIELDS) | (field_names(TrainConfig) - {"limit_train", "compile"})
-PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving")
-STUDY_KEYS = {
-    "study": {"name", "trials"},
-    "sampler": {"kind", "seed", "multivariate", "constant_liar", "n_startup_trials"},
-    "pruner": {"kind", "n_startup_trials", "n_warmup_steps", "percentile", "min_resource", "reduction_factor"},
-    "stage1": {"dataset", "epochs", "gate"},
-    "stage2": {"datasets", "epochs"},
-    "data": {"source", "root", "val_size", "split_seed", "download", "synthetic_train", "synthetic_test"},
-    "model": field_names(ModelConfig) - DATASET_FIELDS,
-    "train": field_names(TrainConfig) - {"epochs"},
-    "report": {"epochs", "warmup"},
-    "space": None,  # checked per parameter below
-}
-PARAM_KEYS = {"int": {"type", "low", "high", "step", "log"}, "float": {"type", "low", "high", "step", "log"},
-              "categorical": {"type", "choices"}}
+# Samplers and pruners of a study: one dataclass per kind, so one kind's keys never reach another.
 
 
 @dataclass(frozen=True)
-class ParamSpec:
-    """One searched parameter: int/float range (optional step or log) or categorical choices."""
+class TPESamplerConfig:
+    """Multivariate TPE with a constant liar, so parallel workers spread out."""
 
-    name: str
-    type: str
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    log: bool = False
-    choices: tuple = ()
+    KIND: ClassVar[str] = "tpe"
+    seed: int | None = None
+    multivariate: bool = True
+    constant_liar: bool = True
+    n_startup_trials: int = 10
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.n_startup_trials < 0:
+            raise UsageError(f"n_startup_trials must be >= 0, got {self.n_startup_trials}.")
 
 
 @dataclass(frozen=True)
-class StudyConfig:
-    name: str
-    path: str
-    trials: int
-    space: tuple[ParamSpec, ...]
-    sampler: dict
-    pruner: dict
-    stage1_dataset: str
-    stage1_epochs: int
-    gate: float
-    stage2_datasets: tuple[str, ...]
-    stage2_epochs: int
-    data: DataConfig
-    model: dict  # fixed ModelConfig fields
-    train: TrainConfig  # the recipe; epochs is set per stage
-    report_epochs: int
-    report_warmup: int
+class RandomSamplerConfig:
+    KIND: ClassVar[str] = "random"
+    seed: int | None = None
 
-    def definition(self) -> dict:
-        """What makes two studies the same search (stored on the study; the path and budget are not part)."""
-        out = dataclasses.asdict(self)
-        for key in ("path", "trials"):
-            out.pop(key)
-        return _jsonable(out)
-
-    @classmethod
-    def from_definition(cls, d: dict, path: str = "<storage>", trials: int = 0) -> "StudyConfig":
-        """The StudyConfig stored on a study by definition()."""
-        train = dict(d["train"], randaugment=tuple(d["train"]["randaugment"]))
-        return cls(**{
-            **d, "path": path, "trials": trials,
-            "space": tuple(ParamSpec(**dict(p, choices=tuple(p["choices"]))) for p in d["space"]),
-            "stage2_datasets": tuple(d["stage2_datasets"]), "data": DataConfig(**d["data"]),
-            "train": TrainConfig(**train),
-        })
+    def __post_init__(self) -> None:
+        check_types(self)
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+@dataclass(frozen=True)
+class NopPrunerConfig:
+    KIND: ClassVar[str] = "none"
 
 
-def packaged_studies() -> dict[str, Path]:
-    """The study files shipped inside the package, by name (round2, smoke)."""
-    folder = Path(__file__).with_name("studies")
-    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+@dataclass(frozen=True)
+class MedianPrunerConfig:
+    KIND: ClassVar[str] = "median"
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 1
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.n_startup_trials < 0 or self.n_warmup_steps < 0:
+            raise UsageError("n_startup_trials and n_warmup_steps must be >= 0.")
 
 
-def study_path(name_or_path: str) -> Path:
-    """A packaged study's file by name, or the file at a path; anything else is a UsageError."""
-    packaged = packaged_studies()
-    if name_or_path in packaged:
-        return packaged[name_or_path]
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    raise UsageError(f"study {name_or_path} is neither a packaged study ({', '.join(packaged)}) nor an existing file; "
-                     "pass one of those names or the path of your own study file (`nkat-search studies` lists them).")
+@dataclass(frozen=True)
+class PercentilePrunerConfig:
+    KIND: ClassVar[str] = "percentile"
+    percentile: float = 25.0
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 1
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if not 0 < self.percentile < 100:
+            raise UsageError(f"percentile must be in (0, 100), got {self.percentile}.")
+        if self.n_startup_trials < 0 or self.n_warmup_steps < 0:
+            raise UsageError("n_startup_trials and n_warmup_steps must be >= 0.")
 
 
-def load_study(name_or_path: str) -> StudyConfig:
-    """Read and validate a study file; every problem is one UsageError naming the file and the key."""
-    import tomllib
+@dataclass(frozen=True)
+class HyperbandPrunerConfig:
+    """Hyperband over Stage 1's epochs (max_resource is the study's stage1.epochs)."""
 
-    path = str(study_path(name_or_path))
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except OSError as exc:
-        raise UsageError(f"cannot read the study file {path} ({exc.strerror}); check its permissions.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{path} is not valid TOML ({exc}); fix the syntax at that line.") from None
+    KIND: ClassVar[str] = "hyperband"
+    min_resource: int = 1
+    reduction_factor: int = 3
 
-    def fail(key: str, problem: str) -> UsageError:
-        return UsageError(f"{path}: {key}: {problem}")
-
-    for section, value in raw.items():
-        if section not in STUDY_KEYS:
-            raise fail(section, f"unknown section; use one of {', '.join(STUDY_KEYS)}.")
-        if not isinstance(value, dict):
-            raise fail(section, "must be a table ([" + section + "]).")
-        allowed = STUDY_KEYS[section]
-        for key in value if allowed is not None else ():
-            if key not in allowed:
-                raise fail(f"{section}.{key}", f"unknown key; use one of {', '.join(sorted(allowed))}.")
-
-    def get(section: str, key: str, default=dataclasses.MISSING):
-        value = raw.get(section, {}).get(key, default)
-        if value is dataclasses.MISSING:
-            raise fail(f"{section}.{key}", "is required; add it to the file.")
-        return value
-
-    name = get("study", "name")
-    if not isinstance(name, str) or not name.strip():
-        raise fail("study.name", "must be a non-empty string.")
-    trials = get("study", "trials", 50)
-    if not isinstance(trials, int) or trials < 1:
-        raise fail("study.trials", f"must be a positive integer, got {trials!r}.")
-
-    datasets = [get("stage1", "dataset")] + list(get("stage2", "datasets"))
-    for i, ds in enumerate(datasets):
-        if ds not in DATASET_NAMES:
-            key = "stage1.dataset" if i == 0 else "stage2.datasets"
-            raise fail(key, f"unknown dataset {ds!r}; use one of {', '.join(DATASET_NAMES)}.")
-    gate = get("stage1", "gate")
-    if not isinstance(gate, (int, float)) or isinstance(gate, bool) or not 0 < gate < float("inf"):
-        raise fail("stage1.gate", f"must be a number in (0, inf), got {gate!r}; the research's gate is 0.60.")
-    for key in ("stage1.epochs", "stage2.epochs"):
-        value = get(*key.split("."))
-        if not isinstance(value, int) or value < 1:
-            raise fail(key, f"must be a positive integer, got {value!r}.")
-
-    kinds = {"tpe", "random"}
-    sampler = {"kind": "tpe", "seed": None, "multivariate": True, "constant_liar": True, "n_startup_trials": 10}
-    sampler.update(raw.get("sampler", {}))
-    if sampler["kind"] not in kinds:
-        raise fail("sampler.kind", f"unknown sampler {sampler['kind']!r}; use tpe or random.")
-    pruner = {"kind": "median", "n_startup_trials": 5, "n_warmup_steps": 1}
-    pruner.update(raw.get("pruner", {}))
-    if pruner["kind"] not in PRUNERS:
-        raise fail("pruner.kind", f"unknown pruner {pruner['kind']!r}; use one of {', '.join(PRUNERS)}.")
-
-    try:
-        data = DataConfig(**raw.get("data", {}))
-    except UsageError as exc:
-        raise fail("data", str(exc)) from None
-    model_fixed = dict(raw.get("model", {}))
-    train_fixed = dict(raw.get("train", {}))
-    if "randaugment" in train_fixed:
-        train_fixed["randaugment"] = tuple(train_fixed["randaugment"])
-    try:
-        base_model = ModelConfig(**model_fixed)
-        train = TrainConfig(**train_fixed)
-    except (UsageError, TypeError) as exc:
-        raise fail("model/train", str(exc)) from None
-
-    space = tuple(_param_spec(path, name_, spec) for name_, spec in raw.get("space", {}).items())
-    if not space:
-        raise fail("space", "is empty; declare at least one [space.<parameter>].")
-    for p in space:
-        if p.name in model_fixed or p.name in train_fixed:
-            raise fail(f"space.{p.name}", "is both searched and fixed in [model]/[train]; keep one.")
-        # Each end of each range (each choice) must make a valid model / recipe on its own.
-        values = p.choices if p.type == "categorical" else (p.low, p.high)
-        for value in values:
-            try:
-                if p.name in field_names(ModelConfig):
-                    dataclasses.replace(base_model, **{p.name: _cast(p, value)})
-                else:
-                    dataclasses.replace(train, **{p.name: _cast(p, value)})
-            except UsageError as exc:
-                raise fail(f"space.{p.name}", f"the value {value!r} is invalid: {exc}") from None
-    return StudyConfig(
-        name=name, path=path, trials=trials, space=space, sampler=sampler, pruner=pruner,
-        stage1_dataset=datasets[0], stage1_epochs=get("stage1", "epochs"), gate=float(gate),
-        stage2_datasets=tuple(datasets[1:]), stage2_epochs=get("stage2", "epochs"), data=data,
-        model=model_fixed, train=train, report_epochs=get("report", "epochs", 40),
-        report_warmup=get("report", "warmup", train.warmup),
-    )
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.min_resource < 1 or self.reduction_factor < 2:
+            raise UsageError("min_resource must be >= 1 and reduction_factor >= 2.")
 
 
-def _cast(p: ParamSpec, value):
-    if p.type == "int":
-        return int(value)
-    if p.type == "float":
-        return float(value)
-    return value
+@dataclass(frozen=True)
+class SuccessiveHalvingPrunerConfig:
+    KIND: ClassVar[str] = "successive_halving"
+    min_resource: int = 1
+    reduction_factor: int = 3
+    min_early_stopping_rate: int = 0
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.min_resource < 1 or self.reduction_factor < 2 or self.min_early_stopping_rate < 0:
+            raise UsageError("min_resource must be >= 1, reduction_factor >= 2 and min_early_stopping_rate >= 0.")
 
 
-def _param_spec(path: str, name: str, spec) -> ParamSpec:
-    key = f"space.{name}"
+SAMPLERS = {c.KIND: c for c in (TPESamplerConfig, RandomSamplerConfig)}
+PRUNERS = {c.KIND: c for c in (NopPrunerConfig, MedianPrunerConfig, PercentilePrunerConfig, HyperbandPrunerConfig,
+                                SuccessiveHalvingPrunerConfig)}
+SamplerConfig = TPESamplerConfig | RandomSamplerConfig
+PrunerConfig = (NopPrunerConfig | MedianPrunerConfig | PercentilePrunerConfig | HyperbandPrunerConfig
+                | SuccessiveHalvingPrunerConfig)
 
-    def fail(problem: str) -> UsageError:
-        return UsageError(f"{path}: {key}: {problem}")
 
-    if name not in SEARCHABLE:
-        raise fail(f"is not a parameter of the model or the recipe; use one of {', '.join(sorted(SEARCHABLE))}.")
-    if not isinstance(spec, dict) or spec.get("type") not in PARAM_KEYS:
-        raise fail("needs type = \"int\", \"float\" or \"categorical\".")
-    for k in spec:
-        if k not in PARAM_KEYS[spec["type"]]:
-            raise fail(f"unknown key {k!r}; a {spec['type']} parameter takes {', '.join(sorted(PARAM_KEYS[spec['type']]))}.")
-    if spec["type"] == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise fail("needs a non-empty list of choices.")
-        return ParamSpec(name, "categorical", choices=tuple(choices))
-    low, high = spec.get("low"), spec.get("high")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
-        raise fail("needs numeric low and high.")
-    if spec["type"] == "int" and not all(isinstance(v, int) for v in (low, high)):
-        raise fail("an int parameter needs integer low and high.")
-    if low >= high:
-        raise fail(f"the range {low}..{high} is empty or inverted; make low < high.")
-    if spec.get("log") and low <= 0:
-        raise fail("a log-scale range must have low > 0.")
-    step = spec.get("step")
-    if step is not None and (spec.get("log") or not step > 0):
-        raise fail("step must be > 0 and cannot be combined with log.")
-    return ParamSpec(name, spec["type"], low=low, high=high, step=step, log=bool(spec.get("log", False)))
+def kind_dict(cfg) -> dict:
+    """A sampler or pruner config as its study-file table: kind first, then its keys."""
+    return {"kind": cfg.KIND, **dataclasses.asdict(cfg)}

@@ -1,10 +1,14 @@
 """optuna-dashboard for our studies: Markdown notes (the study's definition, each trial's results)
-saved with optuna_dashboard.save_note, and serving the dashboard on a storage."""
+saved with optuna_dashboard.save_note, our figures saved with save_plotly_graph_object, and
+serving the dashboard on a storage together with the artifact store of `nkat-search report`."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 import optuna_dashboard
@@ -12,10 +16,17 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import UsageError
 
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
 log = logging.getLogger("nkat_search")
 # (user attribute suffix, column title) of the per-dataset table; objective.record() sets these.
 DATASET_COLUMNS = (("accuracy", "accuracy"), ("local_tpe", "local TPE"), ("params", "params"),
                    ("lambda", "lambda"), ("seconds", "seconds"), ("epochs", "epochs"))
+# Study user attribute: {graph object id: sha256 of the figure's JSON} of the figures saved for
+# the dashboard. optuna-dashboard has no public reader of saved figures, so this is how a rerun
+# of `plots` on an unchanged study knows to write nothing.
+FIGURES_ATTR = "dashboard_figures"
 
 
 def _fmt(value) -> str:
@@ -35,19 +46,21 @@ def _kwargs(d: dict) -> str:
 
 
 def study_note(definition: dict, budget: int) -> str:
-    """The study note: search space, gate, budgets, datasets, sampler and pruner, in Markdown."""
-    stage2 = ", ".join(definition["stage2_datasets"]) or "none"
-    lines = [f"## {definition['name']}", "",
+    """The study note: search space, gate, budgets, datasets, sampler and pruner, in Markdown.
+
+    definition is StudyConfig.definition(), the study file's shape."""
+    stage1, stage2 = definition["stage1"], definition["stage2"]
+    lines = [f"## {definition['study']['name']}", "",
              "Maximize the Global TPE over the Stage-1 dataset and the Stage-2 datasets.", "",
              "### Search space", "", "| parameter | type | range or choices | step | log |", "|---|---|---|---|---|"]
-    for p in definition["space"]:
+    for name, p in definition["space"].items():
         span = ", ".join(map(str, p["choices"])) if p["type"] == "categorical" else f"[{p['low']}, {p['high']}]"
         log_scale = "yes" if p.get("log") else "no"
-        lines.append(f"| {p['name']} | {p['type']} | {span} | {_fmt(p.get('step'))} | {log_scale} |")
+        lines.append(f"| {name} | {p['type']} | {span} | {_fmt(p.get('step'))} | {log_scale} |")
     lines += ["", "### Stages and budget", "",
-              f"- Stage 1: {definition['stage1_dataset']}, {definition['stage1_epochs']} epochs; "
-              f"gate: local TPE >= {definition['gate']} after Stage 1, else the trial is pruned",
-              f"- Stage 2: {stage2}, {definition['stage2_epochs']} epochs each",
+              f"- Stage 1: {stage1['dataset']}, {stage1['epochs']} epochs; "
+              f"gate: local TPE >= {stage1['gate']} after Stage 1, else the trial is pruned",
+              f"- Stage 2: {', '.join(stage2['datasets']) or 'none'}, {stage2['epochs']} epochs each",
               f"- Trial budget: {budget} trials",
               f"- Sampler: {_kwargs(definition['sampler'])}",
               f"- Pruner: {_kwargs(definition['pruner'])}",
@@ -111,14 +124,43 @@ def annotate_trial(study: optuna.Study, trial: FrozenTrial | optuna.Trial | int)
                              "pass the number of one of its trials.")
         frozen = trials[number]
     definition = study.user_attrs.get("definition") or {}
-    datasets = [definition["stage1_dataset"], *definition["stage2_datasets"]] if definition else None
+    datasets = [definition["stage1"]["dataset"], *definition["stage2"]["datasets"]] if definition else None
     # save_note takes a Study or a Trial and reads only the trial's storage, study and id, so a
     # Trial handle on the finished trial is how a FrozenTrial gets a note (no sampling happens).
+    # Optuna has no public accessor of a FrozenTrial's storage id, hence `_trial_id`.
     handle = trial if isinstance(trial, optuna.Trial) else optuna.Trial(study, frozen._trial_id)
     _save(handle, trial_note(frozen, datasets))
 
 
-def serve(storage: optuna.storages.BaseStorage, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Run optuna-dashboard on the storage (RDB or journal) until interrupted; localhost by default."""
+def save_figures(study: optuna.Study, figs: Mapping[str, go.Figure]) -> list[str]:
+    """Save each figure on the study for optuna-dashboard under its id; unchanged ones are not rewritten."""
+    saved = dict(study.user_attrs.get(FIGURES_ATTR, {}))
+    for graph_id, fig in figs.items():
+        digest = hashlib.sha256(fig.to_json().encode()).hexdigest()
+        if saved.get(graph_id) != digest:
+            optuna_dashboard.save_plotly_graph_object(study, fig, graph_object_id=graph_id)
+            saved[graph_id] = digest
+    if saved != study.user_attrs.get(FIGURES_ATTR, {}):
+        study.set_user_attr(FIGURES_ATTR, saved)
+    return list(figs)
+
+
+def serve(storage: optuna.storages.BaseStorage, host: str = "127.0.0.1", port: int = 8080,
+          artifacts: str | Path | None = None) -> None:
+    """Run optuna-dashboard on the storage (RDB or journal) until interrupted; localhost by default.
+
+    With `artifacts` (the folder `nkat-search report --artifacts` wrote to) the dashboard lists
+    and serves the study's artifacts, the retrained weights among them.
+    """
+    from optuna.artifacts import FileSystemArtifactStore
+
+    store = None
+    if artifacts is not None:
+        folder = Path(artifacts).resolve()
+        if not folder.is_dir():
+            log.warning("artifact folder %s does not exist yet; the dashboard opens artifacts once "
+                        "`nkat-search report --artifacts %s` has written there", folder, artifacts)
+        store = FileSystemArtifactStore(base_path=str(folder))
+        log.info("artifacts from %s", folder)
     log.info("optuna-dashboard on http://%s:%d/dashboard", host, port)
-    optuna_dashboard.run_server(storage, host=host, port=port)
+    optuna_dashboard.run_server(storage, host=host, port=port, artifact_store=store)

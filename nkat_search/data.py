@@ -81,18 +81,19 @@ def load_splits(name: str, data: DataConfig, device: str | torch.device = "cpu")
     """Train/validation/test uint8 tensors of a dataset, moved to `device` once."""
     spec = get_spec(name)
     if data.source == "synthetic":
-        train_x, train_y = _synthetic(spec, data.synthetic_train, stream=1)
-        test_x, test_y = _synthetic(spec, data.synthetic_test, stream=2)
+        train_x, train_y = synthetic.images(spec, data.synthetic_train, stream=1)
+        test_x, test_y = synthetic.images(spec, data.synthetic_test, stream=2)
     else:
         train_x, train_y, test_x, test_y = _torchvision(spec, data)
     n = len(train_y)
-    if data.val_size >= n:
+    val_size = data.validation_images
+    if val_size >= n:
         raise UsageError(
-            f"val_size {data.val_size} leaves no training images out of the {n} {name} training images; "
+            f"val_size {val_size} leaves no training images out of the {n} {name} training images; "
             "lower val_size."
         )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(data.split_seed))
-    val, train = perm[: data.val_size], perm[data.val_size :]
+    val, train = perm[:val_size], perm[val_size:]
     device = torch.device(device)
 
     def move(t: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+# The study's objective values, as optuna-dashboard names them.
+METRIC_NAMES = ["global_tpe"]
+
 
 def theory_size(params: int) -> float:
     """lambda: trainable parameters in millions."""

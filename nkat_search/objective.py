@@ -14,14 +14,13 @@ from collections.abc import Callable
 
 import optuna
 
-from .config import StudyConfig
-from .data import Splits, get_spec
+from .data import Splits
 from .metrics import consistency, global_tpe, robustness
-from .space import configs_for, suggest
+from .space import suggest
+from .study import StudyConfig
 from .train import FitResult, NonFiniteLossError, fit
 
 log = logging.getLogger("nkat_search")
-METRIC_NAMES = ["global_tpe"]
 
 
 def check_gate(local_tpe: float, gate: float, epoch: int, trial: optuna.Trial) -> None:
@@ -47,7 +46,8 @@ def make_objective(study: StudyConfig, load: Callable[[str], Splits],
     say = on_progress or log.info
 
     def train(trial: optuna.Trial, params: dict, dataset: str, epochs: int, on_epoch=None) -> FitResult:
-        model_cfg, train_cfg = configs_for(params, study, get_spec(dataset), epochs)
+        model_cfg, train_cfg = study.configs_for(params, dataset, epochs)
+        trial.set_user_attr(f"{dataset}_patch_size", model_cfg.patch_size)
         try:
             return fit(model_cfg, train_cfg, load(dataset), on_epoch=on_epoch)
         except NonFiniteLossError as exc:
@@ -67,7 +67,7 @@ def make_objective(study: StudyConfig, load: Callable[[str], Splits],
             say(f"trial {trial.number} stage 1 {stage1} epoch {epoch}/{study.stage1_epochs}: "
                 f"val accuracy {accuracy:.4f}, local TPE {tpe:.4f}")
             if trial.should_prune():
-                reason = f"pruner ({study.pruner['kind']}): local TPE {tpe:.4f} at epoch {epoch}"
+                reason = f"pruner ({study.pruner.KIND}): local TPE {tpe:.4f} at epoch {epoch}"
                 trial.set_user_attr("prune_reason", reason)
                 trial.set_user_attr("pruned_at_epoch", epoch)
                 raise optuna.TrialPruned(reason)

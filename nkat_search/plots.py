@@ -12,7 +12,6 @@ attached to the study for optuna-dashboard (save_plotly_graph_object).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import optuna
@@ -22,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from optuna.trial import FrozenTrial, TrialState
 
-from .config import StudyConfig, UsageError
+from .config import UsageError
+from .study import StudyConfig
 from .report import datasets_of
 
 log = logging.getLogger("nkat_search")

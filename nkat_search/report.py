@@ -10,7 +10,8 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from .config import StudyConfig, UsageError
+from .config import UsageError
+from .study import StudyConfig
 
 METRICS = ("accuracy", "local_tpe", "params", "lambda")
 

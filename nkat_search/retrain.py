@@ -32,12 +32,12 @@ from optuna.trial import FrozenTrial, TrialState
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, StudyConfig, UsageError
-from .data import get_spec, load_splits
+from .config import ModelConfig, UsageError
+from .study import StudyConfig
+from .data import load_splits
 from .metrics import consistency, global_tpe, local_tpe, robustness
 from .model import NKATViT
 from .report import datasets_of
-from .space import configs_for
 from .train import fit
 
 log = logging.getLogger("nkat_search")
@@ -153,8 +153,7 @@ def retrain_trial(study: optuna.Study, config: StudyConfig, trial: FrozenTrial, 
             say(f"trial {trial.number} {dataset}: reused from {state_path}")
             done["reused"] = True
         else:
-            spec = get_spec(dataset)
-            model_cfg, train_cfg = configs_for(trial.params, config, spec, epochs)
+            model_cfg, train_cfg = config.configs_for(trial.params, dataset, epochs)
             train_cfg = dataclasses.replace(train_cfg, warmup=warmup)
             say(f"trial {trial.number} {dataset}: training {epochs} epochs on {device}")
             result = fit(model_cfg, train_cfg, load_splits(dataset, config.data, device), eval_test=True)

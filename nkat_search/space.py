@@ -1,38 +1,54 @@
-"""Study space -> Optuna suggestions, sampler and pruner; trial parameters -> ModelConfig/TrainConfig."""
+"""A study's space, sampler and pruner as Optuna objects."""
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 
 import optuna
 
-from .config import ModelConfig, StudyConfig, TrainConfig, adapt_patch_size, field_names
+from .config import (HyperbandPrunerConfig, MedianPrunerConfig, NopPrunerConfig, PercentilePrunerConfig,
+                     RandomSamplerConfig, SuccessiveHalvingPrunerConfig)
+from .study import StudyConfig
 
 
-def sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
-    """TPE (multivariate, constant liar so parallel workers do not sample the same point) or random."""
+def trial_seed(study_seed: int, trial_index: int) -> int:
+    """The sampler seed of the n-th trial of a seeded study: distinct per trial, the same in every run."""
+    digest = hashlib.sha256(f"{study_seed}:{trial_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def sampler(study: StudyConfig, trial_index: int | None = None) -> optuna.samplers.BaseSampler:
+    """The study's sampler; with trial_index, seeded for that trial.
+
+    Every worker process builds its own sampler, so a fixed seed would make N workers draw the
+    same start-up points. Seeding per trial index (the number of trials the study holds when the
+    worker asks, under the budget lock) gives each trial its own stream: distinct across workers,
+    and a one-worker study with a seed reproduces."""
     s = study.sampler
-    if s["kind"] == "random":
-        return optuna.samplers.RandomSampler(seed=s["seed"])
-    return optuna.samplers.TPESampler(
-        seed=s["seed"], multivariate=s["multivariate"], constant_liar=s["constant_liar"],
-        n_startup_trials=s["n_startup_trials"],
-    )
+    seed = s.seed if s.seed is None or trial_index is None else trial_seed(s.seed, trial_index)
+    if isinstance(s, RandomSamplerConfig):
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=s.multivariate, constant_liar=s.constant_liar,
+                                      n_startup_trials=s.n_startup_trials)
 
 
 def pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
     """The learning-curve pruner over Stage 1's per-epoch Local TPE."""
-    p = dict(study.pruner)
-    kind = p.pop("kind")
-    if kind == "none":
+    p = study.pruner
+    if isinstance(p, NopPrunerConfig):
         return optuna.pruners.NopPruner()
-    if kind == "median":
-        return optuna.pruners.MedianPruner(**p)
-    if kind == "percentile":
-        return optuna.pruners.PercentilePruner(**p)
-    if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(max_resource=study.stage1_epochs, **p)
-    return optuna.pruners.SuccessiveHalvingPruner(**p)
+    if isinstance(p, MedianPrunerConfig):
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    if isinstance(p, PercentilePrunerConfig):
+        return optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.n_startup_trials,
+                                               n_warmup_steps=p.n_warmup_steps)
+    if isinstance(p, HyperbandPrunerConfig):
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=study.stage1_epochs,
+                                              reduction_factor=p.reduction_factor)
+    if isinstance(p, SuccessiveHalvingPrunerConfig):
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor,
+                                                      min_early_stopping_rate=p.min_early_stopping_rate)
+    raise TypeError(f"no Optuna pruner for {p!r}")
 
 
 def suggest(trial: optuna.Trial, study: StudyConfig) -> dict:
@@ -46,20 +62,3 @@ def suggest(trial: optuna.Trial, study: StudyConfig) -> dict:
         else:
             params[p.name] = trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
     return params
-
-
-def configs_for(params: dict, study: StudyConfig, spec, epochs: int) -> tuple[ModelConfig, TrainConfig]:
-    """The model and recipe of a trial on one dataset: fixed settings, then the searched ones.
-
-    The dataset decides channels, image size and classes; the patch size is adapted to 28x28
-    images by config.adapt_patch_size.
-    """
-    model_keys, train_keys = field_names(ModelConfig), field_names(TrainConfig)
-    model_kwargs = {**study.model, **{k: v for k, v in params.items() if k in model_keys}}
-    model_kwargs.update(in_chans=spec.channels, img_size=spec.image_size, num_classes=spec.num_classes)
-    patch = model_kwargs.get("patch_size", ModelConfig.patch_size)
-    stem = model_kwargs.get("conv_stem", ModelConfig.conv_stem)
-    model_kwargs["patch_size"] = adapt_patch_size(spec.image_size, stem, patch)
-    model_cfg = ModelConfig(**model_kwargs)
-    train_cfg = dataclasses.replace(study.train, epochs=epochs, **{k: v for k, v in params.items() if k in train_keys})
-    return model_cfg, train_cfg

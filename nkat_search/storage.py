@@ -1,30 +1,31 @@
-"""Storage URLs: resolution (flag, environment, embedded default), masking, opening with heartbeats,
-and the per-study lock that keeps the trial budget exact across workers.
+"""Storage URLs: resolution (flag, environment, embedded default), masking, opening with heartbeats
+and safe retries, the per-study lock that keeps the trial budget exact across workers, and the
+study's definition, budget and warm starts in the storage.
 
-This module and cli.py are the only places that read environment variables.
+This module and cli.py are the only places that read environment variables. It imports no torch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import functools
-import logging
 import hashlib
+import logging
 import os
-import re
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import optuna
 from optuna.storages import RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+from optuna.trial import TrialState
 
-from .config import StudyConfig, UsageError
-from .objective import METRIC_NAMES
+from .config import UsageError
+from .metrics import METRIC_NAMES
 from .space import pruner, sampler
+from .study import StudyConfig, check_warm_start
 
 log = logging.getLogger("nkat_search")
 ENV_STORAGE = "NKAT_SEARCH_STORAGE"
@@ -32,42 +33,84 @@ ENV_STORAGE = "NKAT_SEARCH_STORAGE"
 DEFAULT_URL = "journal:nkat-search.journal"
 RDB_SCHEMES = ("postgresql", "mysql", "sqlite")
 MAX_RETRY = 3
+# One worker process holds at most this many database connections: the pool of the storage (the
+# trial and its heartbeat thread) and one for the budget lock.
+POOL_SIZE, POOL_OVERFLOW, LOCK_CONNECTIONS = 2, 1, 1
 
 
 def resolve_url(flag: str | None) -> str:
-    return flag or os.environ.get(ENV_STORAGE) or DEFAULT_URL
+    """--storage, else $NKAT_SEARCH_STORAGE, else the journal file in the working directory."""
+    if flag is not None:
+        if not flag.strip():
+            raise UsageError("--storage is empty (an unset variable in a script?); pass a storage URL such as "
+                             "journal:FILE or postgresql+psycopg://user@host/db.")
+        return flag.strip()
+    env = os.environ.get(ENV_STORAGE)
+    if env is not None and not env.strip():
+        raise UsageError(f"${ENV_STORAGE} is set but empty; set it to a storage URL or unset it.")
+    return env.strip() if env else DEFAULT_URL
 
 
 def mask(url: str) -> str:
-    """The URL with its password replaced by ***, for every log line and message."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """The URL with any password replaced by ***, for every log line and message.
 
+    Parsed with SQLAlchemy's URL parser, never a regular expression; what does not parse is shown
+    as its scheme only, since any other part could hold a credential."""
+    if url.startswith("journal:"):
+        return url
+    import sqlalchemy.engine
 
-def heartbeat_settings() -> tuple[int, int]:
-    """(interval, grace period) in seconds; NKAT_SEARCH_HEARTBEAT_INTERVAL / _GRACE_PERIOD."""
     try:
-        interval = int(os.environ.get("NKAT_SEARCH_HEARTBEAT_INTERVAL", "10"))
-        grace = int(os.environ.get("NKAT_SEARCH_GRACE_PERIOD", "60"))
-    except ValueError:
-        raise UsageError("NKAT_SEARCH_HEARTBEAT_INTERVAL and NKAT_SEARCH_GRACE_PERIOD must be whole seconds.") from None
-    if interval < 1 or grace <= interval:
-        raise UsageError("the heartbeat interval must be >= 1 s and the grace period longer than it.")
-    return interval, grace
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:
+        scheme = url.split(":", 1)[0] if ":" in url else ""
+        return f"{scheme}://***" if scheme.replace("+", "").isalnum() else "***"
+    if parsed.password is None and "@" in url.split("://", 1)[-1].split("/", 1)[0] and parsed.username is None:
+        return f"{parsed.drivername}://***"
+    return parsed.render_as_string(hide_password=True)
 
 
-def db_retry_seconds() -> float:
-    """How long a worker waits for a database that went away (NKAT_SEARCH_DB_RETRY_SECONDS, default 120)."""
-    try:
-        return float(os.environ.get("NKAT_SEARCH_DB_RETRY_SECONDS", "120"))
-    except ValueError:
-        raise UsageError("NKAT_SEARCH_DB_RETRY_SECONDS must be a number of seconds.") from None
+def mask_text(text: str, url: str) -> str:
+    """text (a driver's error message, say) with the URL and its password masked wherever they appear."""
+    import sqlalchemy.engine
+
+    text = text.replace(url, mask(url))
+    with contextlib.suppress(Exception):
+        password = sqlalchemy.engine.make_url(url).password
+        if password:
+            text = text.replace(str(password), "***")
+    return text
+
+
+def heartbeat_settings() -> tuple[int, int, float]:
+    """(heartbeat interval, grace period, database retry bound) in seconds, from
+    NKAT_SEARCH_HEARTBEAT_INTERVAL (10), NKAT_SEARCH_GRACE_PERIOD (90) and NKAT_SEARCH_DB_RETRY_SECONDS (60).
+
+    A worker waits for a database that went away for up to the retry bound, missing its heartbeats
+    meanwhile; others must not take its trial for dead before it gives up: grace > bound + interval."""
+    names = ("NKAT_SEARCH_HEARTBEAT_INTERVAL", "NKAT_SEARCH_GRACE_PERIOD", "NKAT_SEARCH_DB_RETRY_SECONDS")
+    values = []
+    for name, default in zip(names, ("10", "90", "60")):
+        text = os.environ.get(name, default)
+        try:
+            values.append(int(text))
+        except ValueError:
+            raise UsageError(f"{name} must be a whole number of seconds, got {text!r}.") from None
+    interval, grace, bound = values
+    if interval < 1 or bound < 0:
+        raise UsageError("NKAT_SEARCH_HEARTBEAT_INTERVAL must be >= 1 s and NKAT_SEARCH_DB_RETRY_SECONDS >= 0 s.")
+    if grace <= bound + interval:
+        raise UsageError(f"NKAT_SEARCH_GRACE_PERIOD ({grace} s) must be longer than NKAT_SEARCH_DB_RETRY_SECONDS "
+                         f"({bound} s) plus NKAT_SEARCH_HEARTBEAT_INTERVAL ({interval} s), or a worker waiting for "
+                         f"the database is taken for dead; raise the grace period above {bound + interval} s.")
+    return interval, grace, float(bound)
 
 
 class StorageUnavailable(RuntimeError):
     """The database stayed unreachable past the retry bound (exit 1)."""
 
 
-def _connection_error(exc: BaseException) -> BaseException | None:
+def connection_error(exc: BaseException | None) -> BaseException | None:
     """The driver's connection error behind exc (Optuna wraps it in StorageInternalError), if any."""
     import sqlalchemy.exc
 
@@ -75,18 +118,21 @@ def _connection_error(exc: BaseException) -> BaseException | None:
         if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or getattr(
                 exc, "connection_invalidated", False):
             return exc
-        exc = exc.__cause__
+        exc = exc.__cause__ or exc.__context__
     return None
 
 
-def with_reconnect(call, url: str, bound: float):
-    """Run call(); while the database is unreachable, retry with bounded, logged exponential back-off."""
+def with_reconnect(call: Callable, url: str, bound: float, on_recover: Callable[[], None] | None = None):
+    """Run call(); while the database is unreachable, retry with bounded, logged exponential back-off.
+
+    Only for calls that are harmless to repeat; call() itself must tell a repeat of an update that
+    already landed (see RetryingRDBStorage)."""
     delay, waited = 0.5, 0.0
     while True:
         try:
-            return call()
+            result = call()
         except Exception as exc:
-            cause = _connection_error(exc)
+            cause = connection_error(exc)
             if cause is None or bound <= 0:
                 raise
             if waited >= bound:
@@ -95,159 +141,298 @@ def with_reconnect(call, url: str, bound: float):
                     "(its trial is failed and queued again by the next worker once the database is back).") from None
             detail = str(getattr(cause, "orig", None) or cause).strip().splitlines()
             log.warning("database at %s unreachable (%s); retrying in %.1f s", mask(url),
-                        mask(detail[0]) if detail else type(cause).__name__, delay)
+                        mask_text(detail[0], url) if detail else type(cause).__name__, delay)
             time.sleep(delay)
             waited += delay
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, 5.0)
+            continue
+        if waited and on_recover is not None:
+            on_recover()
+        return result
 
 
-class ResilientRDBStorage(RDBStorage):
-    """RDBStorage whose calls wait for a restarted database (bounded back-off) instead of failing."""
+def _repeatable(name: str):
+    """RDBStorage's method `name`, retried while the database is unreachable."""
 
-    def __init__(self, url: str, retry_seconds: float, **kwargs):
-        self._url_for_retry, self._retry_seconds, self._gone = url, 0.0, None  # opening fails fast
-        super().__init__(url, **kwargs)
-        self._retry_seconds = retry_seconds
-
-
-def _resilient(name: str):
-    method = getattr(RDBStorage, name)
-
-    @functools.wraps(method)
     def call(self, *args, **kwargs):
-        if self._gone is not None:  # the worker is stopping: its clean-up must not wait again
-            raise StorageUnavailable(self._gone)
-        try:
-            return with_reconnect(lambda: method(self, *args, **kwargs), self._url_for_retry, self._retry_seconds)
-        except StorageUnavailable as exc:
-            self._gone = str(exc)
-            raise
+        return self._retrying(lambda: getattr(RDBStorage, name)(self, *args, **kwargs))
 
+    call.__name__ = name
     return call
 
 
-for _name, _value in list(vars(RDBStorage).items()):
-    if callable(_value) and (not _name.startswith("_") or _name == "_get_stale_trial_ids") and _name not in (
-            "remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions"):
-        setattr(ResilientRDBStorage, _name, _resilient(_name))
+class RetryingRDBStorage(RDBStorage):
+    """RDBStorage whose repeatable calls wait for a restarted database instead of failing.
+
+    Why our own: Optuna's RDBStorage fails a call on the first dropped connection. Only calls that
+    are harmless to repeat are retried here: reads, upserts (attributes, intermediate values,
+    heartbeats), and the two updates that can tell whether their first attempt landed (a parameter
+    already stored with the same value; a trial already in the asked state, which under the budget
+    lock only this worker can have set). create_new_trial is never repeated: if its reply is lost,
+    the trial it made is RUNNING with no owner and no heartbeat, and worker.fail_dead_trials fails
+    and requeues it after the grace period."""
+
+    def __init__(self, url: str, retry_seconds: float, **kwargs):
+        self.url_for_messages, self.retry_seconds = url, 0.0  # opening fails fast
+        self.gone: str | None = None
+        self.recovered_at = float("-inf")  # time.monotonic() when a call last succeeded after an outage
+        super().__init__(url, **kwargs)
+        self.retry_seconds = retry_seconds
+
+    def _retrying(self, call: Callable, landed: Callable[[], bool] | None = None):
+        if self.gone is not None:  # the worker is stopping: its clean-up must not wait again
+            raise StorageUnavailable(self.gone)
+        attempts = []
+
+        def attempt():
+            if attempts and landed is not None and landed():
+                return True
+            attempts.append(1)
+            return call()
+
+        def recovered() -> None:
+            self.recovered_at = time.monotonic()
+
+        try:
+            return with_reconnect(attempt, self.url_for_messages, self.retry_seconds, recovered)
+        except StorageUnavailable as exc:
+            self.gone = str(exc)
+            raise
+
+    # Reads, and upserts whose repeat writes the same row again.
+    get_study_id_from_name = _repeatable("get_study_id_from_name")
+    get_study_name_from_id = _repeatable("get_study_name_from_id")
+    get_study_directions = _repeatable("get_study_directions")
+    get_study_user_attrs = _repeatable("get_study_user_attrs")
+    get_study_system_attrs = _repeatable("get_study_system_attrs")
+    get_all_studies = _repeatable("get_all_studies")
+    get_trial = _repeatable("get_trial")
+    get_all_trials = _repeatable("get_all_trials")
+    get_n_trials = _repeatable("get_n_trials")
+    get_best_trial = _repeatable("get_best_trial")
+    get_trial_id_from_study_id_trial_number = _repeatable("get_trial_id_from_study_id_trial_number")
+    get_trial_param = _repeatable("get_trial_param")
+    _get_stale_trial_ids = _repeatable("_get_stale_trial_ids")
+    set_study_user_attr = _repeatable("set_study_user_attr")
+    set_study_system_attr = _repeatable("set_study_system_attr")
+    set_trial_user_attr = _repeatable("set_trial_user_attr")
+    set_trial_system_attr = _repeatable("set_trial_system_attr")
+    set_trial_intermediate_value = _repeatable("set_trial_intermediate_value")
+    record_heartbeat = _repeatable("record_heartbeat")
+
+    # Updates that can tell whether their first attempt landed.
+    def set_trial_param(self, trial_id, param_name, param_value_internal, distribution):
+        def landed() -> bool:
+            try:
+                return RDBStorage.get_trial_param(self, trial_id, param_name) == param_value_internal
+            except KeyError:
+                return False
+
+        return self._retrying(lambda: RDBStorage.set_trial_param(
+            self, trial_id, param_name, param_value_internal, distribution), landed)
+
+    def set_trial_state_values(self, trial_id, state, values=None):
+        def landed() -> bool:
+            trial = RDBStorage.get_trial(self, trial_id)
+            return trial.state == state and (values is None or list(trial.values or []) == list(values))
+
+        return self._retrying(lambda: RDBStorage.set_trial_state_values(self, trial_id, state, values), landed)
 
 
 def journal_path(url: str) -> str | None:
     return url[len("journal:"):] if url.startswith("journal:") else None
 
 
-def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
-    """Open an Optuna storage; an unknown scheme or an unreachable database is a UsageError.
+def sqlite_path(url: str) -> str | None:
+    """The database file of a sqlite URL; None for other schemes and for an in-memory database."""
+    if not url.startswith("sqlite"):
+        return None
+    import sqlalchemy.engine
 
-    create=False is for commands that only read or join existing studies: a journal file that
-    does not exist is then an error instead of a new empty file."""
+    database = sqlalchemy.engine.make_url(url).database
+    return None if not database or database == ":memory:" else database
+
+
+def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
+    """Open an Optuna storage; an unknown scheme, an unreachable database or a corrupt file is a UsageError.
+
+    create=False is for commands that only read or join existing studies: a storage that does
+    not exist yet is then an error instead of a new empty file, database or schema."""
     path = journal_path(url)
     if path is not None:
-        if not path:
-            raise UsageError("a journal storage needs a file: journal:PATH.")
-        if not create and not os.path.exists(path):
-            raise UsageError(f"the storage {url} holds no studies ({path} does not exist); create one with "
-                             "`nkat-search start --study <name or file>` or pass the right --storage.")
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.access(directory, os.W_OK):
-            raise UsageError(f"cannot write the journal file {path}: {directory} is not writable; "
-                             "pass --storage journal:<writable path>.")
-        return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+        return _open_journal(url, path, create)
     scheme = url.split(":", 1)[0].split("+", 1)[0]
     if scheme not in RDB_SCHEMES:
         raise UsageError(f"storage {mask(url)} has an unknown scheme {scheme!r}; use postgresql+psycopg://..., "
                          "sqlite:///FILE or journal:FILE.")
-    interval, grace = heartbeat_settings()
+    interval, grace, bound = heartbeat_settings()
+    db_file = sqlite_path(url) if scheme == "sqlite" else None
+    if db_file is not None and not create and not Path(db_file).is_file():
+        raise UsageError(f"the storage {mask(url)} holds no studies ({db_file} does not exist); create one with "
+                         "`nkat-search start --study <name or file>` or pass the right --storage.")
     engine_kwargs: dict = {"pool_pre_ping": True}
     if scheme == "postgresql":
-        # One worker process holds a connection for the trial, one for the heartbeat thread and
-        # one for the budget lock: a small pool keeps tens of workers under max_connections.
-        engine_kwargs.update(pool_size=3, max_overflow=2, connect_args={"connect_timeout": 5})
+        # A small pool keeps tens of workers under the server's max_connections (see README).
+        engine_kwargs.update(pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, connect_args={"connect_timeout": 5})
     try:
         # Workers starting at once would race to create the schema: serialise that step.
-        with budget_lock(url, "nkat-search schema", retry_seconds=0), warnings.catch_warnings():
+        lock = budget_lock(url, "nkat-search schema", retry_seconds=0) if create else contextlib.nullcontext()
+        with lock, warnings.catch_warnings():
             # Heartbeats are "experimental" since Optuna 2.9 and are what keeps trials from staying RUNNING.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return ResilientRDBStorage(url, db_retry_seconds(), engine_kwargs=engine_kwargs,
-                                       heartbeat_interval=interval, grace_period=grace,
-                                       heartbeat_stale_trial_callback=retry)
+            storage = RetryingRDBStorage(url, bound, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
+                                         grace_period=grace, heartbeat_stale_trial_callback=retry,
+                                         skip_table_creation=not create)
+            if not create:
+                storage.get_all_studies()  # a database without the schema holds no studies
+            return storage
+    except UsageError:
+        raise
     except Exception as exc:  # sqlalchemy/driver errors: say what and where, never the password
-        reason = mask(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot open the storage {mask(url)} ({reason}); check the host, port, user and "
+        first = str(exc).strip().splitlines()
+        reason = mask_text(first[0], url) if first else type(exc).__name__
+        if not create and "does not exist" in reason and "relation" in reason:
+            raise UsageError(f"the storage {mask(url)} holds no studies (it has no Optuna tables); create one with "
+                             "`nkat-search start` or pass the right --storage.") from None
+        raise UsageError(f"cannot open the storage {mask(url)} ({reason[:200]}); check the host, port, user and "
                          "password, and that the server is running.") from None
 
 
-def retry(study: optuna.Study, trial) -> None:
+def _open_journal(url: str, path: str, create: bool) -> JournalStorage:
+    if not path:
+        raise UsageError("a journal storage needs a file: journal:PATH.")
+    file = Path(path)
+    if not create and not file.exists():
+        raise UsageError(f"the storage {url} holds no studies ({path} does not exist); create one with "
+                         "`nkat-search start --study <name or file>` or pass the right --storage.")
+    if file.is_dir():
+        raise UsageError(f"the journal {path} is a folder; pass --storage journal:<file path>.")
+    directory = file.resolve().parent
+    if not directory.is_dir() or not os.access(directory, os.W_OK):
+        raise UsageError(f"cannot write the journal file {path}: {directory} is not a writable folder; "
+                         "pass --storage journal:<writable path>.")
+    try:
+        return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+    except Exception as exc:  # a file that is not an Optuna journal
+        raise UsageError(f"{path} is not an Optuna journal file ({type(exc).__name__}: {str(exc)[:120]}); "
+                         "pass the right --storage, or move the file away to start a new study.") from None
+
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Queue a failed trial again: same parameters, linked to the original the way Optuna's
-    RetryHeartbeatStaleTrialCallback links it (system attrs failed_trial, retry_history), but
-    without copying the failed attempt's user attributes (its partial results and fail_reason)
-    onto the retry. At most MAX_RETRY retries of one original trial."""
+    RetryFailedTrialCallback links it (system attrs failed_trial, retry_history), but without
+    copying the failed attempt's user attributes (its partial results and fail_reason) onto the
+    retry. At most MAX_RETRY retries of one original trial; a trial that never got parameters has
+    nothing to repeat."""
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
     if len(history) > MAX_RETRY:
         log.warning("trial %d failed %d times; not queueing it again", history[0], len(history))
         return
+    if not trial.params:
+        return
     original = trial.system_attrs.get("failed_trial", trial.number)
     study.add_trial(optuna.trial.create_trial(
-        state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
         user_attrs={"retry_of": original},
         system_attrs={"failed_trial": original, "retry_history": history}))
 
 
-_local_lock = threading.Lock()
+def stale_trial_ids(storage: optuna.storages.BaseStorage, study_id: int) -> set[int]:
+    """RUNNING trials of the study whose heartbeat is older than the grace period (RDB storages).
+
+    Why our own: Optuna's public optuna.storages.fail_stale_trials fails such trials first and
+    only then calls back, when a finished trial's attributes can no longer be written, so the
+    reason would be lost. This asks the storage for the ids only; should a later Optuna rename
+    the method, it falls back to no heartbeat check (dead local workers and orphans are still
+    failed by worker.fail_dead_trials)."""
+    ids = getattr(storage, "_get_stale_trial_ids", None)
+    if ids is None or not storage.get_heartbeat_interval():
+        return set()
+    return set(ids(study_id))
+
+
+# ---------------------------------------------------------------------------------------------
+# The budget lock
+
+
+_local_locks: dict[str, threading.Lock] = {}
 
 
 @contextlib.contextmanager
 def budget_lock(url: str, study_name: str, retry_seconds: float | None = None) -> Iterator[None]:
     """Held while a worker counts finished trials and asks for a new one, so N workers never
-    start more trials than the budget: a PostgreSQL advisory lock, or a lock file beside a journal."""
-    path = journal_path(url)
-    if path is not None:
-        with open(f"{path}.budget.lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-    elif url.startswith("postgresql"):
-        import sqlalchemy
+    start more trials than the budget. Journal and SQLite: a lock file beside the storage file
+    (filelock, on every OS); PostgreSQL: an advisory lock; MySQL: GET_LOCK; an in-memory
+    SQLite database lives in one process: a thread lock."""
+    file = journal_path(url) or sqlite_path(url)
+    if file is not None:
+        import filelock
 
-        key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
-        def acquire():
-            conn = _lock_engine(url).connect()
-            try:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-            except Exception:
-                conn.invalidate()
-                conn.close()
-                raise
-            return conn
+        with filelock.FileLock(f"{file}.budget.lock"):
+            yield
+        return
+    if url.startswith(("postgresql", "mysql")):
+        with _server_lock(url, study_name, heartbeat_settings()[2] if retry_seconds is None else retry_seconds):
+            yield
+        return
+    lock = _local_locks.setdefault(url, threading.Lock())
+    with lock:
+        yield
 
-        conn = with_reconnect(acquire, url, db_retry_seconds() if retry_seconds is None else retry_seconds)
+
+@contextlib.contextmanager
+def _server_lock(url: str, name: str, bound: float) -> Iterator[None]:
+    import sqlalchemy
+
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    if url.startswith("postgresql"):
+        take, give, params = "SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)", {"key": key}
+    else:  # MySQL's named locks are per connection too, like PostgreSQL's session-level advisory locks
+        take, give = "SELECT GET_LOCK(:name, 31536000)", "SELECT RELEASE_LOCK(:name)"
+        params = {"name": f"nkat-search:{hashlib.sha256(name.encode()).hexdigest()[:40]}"}
+
+    def acquire():
+        conn = _lock_engine(url).connect()
         try:
-            yield
-        finally:
-            try:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-                conn.commit()
-            except Exception:  # a dropped connection released its session lock already
-                conn.invalidate()
+            conn.execute(sqlalchemy.text(take), params)
+        except Exception:
+            conn.invalidate()
             conn.close()
-    else:
-        with _local_lock:
-            yield
+            raise
+        return conn
+
+    conn = with_reconnect(acquire, url, bound)
+    try:
+        yield
+    finally:
+        try:
+            conn.execute(sqlalchemy.text(give), params)
+            conn.commit()
+        except Exception:  # a dropped connection released its session lock already
+            conn.invalidate()
+        conn.close()
 
 
 _engines: dict[str, object] = {}
-# A forked child must not share the parent's pooled lock connections (one socket, two clients).
-os.register_at_fork(after_in_child=lambda: [engine.dispose(close=False) for engine in _engines.values()])
+
+
+def _forget_engines() -> None:
+    """A forked child must not share the parent's pooled lock connections (one socket, two clients)."""
+    for engine in _engines.values():
+        engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_forget_engines)
 
 
 def _lock_engine(url: str):
     import sqlalchemy
 
     if url not in _engines:
-        _engines[url] = sqlalchemy.create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True,
-                                                 connect_args={"connect_timeout": 5})
+        connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+        _engines[url] = sqlalchemy.create_engine(url, pool_size=LOCK_CONNECTIONS, max_overflow=0, pool_pre_ping=True,
+                                                 connect_args=connect_args)
     return _engines[url]
 
 
@@ -256,16 +441,19 @@ def _lock_engine(url: str):
 # where other workers, the dashboard and the leaderboard read them.
 
 
-def create_or_resume(storage, url: str, study: StudyConfig, budget: int) -> optuna.Study:
-    """Create the study, or resume it when it holds the same definition; record the budget."""
+def create_or_resume(storage, url: str, study: StudyConfig, budget: int,
+                     warm_start_from: str | None = None) -> optuna.Study:
+    """Create the study, or resume it when it holds the same definition; record the budget;
+    enqueue the study file's configurations (once); add an earlier study's finished trials to the
+    sampler's history (warm start; they do not count against the budget)."""
     definition = study.definition()
     with budget_lock(url, study.name):
         existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+        warm = _warm_start_trials(storage, url, study, warm_start_from, existing) if warm_start_from else []
         if study.name in existing:
             stored = existing[study.name].user_attrs.get("definition")
             if stored != definition:
-                changed = sorted(k for k in set(definition) | set(stored or {})
-                                 if (stored or {}).get(k) != definition.get(k))
+                changed = _changed_keys(stored or {}, definition)
                 raise UsageError(
                     f"study {study.name!r} already exists in {mask(url)} with a different definition "
                     f"({', '.join(changed)} differ); rename the study in {study.path} or use the file it was made from.")
@@ -278,7 +466,51 @@ def create_or_resume(storage, url: str, study: StudyConfig, budget: int) -> optu
         handle.set_user_attr("budget", budget)
         handle.set_user_attr("direction", "maximize")
         handle.set_user_attr("gate", {"dataset": study.stage1_dataset, "metric": "local_tpe", "threshold": study.gate})
+        for params in study.enqueue:
+            handle.enqueue_trial(params, user_attrs={"enqueued": True}, skip_if_exists=True)
+        if warm:
+            copied = {t.user_attrs.get("warm_start_trial") for t in handle.get_trials(deepcopy=False)}
+            handle.add_trials([_warm_copy(t, warm_start_from) for t in warm
+                               if f"{warm_start_from}#{t.number}" not in copied])
     return handle
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys at which two study definitions differ (space.lr, stage1.epochs)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and prefix.count(".") < 1:
+            out += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _warm_start_trials(storage, url: str, study: StudyConfig, name: str, existing: dict) -> list:
+    if name == study.name:
+        raise UsageError("--warm-start-from names the study itself; name an earlier study in the same storage.")
+    if name not in existing:
+        listed = ", ".join(n for n in existing if n != study.name) or "none"
+        raise UsageError(f"--warm-start-from {name!r}: no such study in {mask(url)} (it holds: {listed}); "
+                         "name one of those.")
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials(states=(TrialState.COMPLETE,))
+    if not trials:
+        raise UsageError(f"--warm-start-from {name!r}: that study has no completed trials to learn from.")
+    check_warm_start(study, trials)
+    return trials
+
+
+def _warm_copy(trial: optuna.trial.FrozenTrial, source: str) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(
+        state=TrialState.COMPLETE, value=trial.value, params=trial.params, distributions=trial.distributions,
+        intermediate_values=trial.intermediate_values,
+        user_attrs={**trial.user_attrs, "warm_start_trial": f"{source}#{trial.number}"})
+
+
+def is_warm_start(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial copied from an earlier study for the sampler's history (not run, not budgeted)."""
+    return "warm_start_trial" in trial.user_attrs
 
 
 def attach(storage, url: str, name: str | None) -> tuple[optuna.Study, StudyConfig]:
@@ -294,10 +526,15 @@ def attach(storage, url: str, name: str | None) -> tuple[optuna.Study, StudyConf
     if name not in names:
         raise UsageError(f"study {name!r} does not exist in {mask(url)}; create it with "
                          "`nkat-search start --study <name or file>` first.")
-    definition = summaries[name].user_attrs.get("definition")
+    attrs = summaries[name].user_attrs
+    definition = attrs.get("definition")
     if definition is None:
         raise UsageError(f"study {name!r} in {mask(url)} was not made by nkat-search start (it has no definition); "
                          "create it with `nkat-search start`.")
-    config = StudyConfig.from_definition(definition)
+    try:
+        config = StudyConfig.from_definition(definition, trials=int(attrs.get("budget", 1)))
+    except UsageError as exc:
+        raise UsageError(f"study {name!r} in {mask(url)} was made by another version of nkat-search and cannot be "
+                         f"read ({exc}); run it with that version or start a new study.") from None
     handle = optuna.load_study(study_name=name, storage=storage, sampler=sampler(config), pruner=pruner(config))
     return handle, config

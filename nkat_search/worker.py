@@ -1,15 +1,22 @@
 """Running trials: the budget loop of one worker, local worker processes over devices, signals.
 
 Every trial ends in a defined state with its reason on the trial: COMPLETE; PRUNED (pruner, gate,
-non-finite loss); FAILED with `fail_reason` (an exception, "interrupted", a dead worker). Trials
-that failed through no fault of their own (interrupted, worker died) are queued again with the
-same parameters by storage.retry, linked to the original.
+non-finite loss); FAILED with `fail_reason` (an exception, "interrupted", a dead worker, a lost
+reply). Trials that failed through no fault of their own (interrupted, worker died, orphaned) are
+queued again with the same parameters by storage.retry, linked to the original.
+
+The loop follows Optuna's own study/_optimize.py::_run_trial (fail stale trials, ask, heartbeat,
+run, PRUNED on TrialPruned, FAIL with the reason on an exception, tell) with ask-and-tell, because
+Study.optimize cannot keep a budget shared by workers on several hosts exactly: the count and the
+ask happen under storage.budget_lock. This module imports no torch; run_worker loads the
+training stack when it starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import logging
 import multiprocessing
 import os
@@ -18,21 +25,19 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import optuna
-from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from . import storage as st
 from .config import UsageError
-from .dashboard import annotate_trial
-from .data import load_splits
-from .objective import make_objective
+from .space import sampler
 
 log = logging.getLogger("nkat_search")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 WAIT, DONE = "wait", "done"
+Objective = Callable[[optuna.Trial], float]
 
 
 class WorkerStopped(RuntimeError):
@@ -47,6 +52,31 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+@dataclasses.dataclass
+class Worker:
+    """One worker's view of a study: the handle, the storage it was opened on, and its URL."""
+
+    study: optuna.Study
+    storage: optuna.storages.BaseStorage
+    url: str
+    config: object  # StudyConfig
+    study_id: int = -1
+
+    def __post_init__(self) -> None:
+        self.study_id = self.storage.get_study_id_from_name(self.study.study_name)
+
+    def trial_id(self, number: int) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+
+    def frozen(self, number: int) -> optuna.trial.FrozenTrial:
+        return self.storage.get_trial(self.trial_id(number))
+
+
+def grace_seconds(storage) -> float:
+    """How long a RUNNING trial may go without a sign of life before it is taken for dead."""
+    return float(getattr(storage, "grace_period", None) or st.heartbeat_settings()[1])
+
+
 @contextlib.contextmanager
 def heartbeat(storage, trial_id: int) -> Iterator[None]:
     """Record the trial's heartbeat every interval while it runs (RDB storages; no-op otherwise)."""
@@ -57,13 +87,11 @@ def heartbeat(storage, trial_id: int) -> Iterator[None]:
     stop = threading.Event()
 
     def beat() -> None:
-        while True:
+        while not stop.wait(interval):
             try:
                 storage.record_heartbeat(trial_id)
-            except Exception as exc:  # a database blip must not kill the thread; the next beat retries
-                log.warning("heartbeat of trial %d failed: %s", trial_id, st.mask(str(exc).splitlines()[0]))
-            if stop.wait(interval):
-                return
+            except Exception as exc:  # past the retry bound; the main thread stops on its next storage call
+                log.warning("heartbeat of trial id %d failed: %s", trial_id, str(exc).splitlines()[0][:200])
 
     thread = threading.Thread(target=beat, daemon=True, name="heartbeat")
     thread.start()
@@ -74,116 +102,179 @@ def heartbeat(storage, trial_id: int) -> Iterator[None]:
         thread.join()
 
 
-def fail_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str, retry: bool) -> None:
+def fail_trial(w: Worker, number: int, reason: str, retry: bool) -> None:
     """Mark a RUNNING trial FAILED with its reason; queue a retry with the same parameters if asked.
 
-    A trial that another worker already ended (its heartbeat went stale while the database was
-    away) is left as it is: that worker queued its retry.
-    """
-    if study._storage.get_trial(trial._trial_id).state.is_finished():
-        log.warning("trial %d was already ended by another worker; leaving it", trial.number)
+    A trial that another worker already ended is left as it is: that worker queued its retry."""
+    tid = w.trial_id(number)
+    if w.storage.get_trial(tid).state.is_finished():
+        log.warning("trial %d was already ended by another worker; leaving it", number)
         return
-    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-    study.tell(trial.number, state=TrialState.FAIL)
+    try:
+        w.storage.set_trial_user_attr(tid, "fail_reason", reason)
+        w.study.tell(number, state=TrialState.FAIL)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
+        if w.storage.get_trial(tid).state.is_finished():
+            log.warning("trial %d was ended by another worker meanwhile; leaving it", number)
+            return
+        raise
     if retry:
-        st.retry(study, study._storage.get_trial(trial._trial_id))
+        st.retry(w.study, w.storage.get_trial(tid))
 
 
-def fail_dead_trials(study: optuna.Study, storage) -> None:
+def fail_dead_trials(w: Worker) -> None:
     """Fail RUNNING trials whose worker is gone, with the reason, and queue them again: trials whose
-    heartbeat is stale (RDB storages) and, on any storage, trials of a process on this host that no
-    longer exists (the journal storage has no heartbeat)."""
-    host = socket.gethostname()
-    stale = set(storage._get_stale_trial_ids(study._study_id)) if isinstance(storage, RDBStorage) else set()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    heartbeat is stale (RDB storages), trials of a process on this host that no longer exists, and
+    orphans (no owner and no heartbeat past the grace period: a worker lost the reply of the call
+    that created or claimed them). Called under the budget lock, where owners are recorded.
+
+    A worker that has just come back from a database outage judges no heartbeat until it has seen
+    the database up for a grace period itself: the other workers' heartbeats were stopped by the
+    same outage."""
+    host, grace = socket.gethostname(), grace_seconds(w.storage)
+    quarantined = time.monotonic() - getattr(w.storage, "recovered_at", float("-inf")) < grace
+    stale = set() if quarantined else st.stale_trial_ids(w.storage, w.study_id)
+    now = datetime.datetime.now()
+    for trial in w.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get("worker", "")
         name, _, pid = owner.rpartition(":")
-        if trial._trial_id in stale:
-            reason = f"no heartbeat from worker {owner or '(unknown)'} for {storage.grace_period} s"
-        elif name == host and pid.isdigit() and not _alive(int(pid)):
+        if w.trial_id(trial.number) in stale:
+            reason = f"no heartbeat from worker {owner or '(unknown)'} for {grace:.0f} s"
+        elif name == host and pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
             reason = f"worker {owner} died"
+        elif not owner and not quarantined and trial.datetime_start and (now - trial.datetime_start).total_seconds() > grace:
+            reason = f"no owner and no heartbeat for {grace:.0f} s (a worker lost the reply that created it)"
         else:
             continue
         log.warning("trial %d: %s; failing it and queueing a retry", trial.number, reason)
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            fail_trial(study, trial, reason, retry=True)
+        fail_trial(w, trial.number, reason, retry=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process of this host is running (psutil: os.kill(pid, 0) would end it on Windows)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
 
 
-def next_trial(study: optuna.Study, storage, url: str):
-    """A new trial, WAIT (others' running trials may still fail) or DONE (the budget is finished)."""
-    with st.budget_lock(url, study.study_name):
-        fail_dead_trials(study, storage)
-        budget = study.user_attrs["budget"]
-        trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-        done = sum(t.state in FINISHED for t in trials)
+def budget_counts(w: Worker) -> tuple[int, int, int]:
+    """(budget, finished, started) of the study; warm-start copies are history, not budget."""
+    trials = [t for t in w.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+              if not st.is_warm_start(t)]
+    return w.study.user_attrs["budget"], sum(t.state in FINISHED for t in trials), len(trials)
+
+
+def next_trial(w: Worker):
+    """A new trial, WAIT (others' running trials may still fail) or DONE (the budget is finished).
+
+    Under the budget lock: dead trials are failed first, the trial is asked with a sampler seeded
+    for its position in the study, and its owner and first heartbeat are recorded before the lock
+    is released, so no other worker can take it for an orphan."""
+    with st.budget_lock(w.url, w.study.study_name):
+        fail_dead_trials(w)
+        budget, done, started = budget_counts(w)
         if done >= budget:
             return DONE
-        if len(trials) >= budget:
+        if started >= budget:
             return WAIT
+        w.study.sampler = sampler(w.config, trial_index=len(w.study.get_trials(deepcopy=False)))
         # Optuna warns (UserWarning) that heartbeats are meant for Study.optimize; this loop runs them itself.
         with warnings.catch_warnings(action="ignore", category=UserWarning):
-            trial = study.ask()
+            trial = w.study.ask()
         trial.set_user_attr("worker", worker_id())
-        log.info("trial %d: %d of %d finished, %d running", trial.number, done, budget, len(trials) - done + 1)
+        if hasattr(w.storage, "record_heartbeat") and w.storage.get_heartbeat_interval():
+            w.storage.record_heartbeat(w.trial_id(trial.number))
+        log.debug("trial %d: %d of %d finished, %d running", trial.number, done, budget, started - done + 1)
         return trial
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, objective) -> TrialState:
-    """Run one trial to a defined end state (an interrupt fails it, queues a retry and re-raises)."""
+def run_trial(w: Worker, trial: optuna.Trial, objective: Objective,
+              on_end: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> TrialState:
+    """Run one trial to a defined end state (an interrupt or a lost database propagates; see interrupt)."""
     started = time.perf_counter()
     try:
-        with heartbeat(study._storage, trial._trial_id):
+        with heartbeat(w.storage, w.trial_id(trial.number)):
             try:
                 value = objective(trial)
             except optuna.TrialPruned as exc:
-                study.tell(trial, state=TrialState.PRUNED)
+                w.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
                 log.info("trial %d pruned after %.1f s: %s", trial.number, time.perf_counter() - started, exc)
                 return TrialState.PRUNED
             except (KeyboardInterrupt, st.StorageUnavailable):
                 raise
             except Exception as exc:  # a crash, an OOM, a bug: FAILED with the error on the trial
-                reason = f"{type(exc).__name__}: {exc}"
-                fail_trial(study, study._storage.get_trial(trial._trial_id), reason, retry=False)
+                reason = f"{type(exc).__name__}: {st.mask_text(str(exc), w.url)}"[:2000]
+                fail_trial(w, trial.number, reason, retry=False)
                 log.error("trial %d failed: %s", trial.number, reason)
                 return TrialState.FAIL
-        study.tell(trial, value)
+        w.study.tell(trial, value, skip_if_finished=True)
         log.info("trial %d complete in %.1f s: global TPE %.4f (best so far %.4f)",
-                 trial.number, time.perf_counter() - started, value, study.best_value)
+                 trial.number, time.perf_counter() - started, value, w.study.best_value)
         return TrialState.COMPLETE
     finally:
-        with contextlib.suppress(st.StorageUnavailable):
-            frozen = study._storage.get_trial(trial._trial_id)
-            if frozen.state.is_finished():
-                annotate_trial(study, frozen)
+        if on_end is not None:
+            with contextlib.suppress(st.StorageUnavailable):
+                frozen = w.frozen(trial.number)
+                if frozen.state.is_finished():
+                    on_end(frozen)
 
 
-def interrupt(study: optuna.Study, trial: optuna.Trial, exc: KeyboardInterrupt) -> None:
+def interrupt(w: Worker, trial: optuna.Trial, exc: KeyboardInterrupt) -> None:
     """A signal arrived: fail the trial if it still runs, with the reason, and queue it again."""
-    frozen = study._storage.get_trial(trial._trial_id)
-    if frozen.state == TrialState.RUNNING:
+    if w.frozen(trial.number).state == TrialState.RUNNING:
         reason = f"interrupted ({exc})" if str(exc) else "interrupted"
-        fail_trial(study, frozen, reason, retry=True)
+        fail_trial(w, trial.number, reason, retry=True)
         log.warning("trial %d %s; it is queued again", trial.number, reason)
+
+
+def run_loop(w: Worker, objective: Objective, *, max_failures: int = 3, poll_seconds: float = 2.0,
+             on_end: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> int:
+    """Run trials until the study holds its budget of finished trials; 0 when it does.
+
+    Needs nothing but the storage and an objective (the storage tests run it without torch)."""
+    if max_failures < 1:
+        raise UsageError(f"--max-failures must be at least 1, got {max_failures}.")
+    failures = 0
+    while True:
+        trial = None
+        try:
+            trial = next_trial(w)
+            if trial is DONE:
+                log.info("study %r reached its budget of %d finished trials", w.study.study_name,
+                         w.study.user_attrs["budget"])
+                return 0
+            if trial is WAIT:
+                time.sleep(poll_seconds)
+                continue
+            state = run_trial(w, trial, objective, on_end)
+        except KeyboardInterrupt as exc:
+            if isinstance(trial, optuna.Trial):
+                with deferred_signals():
+                    interrupt(w, trial, exc)
+            raise
+        failures = failures + 1 if state == TrialState.FAIL else 0
+        if failures >= max_failures:
+            raise WorkerStopped(f"{failures} trials in a row failed on this worker (see fail_reason on the trials); "
+                                "stopping instead of burning the budget: fix the cause and start the worker again.")
 
 
 def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_failures: int = 3,
                poll_seconds: float = 2.0, data_root: str | None = None) -> int:
-    """Attach to a study and run trials until its budget of finished trials is reached.
+    """Attach to a study and run NKAT trials on one device until its budget is reached.
 
     data_root, when given, replaces the study's data root: where the datasets lie is a property
     of the host, not of the search."""
-    storage = st.open_storage(url, create=False)
-    study, config = st.attach(storage, url, study_name)
+    from .dashboard import annotate_trial
+    from .data import load_splits
+    from .objective import make_objective
+
+    store = st.open_storage(url, create=False)
+    study, config = st.attach(store, url, study_name)
     if data_root:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=data_root))
     cache: dict = {}
@@ -193,52 +284,14 @@ def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_fai
             cache[dataset] = load_splits(dataset, config.data, device)
         return cache[dataset]
 
-    objective = make_objective(config, load)
+    w = Worker(study, store, url, config)
     log.info("worker %s on %s: study %r in %s", worker_id(), device, study.study_name, st.mask(url))
-    failures = 0
-    while True:
-        trial = None
-        try:
-            trial = next_trial(study, storage, url)
-            if trial is DONE:
-                log.info("study %r reached its budget of %d finished trials", study.study_name,
-                         study.user_attrs["budget"])
-                return 0
-            if trial is WAIT:
-                time.sleep(poll_seconds)
-                continue
-            state = run_trial(study, trial, objective)
-        except KeyboardInterrupt as exc:
-            if isinstance(trial, optuna.Trial):
-                interrupt(study, trial, exc)
-            raise
-        failures = failures + 1 if state == TrialState.FAIL else 0
-        if failures >= max_failures:
-            raise WorkerStopped(f"{failures} trials in a row failed on this worker (see fail_reason on the trials); "
-                                "stopping instead of burning the budget: fix the cause and start the worker again.")
+    return run_loop(w, make_objective(config, load), max_failures=max_failures, poll_seconds=poll_seconds,
+                    on_end=lambda frozen: annotate_trial(study, frozen))
 
 
-def parse_devices(gpus: str | None) -> list[str]:
-    """--gpus: '0,2' -> cuda:0, cuda:2; 'cpu' -> cpu; default: every visible GPU, or the CPU."""
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus is None:
-        return [f"cuda:{i}" for i in range(count)] or ["cpu"]
-    if gpus.strip() == "cpu":
-        return ["cpu"]
-    devices = []
-    for part in gpus.split(","):
-        if not part.strip().isdigit():
-            raise UsageError(f"--gpus {gpus!r} is not a list of GPU indices; use e.g. --gpus 0,1 or --gpus cpu.")
-        if int(part) >= count:
-            raise UsageError(f"GPU {int(part)} does not exist: this machine has {count} visible GPU(s); "
-                             "use an index below that or --gpus cpu.")
-        devices.append(f"cuda:{int(part)}")
-    return devices
-
-
-def _child(url: str, study_name: str, device: str, verbose: bool, threads: int, data_root: str | None) -> None:
+def _child(url: str, study_name: str, device: str, verbose: bool, threads: int, data_root: str | None,
+           max_failures: int) -> None:
     import torch
 
     torch.set_num_threads(threads)  # K CPU workers share the cores instead of oversubscribing them
@@ -246,7 +299,7 @@ def _child(url: str, study_name: str, device: str, verbose: bool, threads: int, 
                         format=f"%(asctime)s %(levelname)s [{device} pid {os.getpid()}] %(message)s", datefmt="%H:%M:%S")
     install_signal_handlers()
     try:
-        code = run_worker(url, study_name, device, data_root=data_root)
+        code = run_worker(url, study_name, device, data_root=data_root, max_failures=max_failures)
     except KeyboardInterrupt:
         code = 130
     except (UsageError, WorkerStopped, st.StorageUnavailable) as exc:
@@ -256,11 +309,12 @@ def _child(url: str, study_name: str, device: str, verbose: bool, threads: int, 
 
 
 def run_processes(url: str, study_name: str, devices: list[str], count: int, verbose: bool = False,
-                  data_root: str | None = None) -> int:
+                  data_root: str | None = None, max_failures: int = 3) -> int:
     """count worker processes, device i % len(devices) each; the worst exit code of them."""
     ctx = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // count)
-    procs = [ctx.Process(target=_child, args=(url, study_name, devices[i % len(devices)], verbose, threads, data_root))
+    procs = [ctx.Process(target=_child, args=(url, study_name, devices[i % len(devices)], verbose, threads,
+                                              data_root, max_failures))
              for i in range(count)]
     for p in procs:
         p.start()
@@ -268,20 +322,43 @@ def run_processes(url: str, study_name: str, devices: list[str], count: int, ver
         for p in procs:
             p.join()
     except KeyboardInterrupt:
-        for p in procs:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGTERM)
-        for p in procs:
-            p.join()
+        with deferred_signals():
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()  # SIGTERM on POSIX: the child fails and requeues its trial
+            for p in procs:
+                p.join()
         raise
-    return max((p.exitcode or 0) if (p.exitcode or 0) >= 0 else 1 for p in procs)
+    codes = [p.exitcode or 0 for p in procs]
+    if any(c == 130 for c in codes):
+        return 130
+    return max(c if c >= 0 else 1 for c in codes)
+
+
+_interrupted = threading.Event()
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM (docker stop) and SIGINT (Ctrl-C) raise Interrupted in the main thread."""
+    """SIGTERM (docker stop, Slurm, Kubernetes) and SIGINT (Ctrl-C) raise Interrupted in the main
+    thread, once: later signals while the first is being handled are logged and ignored, so the
+    clean-up (fail the trial, queue its retry) always finishes. SIGTERM where the platform has it."""
+    _interrupted.clear()
 
     def handler(signum, _frame):
-        raise Interrupted(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if _interrupted.is_set():
+            log.warning("%s again: finishing the clean-up first", name)
+            return
+        _interrupted.set()
+        raise Interrupted(name)
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    for sig in (getattr(signal, "SIGTERM", None), signal.SIGINT):
+        if sig is not None:
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Within: an interrupt no longer raises (it is the clean-up of one)."""
+    _interrupted.set()
+    yield

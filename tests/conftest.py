@@ -67,7 +67,8 @@ high = 1.0
 def _quick_heartbeats(monkeypatch):
     # Fault tests wait for the heartbeat grace period: keep it seconds, not minutes.
     monkeypatch.setenv("NKAT_SEARCH_HEARTBEAT_INTERVAL", "1")
-    monkeypatch.setenv("NKAT_SEARCH_GRACE_PERIOD", "4")
+    monkeypatch.setenv("NKAT_SEARCH_GRACE_PERIOD", "6")
+    monkeypatch.setenv("NKAT_SEARCH_DB_RETRY_SECONDS", "4")  # grace > retry bound + interval
     # Tests run several worker processes at once on 2 cores: one thread each, no oversubscription.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 

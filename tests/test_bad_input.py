@@ -77,7 +77,7 @@ def _study_text(row: Row) -> str:
 def _create_study(study_file: Path, url: str) -> None:
     """The storage holds the study made from the unchanged tiny study (setup `existing`)."""
     from nkat_search import storage
-    from nkat_search.config import load_study
+    from nkat_search.study import load_study
 
     study_file.write_text(TINY_STUDY.format(name=STUDY_NAME, trials=4, gate=0.01))
     storage.create_or_resume(storage.open_storage(url), url, load_study(str(study_file)), 4)

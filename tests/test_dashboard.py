@@ -25,18 +25,17 @@ from nkat_search.dashboard import annotate_study, annotate_trial, study_note, tr
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = ["cifar10", "mnist", "fashion_mnist", "emnist_letters"]
 DEFINITION = {
-    "name": "dash-study",
-    "space": [
-        {"name": "patch_size", "type": "categorical", "low": None, "high": None, "step": None, "log": False,
-         "choices": [2, 4]},
-        {"name": "embed_dim", "type": "int", "low": 64, "high": 256, "step": 32, "log": False, "choices": []},
-        {"name": "temperature", "type": "float", "low": 0.5, "high": 2.0, "step": None, "log": True, "choices": []},
-    ],
+    "study": {"name": "dash-study"},
+    "space": {
+        "patch_size": {"type": "categorical", "choices": [2, 4]},
+        "embed_dim": {"type": "int", "low": 64, "high": 256, "step": 32, "log": False},
+        "temperature": {"type": "float", "low": 0.5, "high": 2.0, "log": True},
+    },
     "sampler": {"kind": "tpe", "seed": 0, "multivariate": True, "constant_liar": True, "n_startup_trials": 5},
     "pruner": {"kind": "median", "n_startup_trials": 3, "n_warmup_steps": 2},
-    "stage1_dataset": "cifar10", "stage1_epochs": 4, "gate": 0.6,
-    "stage2_datasets": DATASETS[1:], "stage2_epochs": 2,
-    "data": {"source": "synthetic"}, "model": {}, "train": {}, "report_epochs": 4, "report_warmup": 1,
+    "stage1": {"dataset": "cifar10", "epochs": 4, "gate": 0.6},
+    "stage2": {"datasets": DATASETS[1:], "epochs": 2, "train": {}},
+    "data": {"source": "synthetic"}, "model": {}, "train": {}, "report": {"epochs": 4, "warmup": 1}, "enqueue": [],
 }
 DISTRIBUTIONS = {"patch_size": CategoricalDistribution([2, 4]), "embed_dim": IntDistribution(64, 256, step=32),
                  "temperature": FloatDistribution(0.5, 2.0, log=True)}
@@ -50,7 +49,7 @@ def dataset_attrs(d: str, accuracy: float) -> dict:
 def make_study(path: Path) -> optuna.Study:
     """A study as nkat-search leaves it: 2 COMPLETE, 1 PRUNED at the gate, 1 FAIL; all annotated."""
     storage = JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
-    study = optuna.create_study(storage=storage, study_name=DEFINITION["name"], direction="maximize")
+    study = optuna.create_study(storage=storage, study_name=DEFINITION["study"]["name"], direction="maximize")
     study.set_metric_names(["global_tpe"])
     study.set_user_attr("definition", DEFINITION)
     study.set_user_attr("budget", 20)

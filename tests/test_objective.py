@@ -5,7 +5,7 @@ import pytest
 from optuna.trial import TrialState
 
 from nkat_search import storage as st
-from nkat_search.config import load_study
+from nkat_search.study import load_study
 from nkat_search.metrics import global_tpe
 from nkat_search.objective import check_gate
 from nkat_search.worker import run_worker

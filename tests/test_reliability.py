@@ -59,7 +59,7 @@ def test_database_restart_while_a_worker_runs_loses_nothing(pg_server, pg_url, t
 def test_database_down_past_the_bound_stops_the_worker_then_the_trial_is_retried(pg_server, pg_url, tiny_study):
     path = _with_stage1_epochs(tiny_study(trials=1), 50)
     assert cli("start", "--study", path, "--storage", pg_url, "--workers", "0").returncode == 0
-    worker = spawn("worker", "--storage", pg_url, env={"NKAT_SEARCH_DB_RETRY_SECONDS": "2"})
+    worker = spawn("worker", "--storage", pg_url, env={"NKAT_SEARCH_DB_RETRY_SECONDS": "2", "NKAT_SEARCH_GRACE_PERIOD": "4"})
     study = _study(pg_url)
     _wait_for(lambda: study.get_trials(states=(TrialState.RUNNING,)), what="a running trial")
     pg_server.stop()

@@ -11,7 +11,8 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore
 
 from nkat_search import cli, metrics, retrain, storage, worker
-from nkat_search.config import UsageError, load_study
+from nkat_search.config import UsageError
+from nkat_search.study import load_study
 from nkat_search.data import load_splits
 from nkat_search.report import datasets_of
 

@@ -9,7 +9,8 @@ from optuna.trial import TrialState
 
 from conftest import cli, spawn
 from nkat_search import storage as st
-from nkat_search.config import UsageError, load_study
+from nkat_search.config import UsageError
+from nkat_search.study import load_study
 from nkat_search.worker import WorkerStopped, run_worker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -138,5 +139,5 @@ def test_start_resumes_the_same_definition_and_refuses_a_different_one(tiny_stud
     _with_stage1_epochs(path, 2)
     changed = cli("start", "--study", path, "--storage", url, "--workers", "0")
     assert changed.returncode == 2
-    assert "already exists" in changed.stderr and "stage1_epochs" in changed.stderr
+    assert "already exists" in changed.stderr and "stage1.epochs" in changed.stderr
     assert len(optuna.get_all_study_names(st.open_storage(url))) == 1

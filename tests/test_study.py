@@ -3,7 +3,8 @@
 import pytest
 
 from conftest import ROOT, TINY_STUDY, cli
-from nkat_search.config import StudyConfig, TrainConfig, UsageError, load_study
+from nkat_search.config import TrainConfig, UsageError
+from nkat_search.study import StudyConfig, load_study
 
 
 @pytest.mark.parametrize("name", ["round2", "smoke"])
@@ -43,12 +44,12 @@ BASE = TINY_STUDY.format(name="bad", trials=3, gate=0.5)
     (lambda s: s.replace('dataset = "cifar10"', 'dataset = "imagenet"'), "stage1.dataset", "unknown dataset"),
     (lambda s: s.replace("low = 0.6\nhigh = 1.0", "low = 0.0\nhigh = 1.0"), "space.temperature",
      "temperature must be > 0"),
-    (lambda s: s.replace("trials = 3", "trials = 0"), "study.trials", "positive integer"),
+    (lambda s: s.replace("trials = 3", "trials = 0"), "study.trials", "positive whole number"),
     (lambda s: s.replace('kind = "none"', 'kind = "sometimes"'), "pruner.kind", "unknown pruner"),
     (lambda s: s + "\n[space.top_p]\ntype = \"float\"\nlow = 0.8\nhigh = 1.5\n", "space.top_p", "top_p must be in"),
     (lambda s: s.replace('type = "float"', 'type = "real"'), "space.temperature", "needs type"),
     (lambda s: s.replace("[train]\n", "[train]\nepochz = 3\n"), "train.epochz", "unknown key"),
-    (lambda s: s.replace("name = \"bad\"", "name = \"\""), "study.name", "non-empty"),
+    (lambda s: s.replace("name = \"bad\"", "name = \"\""), "study.name", "must be a name of letters"),
 ])
 def test_bad_study_file_is_one_sentence_naming_file_and_key(tmp_path, edit, key, words):
     path = tmp_path / "bad.toml"

@@ -1,0 +1,443 @@
+"""Study files (nkat_search/studies/*.toml or the user's own): reading, checking, and a trial's
+parameters turned into the ModelConfig and TrainConfig it trains with on each dataset.
+
+Everything a study file can hold is checked here, before anything touches a storage: the type of
+every key (through the config dataclasses), the ranges, and every value that a searched range
+can produce against the model's constraints on every dataset of the study. Each problem is one
+UsageError naming the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import (DATASET_NAMES, DATASET_SHAPES, PRUNERS, SAMPLERS, DataConfig, ModelConfig, PrunerConfig,
+                     SamplerConfig, TrainConfig, UsageError, adapt_patch_size, field_names, kind_dict)
+
+MODEL_KEYS = field_names(ModelConfig) - {"in_chans", "img_size", "num_classes"}  # the dataset decides those
+TRAIN_KEYS = field_names(TrainConfig) - {"epochs"}  # each stage sets its epochs
+# Set by the recipe or the machine, never a hyperparameter of a trial.
+NOT_SEARCHABLE = {"epochs", "precision", "limit_train", "compile"}
+SEARCHABLE = (MODEL_KEYS | TRAIN_KEYS) - NOT_SEARCHABLE
+# Parameters whose valid values depend on each other (divisibility, feature-map size): their
+# searched values are checked in every combination.
+COUPLED = ("conv_stem", "patch_size", "embed_dim", "num_heads", "split_heads")
+MAX_COMBINATIONS = 20000
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SECTIONS = ("study", "sampler", "pruner", "stage1", "stage2", "data", "model", "train", "report", "space", "enqueue")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One searched parameter: int/float range (optional step or log) or categorical choices,
+    applied to the datasets listed (all of the study's when empty)."""
+
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: tuple = ()
+    datasets: tuple[str, ...] = ()
+
+    def values(self) -> list:
+        """Values to check: every choice, every int of a short range, the ends of a float range."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "int":
+            step = int(self.step or 1)
+            count = (int(self.high) - int(self.low)) // step + 1
+            if count <= 256 and not self.log:
+                return list(range(int(self.low), int(self.high) + 1, step))
+            if self.log:
+                return sorted({int(self.low), int(self.high)} | {v for v in (2 ** k for k in range(64))
+                                                                  if self.low <= v <= self.high})
+            return [int(self.low), int(self.low) + step, int(self.high) - (int(self.high) - int(self.low)) % step]
+        return [self.low, self.high]
+
+    def contains(self, value) -> bool:
+        if self.type == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.type == "int" and not isinstance(value, int):
+            return False
+        return self.low <= value <= self.high
+
+    def to_dict(self) -> dict:
+        out = {"type": self.type}
+        if self.type == "categorical":
+            out["choices"] = list(self.choices)
+        else:
+            out.update(low=self.low, high=self.high, log=self.log)
+            if self.step is not None:
+                out["step"] = self.step
+        if self.datasets:
+            out["datasets"] = list(self.datasets)
+        return out
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    path: str
+    trials: int
+    space: tuple[ParamSpec, ...]
+    sampler: SamplerConfig
+    pruner: PrunerConfig
+    stage1_dataset: str
+    stage1_epochs: int
+    gate: float
+    stage2_datasets: tuple[str, ...]
+    stage2_epochs: int
+    data: DataConfig
+    model: dict  # fixed ModelConfig fields
+    train: TrainConfig  # the recipe; epochs is set per stage
+    train_overrides: dict  # "stage2" and dataset names -> TrainConfig fields for those datasets
+    report_epochs: int
+    report_warmup: int
+    enqueue: tuple[dict, ...] = ()  # configurations evaluated first
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        return (self.stage1_dataset, *self.stage2_datasets)
+
+    def recipe(self, dataset: str) -> TrainConfig:
+        """The training recipe on one dataset: [train], then [stage2.train], then [train.<dataset>]."""
+        changes = dict(self.train_overrides.get("stage2", {})) if dataset in self.stage2_datasets else {}
+        changes.update(self.train_overrides.get(dataset, {}))
+        return dataclasses.replace(self.train, **changes) if changes else self.train
+
+    def applies(self, param: ParamSpec, dataset: str) -> bool:
+        return not param.datasets or dataset in param.datasets
+
+    def configs_for(self, params: dict, dataset: str, epochs: int) -> tuple[ModelConfig, TrainConfig]:
+        """The model and recipe of a trial on one dataset: fixed settings, then the searched ones.
+
+        The dataset decides channels, image size and classes. The patch size is searched for the
+        Stage-1 dataset and must divide its feature map; on datasets of another image size it is
+        adapted by config.adapt_patch_size (recorded on the trial as <dataset>_patch_size)."""
+        shape = DATASET_SHAPES[dataset]
+        applied = {p.name: params[p.name] for p in self.space if p.name in params and self.applies(p, dataset)}
+        extra = {k: v for k, v in params.items() if k not in {p.name for p in self.space}}  # enqueued extras
+        applied.update(extra)
+        model_kwargs = {**self.model, **{k: v for k, v in applied.items() if k in MODEL_KEYS}}
+        model_kwargs.update(in_chans=shape.channels, img_size=shape.image_size, num_classes=shape.num_classes)
+        if shape.image_size != DATASET_SHAPES[self.stage1_dataset].image_size:
+            patch = model_kwargs.get("patch_size", ModelConfig.patch_size)
+            stem = model_kwargs.get("conv_stem", ModelConfig.conv_stem)
+            if isinstance(patch, int) and patch >= 1 and stem in ("off", "tiny", "small"):
+                model_kwargs["patch_size"] = adapt_patch_size(shape.image_size, stem, patch)
+        model_cfg = ModelConfig(**model_kwargs)
+        train_cfg = dataclasses.replace(self.recipe(dataset), epochs=epochs,
+                                        **{k: v for k, v in applied.items() if k in TRAIN_KEYS})
+        return model_cfg, train_cfg
+
+    def definition(self) -> dict:
+        """What makes two studies the same search, in the study file's own shape (stored on the
+        study; the path and the budget are not part of it). from_definition reads it back."""
+        searched = {p.name for p in self.space if not p.datasets}
+        train = {k: v for k, v in dataclasses.asdict(self.train).items() if k != "epochs" and k not in searched}
+        train.update({ds: dict(v) for ds, v in self.train_overrides.items() if ds != "stage2"})
+        return _jsonable({
+            "study": {"name": self.name},
+            "sampler": kind_dict(self.sampler), "pruner": kind_dict(self.pruner),
+            "stage1": {"dataset": self.stage1_dataset, "epochs": self.stage1_epochs, "gate": self.gate},
+            "stage2": {"datasets": list(self.stage2_datasets), "epochs": self.stage2_epochs,
+                       "train": dict(self.train_overrides.get("stage2", {}))},
+            "data": dataclasses.asdict(self.data), "model": dict(self.model), "train": train,
+            "report": {"epochs": self.report_epochs, "warmup": self.report_warmup},
+            "space": {p.name: p.to_dict() for p in self.space}, "enqueue": [dict(e) for e in self.enqueue],
+        })
+
+    @classmethod
+    def from_definition(cls, definition: dict, trials: int = 1) -> "StudyConfig":
+        """The StudyConfig stored on a study by definition()."""
+        raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in definition.items()}
+        raw["study"] = {**raw.get("study", {}), "trials": max(1, trials)}
+        return parse_study(raw, "<stored definition>")
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a study file
+
+
+def packaged_studies() -> dict[str, Path]:
+    """The study files shipped inside the package, by name (round2, smoke)."""
+    folder = Path(__file__).with_name("studies")
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+
+
+def study_path(name_or_path: str) -> Path:
+    """A packaged study's file by name, or the file at a path; anything else is a UsageError."""
+    packaged = packaged_studies()
+    if name_or_path in packaged:
+        return packaged[name_or_path]
+    path = Path(name_or_path)
+    if name_or_path and path.is_file():
+        return path
+    raise UsageError(f"study {name_or_path or '(empty)'} is neither a packaged study ({', '.join(packaged)}) nor an "
+                     "existing file; pass one of those names or the path of your own study file "
+                     "(`nkat-search studies` lists them).")
+
+
+def load_study(name_or_path: str) -> StudyConfig:
+    """Read and check a study file (a packaged name or a path)."""
+    import tomllib
+
+    path = str(study_path(name_or_path))
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise UsageError(f"cannot read the study file {path} ({exc.strerror}); check its permissions.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"{path} is not valid TOML ({reason}); fix the syntax at that line.") from None
+    return parse_study(raw, path)
+
+
+def parse_study(raw: dict, path: str) -> StudyConfig:
+    """A StudyConfig from a study file's tables; every problem is one UsageError naming the key."""
+
+    def fail(key: str, problem: str) -> UsageError:
+        return UsageError(f"{path}: {key}: {problem}")
+
+    for section, value in raw.items():
+        if section not in SECTIONS:
+            raise fail(section, f"unknown section; use one of {', '.join(SECTIONS)}.")
+        if section == "enqueue":
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise fail(section, "must be a list of tables ([[enqueue]]).")
+        elif not isinstance(value, dict):
+            raise fail(section, f"must be a table ([{section}]).")
+
+    def table(section: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
+        values = dict(raw.get(section, {}))
+        for key in values:
+            if key not in allowed:
+                raise fail(f"{section}.{key}", f"unknown key; use one of {', '.join(sorted(allowed))}.")
+        for key in sorted(required - set(values)):
+            raise fail(f"{section}.{key}", "is required; add it to the file.")
+        return values
+
+    def build(key: str, cls, values: dict):
+        try:
+            return cls(**values)
+        except UsageError as exc:
+            raise fail(key, str(exc)) from None
+
+    study = table("study", {"name", "trials"}, {"name"})
+    name, trials = study["name"], study.get("trials", 50)
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise fail("study.name", f"must be a name of letters, digits, '.', '_' and '-' (no spaces or slashes), "
+                                 f"got {name!r}.")
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise fail("study.trials", f"must be a positive whole number, got {trials!r}.")
+
+    sampler = _kind_table(raw, "sampler", SAMPLERS, "tpe", fail, build)
+    pruner = _kind_table(raw, "pruner", PRUNERS, "median", fail, build)
+
+    stage1 = table("stage1", {"dataset", "epochs", "gate"}, {"dataset", "epochs", "gate"})
+    stage2 = table("stage2", {"datasets", "epochs", "train"}, {"datasets", "epochs"})
+    dataset1, datasets2 = stage1["dataset"], stage2["datasets"]
+    if dataset1 not in DATASET_NAMES:
+        raise fail("stage1.dataset", f"unknown dataset {dataset1!r}; use one of {', '.join(DATASET_NAMES)}.")
+    if not isinstance(datasets2, list):
+        raise fail("stage2.datasets", f"must be a list of dataset names, got {datasets2!r}.")
+    for ds in datasets2:
+        if ds not in DATASET_NAMES:
+            raise fail("stage2.datasets", f"unknown dataset {ds!r}; use one of {', '.join(DATASET_NAMES)}.")
+    if len(set(datasets2) | {dataset1}) != len(datasets2) + 1:
+        raise fail("stage2.datasets", "names a dataset twice (or the Stage-1 dataset); list each dataset once.")
+    gate = stage1["gate"]
+    if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 < gate < float("inf"):
+        raise fail("stage1.gate", f"must be a number in (0, inf), got {gate!r}; the research's gate is 0.60.")
+    for key, value in (("stage1.epochs", stage1["epochs"]), ("stage2.epochs", stage2["epochs"])):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise fail(key, f"must be a positive whole number, got {value!r}.")
+    if isinstance(pruner, PRUNERS["hyperband"]) and pruner.min_resource > stage1["epochs"]:
+        raise fail("pruner.min_resource", f"{pruner.min_resource} is more than stage1.epochs ({stage1['epochs']}); "
+                                          "lower it.")
+
+    data = build("data", DataConfig, table("data", field_names(DataConfig)))
+    model = table("model", MODEL_KEYS)
+    build("model", ModelConfig, model)  # the fixed settings alone must make a model
+
+    train_table = dict(raw.get("train", {}))
+    overrides = {ds: train_table.pop(ds) for ds in list(train_table) if ds in DATASET_NAMES}
+    for key in train_table:
+        if key not in TRAIN_KEYS:
+            raise fail(f"train.{key}", f"unknown key; use one of {', '.join(sorted(TRAIN_KEYS))} "
+                                       "or a dataset name for that dataset's own recipe ([train.mnist]).")
+    train = build("train", TrainConfig, train_table)
+    if stage2.get("train"):
+        overrides["stage2"] = stage2["train"]
+    for where, values in overrides.items():
+        key = "stage2.train" if where == "stage2" else f"train.{where}"
+        if not isinstance(values, dict):
+            raise fail(key, "must be a table of training settings.")
+        if where != "stage2" and where not in (dataset1, *datasets2):
+            raise fail(key, f"{where} is not a dataset of this study; use one of {', '.join([dataset1, *datasets2])}.")
+        for k in values:
+            if k not in TRAIN_KEYS:
+                raise fail(f"{key}.{k}", f"unknown key; use one of {', '.join(sorted(TRAIN_KEYS))}.")
+        build(key, lambda **kw: dataclasses.replace(train, **kw), values)
+
+    report = table("report", {"epochs", "warmup"})
+    report_epochs, report_warmup = report.get("epochs", 40), report.get("warmup", train.warmup)
+    build("report", TrainConfig, {"epochs": report_epochs, "warmup": report_warmup})
+
+    space_raw = raw.get("space", {})
+    if not space_raw:
+        raise fail("space", "is empty; declare at least one [space.<parameter>].")
+    all_datasets = (dataset1, *datasets2)
+    space = tuple(_param_spec(path, n, spec, all_datasets) for n, spec in space_raw.items())
+    for p in space:
+        if not p.datasets and (p.name in model or p.name in train_table):
+            raise fail(f"space.{p.name}", "is both searched and fixed in [model]/[train]; keep one (or restrict "
+                                          "the search with datasets = [...]).")
+        for where, values in overrides.items():
+            targets = datasets2 if where == "stage2" else (where,)
+            if p.name in values and any(p.datasets == () or ds in p.datasets for ds in targets):
+                key = "stage2.train" if where == "stage2" else f"train.{where}"
+                raise fail(f"space.{p.name}", f"is searched on a dataset where {key} fixes it; restrict the "
+                                              f"parameter with datasets = [...] or drop it from {key}.")
+
+    enqueue = tuple(_enqueued(path, i, e, space) for i, e in enumerate(raw.get("enqueue", [])))
+    config = StudyConfig(
+        name=name, path=path, trials=trials, space=space, sampler=sampler, pruner=pruner,
+        stage1_dataset=dataset1, stage1_epochs=stage1["epochs"], gate=float(gate),
+        stage2_datasets=tuple(datasets2), stage2_epochs=stage2["epochs"], data=data, model=model, train=train,
+        train_overrides=overrides, report_epochs=report_epochs, report_warmup=report_warmup, enqueue=enqueue)
+    _check_space(config, fail)
+    return config
+
+
+def _kind_table(raw, section, kinds, default_kind, fail, build):
+    values = dict(raw.get(section, {}))
+    kind = values.pop("kind", default_kind)
+    if kind not in kinds:
+        raise fail(f"{section}.kind", f"unknown {section} {kind!r}; use one of {', '.join(kinds)}.")
+    allowed = field_names(kinds[kind])
+    for key in values:
+        if key not in allowed:
+            keys = ", ".join(sorted(allowed)) or "no other keys"
+            raise fail(f"{section}.{key}", f"is not a setting of the {kind} {section}; it takes {keys}.")
+    return build(section, kinds[kind], values)
+
+
+def _param_spec(path: str, name: str, spec, datasets: tuple[str, ...]) -> ParamSpec:
+    def fail(problem: str) -> UsageError:
+        return UsageError(f"{path}: space.{name}: {problem}")
+
+    if name in NOT_SEARCHABLE or name in ("in_chans", "img_size", "num_classes"):
+        raise fail("is set by the stage, the dataset or the machine, not searched; remove it from [space].")
+    if name not in SEARCHABLE:
+        raise fail(f"is not a parameter of the model or the recipe; use one of {', '.join(sorted(SEARCHABLE))}.")
+    kinds = {"int": {"low", "high", "step", "log"}, "float": {"low", "high", "step", "log"}, "categorical": {"choices"}}
+    if not isinstance(spec, dict) or spec.get("type") not in kinds:
+        raise fail('needs type = "int", "float" or "categorical".')
+    kind = spec["type"]
+    for k in spec:
+        if k not in kinds[kind] | {"type", "datasets"}:
+            raise fail(f"unknown key {k!r}; a {kind} parameter takes {', '.join(sorted(kinds[kind] | {'datasets'}))}.")
+    on = spec.get("datasets", [])
+    if not isinstance(on, list) or not on and "datasets" in spec or any(d not in datasets for d in on):
+        raise fail(f"datasets must be a non-empty list of this study's datasets ({', '.join(datasets)}), got {on!r}.")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise fail("needs a non-empty list of choices.")
+        if any(not isinstance(c, (str, int, float, bool)) for c in choices) or len(set(map(repr, choices))) != len(choices):
+            raise fail("choices must be distinct strings, numbers or booleans.")
+        return ParamSpec(name, kind, choices=tuple(choices), datasets=tuple(on))
+    low, high, step, log = spec.get("low"), spec.get("high"), spec.get("step"), spec.get("log", False)
+    number = (int,) if kind == "int" else (int, float)
+    for key, value in (("low", low), ("high", high)) + ((("step", step),) if step is not None else ()):
+        if isinstance(value, bool) or not isinstance(value, number) or value != value or abs(value) == float("inf"):
+            what = "a whole number" if kind == "int" else "a finite number"
+            raise fail(f"{key} must be {what}, got {value!r}.")
+    if not isinstance(log, bool):
+        raise fail(f"log must be true or false, got {log!r}.")
+    if low >= high:
+        raise fail(f"the range {low}..{high} is empty or inverted; make low < high.")
+    if log and low <= 0:
+        raise fail("a log-scale range must have low > 0.")
+    if step is not None and (log or not step > 0):
+        raise fail("step must be > 0 and cannot be combined with log.")
+    return ParamSpec(name, kind, low=low, high=high, step=step, log=log, datasets=tuple(on))
+
+
+def _enqueued(path: str, index: int, values: dict, space: tuple[ParamSpec, ...]) -> dict:
+    specs = {p.name: p for p in space}
+    for key, value in values.items():
+        if key not in specs:
+            raise UsageError(f"{path}: enqueue[{index}].{key}: is not a searched parameter; use one of "
+                             f"{', '.join(specs)}.")
+        if not specs[key].contains(value):
+            raise UsageError(f"{path}: enqueue[{index}].{key}: {value!r} is outside the searched space "
+                             f"({specs[key].to_dict()}); change the value or widen the space.")
+    return dict(values)
+
+
+def _check_space(study: StudyConfig, fail) -> None:
+    """Every value a searched range can produce (coupled parameters in every combination) makes a
+    valid model and recipe on every dataset it applies to, and so do the enqueued configurations."""
+    def check(params: dict) -> None:
+        for ds in study.datasets:
+            study.configs_for(params, ds, 1)
+
+    for p in study.space:  # each value alone, the other fields at their fixed or default values
+        for value in p.values() if p.name not in COUPLED else ():
+            try:
+                check({p.name: value})
+            except UsageError as exc:
+                raise fail(f"space.{p.name}", f"the value {value!r} is invalid: {exc}") from None
+    coupled = [p for p in study.space if p.name in COUPLED]
+    grids = [[(p.name, v) for v in p.values()] for p in coupled]
+    combos = (itertools.product(*grids) if math.prod(len(g) for g in grids) <= MAX_COMBINATIONS
+              else ((pair,) for g in grids for pair in g))  # too many to try: each value alone
+    key = f"space.{coupled[0].name}" if len(coupled) == 1 else "space"
+    for combo in combos:
+        try:
+            check(dict(combo))
+        except UsageError as exc:
+            raise fail(key, f"the searched values {dict(combo)} are invalid together: {exc}") from None
+    base = {p.name: p.values()[0] for p in study.space}
+    for i, values in enumerate(study.enqueue):
+        for ds in study.datasets:
+            try:
+                study.configs_for(dict(base, **values), ds, 1)
+            except UsageError as exc:
+                raise fail(f"enqueue[{i}]", f"cannot train on {ds}: {exc}") from None
+
+
+def check_warm_start(study: StudyConfig, trials) -> None:
+    """Finished trials of another study fit this study's space (every searched parameter present
+    with a value inside its range), or a UsageError says which do not."""
+    specs = {p.name: p for p in study.space}
+    for t in trials:
+        missing = sorted(set(specs) - set(t.params))
+        outside = sorted(k for k, v in t.params.items() if k in specs and not specs[k].contains(v))
+        extra = sorted(set(t.params) - set(specs))
+        if missing or outside or extra:
+            problem = (f"lacks {', '.join(missing)}" if missing else
+                       f"has {', '.join(outside)} outside this study's ranges" if outside else
+                       f"searched {', '.join(extra)}, which this study does not")
+            raise UsageError(f"trial {t.number} of the warm-start study {problem}; warm-start only from a study "
+                             "whose space fits this one.")
