@@ -32,6 +32,7 @@ ENV_STORAGE = "NKAT_SEARCH_STORAGE"
 # The embedded default: Optuna's journal file storage, safe for several local processes.
 DEFAULT_URL = "journal:nkat-search.journal"
 RDB_SCHEMES = ("postgresql", "mysql", "sqlite")
+SECRET_WORDS = ("pass", "pwd", "secret", "token", "key")  # query parameters that can hold a credential
 MAX_RETRY = 3
 # One worker process holds at most this many database connections: the pool of the storage (the
 # trial and its heartbeat thread) and one for the budget lock.
@@ -67,7 +68,8 @@ def mask(url: str) -> str:
         return f"{scheme}://***" if scheme.replace("+", "").isalnum() else "***"
     if parsed.password is None and "@" in url.split("://", 1)[-1].split("/", 1)[0] and parsed.username is None:
         return f"{parsed.drivername}://***"
-    return parsed.render_as_string(hide_password=True)
+    secret = {k: "***" for k in parsed.query if any(word in k.lower() for word in SECRET_WORDS)}
+    return parsed.set(query={**parsed.query, **secret}).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 
 def mask_text(text: str, url: str) -> str:
