@@ -1,8 +1,10 @@
 import math
 
+import optuna
 import pytest
 
 from nkat_search.metrics import consistency, global_tpe, local_tpe, robustness
+from nkat_search.objective import check_gate
 
 
 @pytest.mark.parametrize(
@@ -18,10 +20,26 @@ def test_local_tpe_matches_definition(accuracy, params, expected):
     assert local_tpe(accuracy, params) == pytest.approx(expected, rel=1e-12)
 
 
-def test_gate_table_from_seed_notes():
-    # The CIFAR-10 accuracy needed for Local TPE 0.60 is 0.60 * log10(1 + lambda).
-    for lam, needed in [(8.9, 0.60), (12.4, 0.68), (16.9, 0.75), (28.4, 0.88)]:
-        assert 0.60 * math.log10(1 + lam) == pytest.approx(needed, abs=0.005)
+@pytest.mark.parametrize("lam, needed", [(8.9, 0.60), (12.4, 0.68), (16.9, 0.75), (28.4, 0.88)])
+def test_gate_table_from_seed_notes(lam, needed):
+    # seed-notes: the CIFAR-10 accuracy a model of lambda M parameters needs to pass the 0.60 gate
+    # (rounded to two places). One point below it is pruned by the objective's gate, one point
+    # above passes.
+    params = round(lam * 1e6)
+    trial = _Trial()
+    check_gate(local_tpe(needed + 0.01, params), 0.60, 10, trial)
+    assert trial.attrs == {}
+    with pytest.raises(optuna.TrialPruned, match="gate: local TPE"):
+        check_gate(local_tpe(needed - 0.01, params), 0.60, 10, trial)
+    assert trial.attrs["pruned_at_epoch"] == 10 and trial.attrs["prune_reason"].startswith("gate:")
+
+
+class _Trial:
+    def __init__(self):
+        self.attrs = {}
+
+    def set_user_attr(self, key, value):
+        self.attrs[key] = value
 
 
 def test_global_tpe_uses_mean_accuracy_over_log_of_mean_lambda():
