@@ -84,9 +84,8 @@ def _describe(kind) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
     if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0])}s"
-        return f"a list of {len(args)} {_describe(args[0])}s"
+        item = _describe(args[0]).removeprefix("a ")
+        return f"a list of {item}s" if len(args) == 2 and args[1] is Ellipsis else f"a list of {len(args)} {item}s"
     return {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string",
             type(None): "absent"}.get(kind, str(kind))
 

@@ -90,3 +90,63 @@ def test_bad_recipe_is_one_clear_sentence(kwargs, words):
     with pytest.raises(UsageError) as err:
         TrainConfig(**kwargs)
     assert words in str(err.value)
+
+
+@pytest.mark.parametrize("edit, key, words", [
+    (lambda s: s.replace("trials = 3", "trials = true"), "study.trials", "positive whole number"),
+    (lambda s: s.replace("seed = 0", 'seed = "abc"'), "sampler", "seed must be a whole number or absent"),
+    (lambda s: s.replace('datasets = ["mnist"]', "datasets = 5"), "stage2.datasets", "must be a list"),
+    (lambda s: s.replace("step = 8", "step = 0.5"), "space.embed_dim", "step must be a whole number"),
+    (lambda s: s.replace("low = 8\nhigh = 16\nstep = 8", "low = 8\nhigh = 20\nstep = 6").replace(
+        "num_heads = 2", "num_heads = 4"), "space.embed_dim", "embed_dim 14 is not divisible by num_heads 4"),
+    (lambda s: s + '\n[space.patch_size]\ntype = "categorical"\nchoices = [2, 3]\n', "space",
+     "patch_size 3 does not divide"),
+    (lambda s: s + '\n[space.epochs]\ntype = "int"\nlow = 1\nhigh = 3\n', "space.epochs", "not searched"),
+    (lambda s: s.replace('kind = "none"', 'kind = "hyperband"\nn_startup_trials = 5'), "pruner.n_startup_trials",
+     "not a setting of the hyperband pruner"),
+    (lambda s: s.replace("[train]\n", "[train.svhn]\nlr = 1e-3\n\n[train]\n"), "train", "unknown key"),
+    (lambda s: s.replace("[train]\n", "[train.mnist]\nlr = nan\n\n[train]\n"), "train.mnist", "lr must be a finite"),
+    (lambda s: s + "\n[[enqueue]]\nembed_dim = 64\n", "enqueue[0].embed_dim", "outside the searched space"),
+    (lambda s: s + "\n[[enqueue]]\ndepth = 2\n", "enqueue[0].depth", "not a searched parameter"),
+    (lambda s: s.replace('name = "bad"', 'name = "../escape"'), "study.name", "no spaces or slashes"),
+])
+def test_typed_and_complete_checks(tmp_path, edit, key, words):
+    path = tmp_path / "bad.toml"
+    path.write_text(edit(BASE))
+    with pytest.raises(UsageError) as err:
+        load_study(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path}: {key}") and words in message, message
+    assert "\n" not in message and message.endswith(".")
+
+
+def test_recipe_per_dataset_and_stage2_and_parameters_per_dataset(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text(BASE.replace('datasets = ["mnist"]', 'datasets = ["mnist", "emnist_letters"]').replace(
+        "[train]\n", "[stage2.train]\ncutmix = 0.0\nrandaugment = [1, 5]\n\n[train.mnist]\ncutout = 0\n\n[train]\n")
+        + '\n[space.lr]\ntype = "float"\nlow = 1e-3\nhigh = 2e-3\ndatasets = ["cifar10"]\n')
+    study = load_study(str(path))
+    params = {"embed_dim": 16, "temperature": 0.7, "lr": 1.5e-3}
+    _, cifar = study.configs_for(params, "cifar10", 2)
+    _, mnist = study.configs_for(params, "mnist", 1)
+    _, letters = study.configs_for(params, "emnist_letters", 1)
+    assert (cifar.lr, cifar.cutmix, cifar.cutout, cifar.epochs) == (1.5e-3, 0.2, 8, 2)
+    assert (mnist.lr, mnist.cutmix, mnist.randaugment, mnist.cutout) == (study.train.lr, 0.0, (1, 5), 0)
+    assert (letters.cutmix, letters.cutout) == (0.0, 8)
+    again = StudyConfig.from_definition(study.definition(), trials=3)
+    assert again.definition() == study.definition() and again.recipe("mnist") == study.recipe("mnist")
+
+
+def test_searched_patch_size_is_the_one_trained_on_the_stage1_dataset_and_adapted_elsewhere(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(BASE + '\n[space.patch_size]\ntype = "categorical"\nchoices = [2, 4]\n')
+    study = load_study(str(path))
+    cifar, _ = study.configs_for({"patch_size": 4, "embed_dim": 8, "temperature": 0.7}, "cifar10", 1)
+    mnist, _ = study.configs_for({"patch_size": 4, "embed_dim": 8, "temperature": 0.7}, "mnist", 1)
+    assert cifar.patch_size == 4 and mnist.patch_size == 1  # 7x7 feature map after the tiny stem
+
+
+def test_packaged_study_by_name_and_unknown_name():
+    assert load_study("smoke").name == load_study(str(ROOT / "nkat_search" / "studies" / "smoke.toml")).name
+    with pytest.raises(UsageError, match="neither a packaged study"):
+        load_study("round3")

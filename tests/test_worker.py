@@ -141,3 +141,52 @@ def test_start_resumes_the_same_definition_and_refuses_a_different_one(tiny_stud
     assert changed.returncode == 2
     assert "already exists" in changed.stderr and "stage1.epochs" in changed.stderr
     assert len(optuna.get_all_study_names(st.open_storage(url))) == 1
+
+
+def _run_trivial(url: str, name: str) -> optuna.Study:
+    """Run a study's budget with a torch-free objective (the storage path of a worker only)."""
+    from nkat_search import space, worker
+
+    store = st.open_storage(url, create=False)
+    study, config = st.attach(store, url, name)
+    assert worker.run_loop(worker.Worker(study, store, url, config),
+                           lambda trial: space.suggest(trial, config)["embed_dim"] / 16, poll_seconds=0.1) == 0
+    return study
+
+
+def test_enqueued_configurations_run_first_and_once(tiny_study, tmp_path):
+    url = f"journal:{tmp_path / 's.journal'}"
+    config = load_study(tiny_study(trials=3, extra="\n[[enqueue]]\nembed_dim = 16\ntemperature = 0.65\n"))
+    st.create_or_resume(st.open_storage(url), url, config, 3)
+    st.create_or_resume(st.open_storage(url), url, config, 3)  # a resume enqueues nothing new
+    study = _run_trivial(url, "tiny")
+    trials = study.get_trials()
+    assert len(trials) == 3 and trials[0].params == {"embed_dim": 16, "temperature": 0.65}
+    assert [t.user_attrs.get("enqueued", False) for t in trials] == [True, False, False]
+
+
+def test_warm_start_adds_history_outside_the_budget_and_refuses_a_misfit(tiny_study, tmp_path):
+    url = f"journal:{tmp_path / 's.journal'}"
+    store = st.open_storage(url)
+    st.create_or_resume(store, url, load_study(tiny_study(name="first", trials=3)), 3)
+    _run_trivial(url, "first")
+    second = load_study(tiny_study(name="second", trials=2))
+    st.create_or_resume(st.open_storage(url), url, second, 2, warm_start_from="first")
+    st.create_or_resume(st.open_storage(url), url, second, 2, warm_start_from="first")  # no second copy
+    study = _run_trivial(url, "second")
+    warm = [t for t in study.get_trials() if st.is_warm_start(t)]
+    assert len(warm) == 3 and all(t.state == TrialState.COMPLETE for t in warm)
+    assert len([t for t in study.get_trials() if not st.is_warm_start(t)]) == 2  # the budget, run here
+    narrow = dataclasses_replace_space(load_study(tiny_study(name="third", trials=2)), "temperature",
+                                       low=0.99, high=1.0)
+    with pytest.raises(UsageError, match="outside this study's ranges"):
+        st.create_or_resume(st.open_storage(url), url, narrow, 2, warm_start_from="first")
+    with pytest.raises(UsageError, match="no such study"):
+        st.create_or_resume(st.open_storage(url), url, second, 2, warm_start_from="nope")
+
+
+def dataclasses_replace_space(config, name: str, **changes):
+    import dataclasses
+
+    space = tuple(dataclasses.replace(p, **changes) if p.name == name else p for p in config.space)
+    return dataclasses.replace(config, space=space)
