@@ -18,12 +18,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from .config import DataConfig, TrainConfig, UsageError
 
-# RandAugment draws its ops and signs per image, as in the paper (a chunk of one image); see
-# BatchLoader._randaugment for how that stays a few dozen tensor calls per batch.
-RANDAUGMENT_CHUNK = 1
 # Synthetic difficulty: per-pixel noise and distractor weight relative to a unit grating, and
 # orientation jitter in units of the gap between classes. Measured with `nkat-search train
 # --data-source synthetic --embed_dim 64 --depth 2 --epochs 3` (the research's recipe, 5,000
@@ -231,6 +229,55 @@ def _writable(root: str) -> bool:
 # Batches
 
 
+# RandAugment (Cubuk et al. 2020) as torchvision's v2.RandAugment defines it, written out here so
+# that a torchvision upgrade cannot change our augmentation silently (tests/test_data.py checks
+# that every image v2.RandAugment makes is one this table makes). Each op: its magnitude at M = 0
+# and at M = 30 (linear between, over 31 bins), whether a random sign applies, and the public
+# functional op; geometric ops use nearest interpolation and fill 0 outside the image.
+RANDAUGMENT_BINS = 31
+_NEAREST = TF.InterpolationMode.NEAREST
+
+
+def _shear(x: torch.Tensor, factor: float, axis: int) -> torch.Tensor:
+    # The papers' shear factor is tan(angle); about the top-left corner, as the reference code does.
+    angle = math.degrees(math.atan(factor))
+    return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[angle, 0.0] if axis == 0 else [0.0, angle],
+                     interpolation=_NEAREST, center=[0, 0])
+
+
+RANDAUGMENT_OPS = {
+    "Identity": (0.0, 0.0, False, lambda x, m: x),
+    "ShearX": (0.0, 0.3, True, lambda x, m: _shear(x, m, 0)),
+    "ShearY": (0.0, 0.3, True, lambda x, m: _shear(x, m, 1)),
+    # Translations in whole pixels, up to 150/331 of the side (the paper's 150 px on 331 px images).
+    "TranslateX": (0.0, 150 / 331, True, lambda x, m: TF.affine(
+        x, angle=0.0, translate=[int(m), 0], scale=1.0, shear=[0.0, 0.0], interpolation=_NEAREST)),
+    "TranslateY": (0.0, 150 / 331, True, lambda x, m: TF.affine(
+        x, angle=0.0, translate=[0, int(m)], scale=1.0, shear=[0.0, 0.0], interpolation=_NEAREST)),
+    "Rotate": (0.0, 30.0, True, lambda x, m: TF.rotate(x, angle=m, interpolation=_NEAREST)),  # degrees
+    "Brightness": (0.0, 0.9, True, lambda x, m: TF.adjust_brightness(x, 1.0 + m)),
+    "Color": (0.0, 0.9, True, lambda x, m: TF.adjust_saturation(x, 1.0 + m)),  # grayscale: unchanged
+    "Contrast": (0.0, 0.9, True, lambda x, m: TF.adjust_contrast(x, 1.0 + m)),
+    "Sharpness": (0.0, 0.9, True, lambda x, m: TF.adjust_sharpness(x, 1.0 + m)),
+    "Posterize": (8.0, 4.0, False, lambda x, m: TF.posterize(x, bits=int(m))),  # bits kept
+    # Pixels at or above the threshold (a fraction of 255) are inverted.
+    "Solarize": (1.0, 0.0, False, lambda x, m: TF.solarize(x, threshold=255 * m)),
+    "AutoContrast": (0.0, 0.0, False, lambda x, m: TF.autocontrast(x)),
+    "Equalize": (0.0, 0.0, False, lambda x, m: TF.equalize(x)),
+}
+
+
+def randaugment_magnitude(op: str, m: int, height: int, width: int) -> float:
+    """The magnitude of a RandAugment op at bin m (0-30) on height x width images.
+
+    A float32 linspace as torchvision computes it, so that thresholds agree to the bit (Solarize
+    at M = 10 is 170.000005, not 170: a pixel of 170 stays)."""
+    low, high, _, _ = RANDAUGMENT_OPS[op]
+    side = {"TranslateX": width, "TranslateY": height}.get(op, 1)
+    value = float(torch.linspace(low * side, high * side, RANDAUGMENT_BINS)[m])
+    return float(round(value)) if op == "Posterize" else value
+
+
 def _crop(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, size: int) -> torch.Tensor:
     """A size x size window of every image of x at its own offset (oy[i], ox[i]).
 
@@ -243,9 +290,12 @@ class BatchLoader:
     """Draws batches from uint8 tensors on the device; augments whole batches there.
 
     Training order and augmentation are a function of (seed, epoch): a torch.Generator on the
-    device draws the permutation, crops, flips and cutout squares; torchvision's v2 ops draw from
-    torch's global RNG, so they run inside torch.random.fork_rng seeded per batch. With
-    train_cfg None a training loader only shuffles."""
+    device draws the permutation, crops, flips and cutout squares; RandAugment's op and sign
+    draws, the CutMix/MixUp choice and torchvision's CutMix and MixUp draw from torch's global
+    RNG, so they run inside torch.random.fork_rng seeded per batch. Order: crop, flip,
+    RandAugment (uint8), normalise, Cutout (fill 0: the mean), then CutMix or MixUp on the whole
+    batch; targets are class indices, or probabilities (unsmoothed; the loss smooths them) when
+    CutMix or MixUp is on. With train_cfg None a training loader only shuffles."""
 
     def __init__(
         self,
@@ -267,7 +317,10 @@ class BatchLoader:
         self.mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
         self.std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
         cfg = train_cfg
-        self.randaugment = v2.RandAugment(*cfg.randaugment) if cfg and cfg.randaugment[0] > 0 else None
+        h, w = x.shape[-2:]
+        # (magnitude, signed, op) of each RandAugment op at the recipe's M, in the table's order.
+        self.randaugment = [(randaugment_magnitude(name, cfg.randaugment[1], h, w), signed, apply)
+                            for name, (_, _, signed, apply) in RANDAUGMENT_OPS.items()] if cfg else []
         self.cutmix = v2.CutMix(alpha=1.0, num_classes=spec.num_classes) if cfg and cfg.cutmix > 0 else None
         self.mixup = v2.MixUp(alpha=cfg.mixup, num_classes=spec.num_classes) if cfg and cfg.mixup > 0 else None
 
@@ -307,37 +360,38 @@ class BatchLoader:
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(batch_seed)
-            if self.randaugment is not None:
-                x = self._randaugment(x)
+            if cfg.randaugment[0] > 0:
+                x = self._randaugment(x, cfg.randaugment[0])
             x = self._normalise(x)
             if cfg.cutout > 0:
                 x = self._cutout(x, cfg.cutout, gen)
-            # The CPU generator decides CutMix vs MixUp, so there is no device sync per batch.
-            if self.cutmix is not None and torch.rand(()) < cfg.cutmix:
-                x, y = self.cutmix(x, y)
-            elif self.mixup is not None:
-                x, y = self.mixup(x, y)
+            if self.cutmix is not None or self.mixup is not None:
+                # CPU draws decide CutMix vs MixUp, so there is no device sync per batch.
+                draw = torch.rand(2)
+                if self.cutmix is not None and draw[0] < cfg.cutmix:
+                    x, y = self.cutmix(x, y)
+                elif self.mixup is not None and draw[1] < cfg.mixup_prob:
+                    x, y = self.mixup(x, y)
+                else:  # unmixed: still probabilities, so that a loader yields one kind of target
+                    y = F.one_hot(y, self.spec.num_classes).float()
         return x, y
 
-    def _randaugment(self, x: torch.Tensor) -> torch.Tensor:
-        """torchvision's RandAugment with its own ops and signs for every image, applied op by op to
-        the images that drew it: at most ~2 x 20 calls per batch, whatever its size. The draws come
-        from torch's CPU RNG (seeded per batch), so choosing the images never waits for the device."""
-        ra, n, (h, w) = self.randaugment, len(x), x.shape[-2:]
-        space = list(ra._AUGMENTATION_SPACE.items())
+    def _randaugment(self, x: torch.Tensor, num_ops: int) -> torch.Tensor:
+        """RandAugment with its own ops and signs for every image (as the paper and torchvision draw
+        them), applied op by op to the images that drew it: at most num_ops x 26 calls per batch,
+        whatever its size. The draws come from torch's CPU RNG (seeded per batch), so choosing the
+        images never waits for the device."""
+        n = len(x)
         x = x.clone()
-        for _ in range(ra.num_ops):
-            op, negative = torch.randint(len(space), (n,)), torch.rand(n) <= 0.5
-            for i, (name, (magnitudes_fn, signed)) in enumerate(space):
-                magnitudes = magnitudes_fn(ra.num_magnitude_bins, h, w)
-                magnitude = 0.0 if magnitudes is None else float(magnitudes[ra.magnitude])
-                for sign in ((1, -1) if signed and magnitude else (0,)):
-                    chosen = op == i if not sign else (op == i) & (negative == (sign < 0))
+        for _ in range(num_ops):
+            op, negative = torch.randint(len(self.randaugment), (n,)), torch.rand(n) <= 0.5
+            for i, (magnitude, signed, apply) in enumerate(self.randaugment):
+                for sign in ((1.0, -1.0) if signed and magnitude else (1.0,)):
+                    chosen = (op == i) & (negative == (sign < 0)) if signed and magnitude else op == i
                     idx = chosen.nonzero().squeeze(1)
                     if len(idx):
                         idx = idx.to(x.device, non_blocking=True)
-                        x[idx] = ra._apply_image_or_video_transform(
-                            x[idx], name, magnitude * (sign or 1), interpolation=ra.interpolation, fill=ra._fill)
+                        x[idx] = apply(x[idx], sign * magnitude)
         return x
 
     @staticmethod

@@ -6,10 +6,11 @@ from urllib.error import URLError
 import pytest
 import torch
 import torchvision
+from torchvision.transforms import v2
 
 from nkat_search import data
 from nkat_search.config import DataConfig, TrainConfig, UsageError, replace
-from nkat_search.data import DATASETS, BatchLoader, get_spec, load_splits
+from nkat_search.data import DATASETS, RANDAUGMENT_OPS, BatchLoader, get_spec, load_splits, randaugment_magnitude
 
 SYNTH = DataConfig(source="synthetic", val_size=100, synthetic_train=600, synthetic_test=200)
 SHAPES = {"cifar10": (3, 32, 10), "mnist": (1, 28, 10), "fashion_mnist": (1, 28, 10), "emnist_letters": (1, 28, 26)}
@@ -253,15 +254,89 @@ def test_cutout_zeroes_one_square_per_sample():
     assert len({tuple(z.nonzero()[0].tolist()) for z in zero}) > 10  # centres differ per sample
 
 
-def test_randaugment_draws_per_chunk_not_per_batch():
+def test_randaugment_draws_per_image_not_per_batch():
     one = _images(1, 3, 32, 10)[0]
     x, y = one.expand(64, -1, -1, -1).contiguous(), torch.zeros(64, dtype=torch.int64)
     cfg = TrainConfig(mixup=0, cutmix=0, randaugment=(2, 9), cutout=0, crop_padding=0)
     spec = data.DatasetSpec("plain", 3, 32, 10, (0.5,) * 3, (0.25,) * 3, hflip=False)
     images, _ = next(iter(BatchLoader(x, y, spec, 64, train=True, train_cfg=cfg)))
-    chunks = images.split(data.RANDAUGMENT_CHUNK)
-    assert all(torch.equal(chunk[0], img) for chunk in chunks for img in chunk)  # one draw per chunk
-    assert len({chunk[0].sum().item() for chunk in chunks}) >= 4  # different draws across chunks
+    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.float32
+    assert len({img.sum().item() for img in images}) >= 20  # one image, many different draws
+
+
+@pytest.mark.parametrize(("c", "s", "m"), [(1, 28, 9), (3, 32, 17), (1, 28, 10)])
+def test_our_randaugment_table_makes_exactly_the_images_torchvision_makes(c, s, m):
+    """Every image torchvision's public v2.RandAugment(num_ops=1) makes is one of our table's ops at
+    that magnitude, and every op and sign of our table is among them (M=10: Solarize's threshold
+    lands on a pixel value, so float rounding must agree)."""
+    img = _images(1, c, s, 10)[0][0]
+    img[:, s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] //= 3  # a darker centre, so every op changes something
+    ours = {}
+    for name, (_, _, signed, apply) in RANDAUGMENT_OPS.items():
+        magnitude = randaugment_magnitude(name, m, s, s)
+        for sign in (1, -1) if signed and magnitude else (1,):
+            ours[(name, sign)] = apply(img, sign * magnitude)
+    reference, made = v2.RandAugment(num_ops=1, magnitude=m), set()
+    for seed in range(150):
+        torch.manual_seed(seed)
+        out = reference(img)
+        matches = {key for key, candidate in ours.items() if torch.equal(candidate, out)}
+        assert matches, f"seed {seed}: torchvision made an image that no op of our table makes"
+        made |= matches
+    assert made == set(ours)
+
+
+@pytest.mark.parametrize(
+    ("op", "m", "expected"),
+    [("TranslateX", 9, 3.8066), ("Rotate", 9, 9.0), ("ShearY", 30, 0.3), ("Brightness", 9, 0.27),
+     ("Posterize", 9, 7.0), ("Posterize", 30, 4.0), ("Solarize", 9, 0.7), ("Solarize", 0, 1.0), ("Equalize", 9, 0.0)],
+)  # fmt: skip
+def test_randaugment_magnitudes_on_28px_images(op, m, expected):
+    assert randaugment_magnitude(op, m, 28, 28) == pytest.approx(expected, abs=1e-4)
+
+
+def _mixed(targets: torch.Tensor) -> bool:
+    return bool(((targets > 0).sum(1) > 1).any())
+
+
+@pytest.mark.parametrize("mixup_prob", [0.0, 0.3, 1.0])
+def test_mixup_prob_is_the_share_of_batches_mixed(mixup_prob):
+    x, y = _images(10, 1, 28, 10)  # ten distinct labels: a mixed batch always shows two classes in a row
+    cfg = TrainConfig(mixup=1.0, mixup_prob=mixup_prob, cutmix=0, randaugment=(0, 9), cutout=0, crop_padding=0)
+    loader = BatchLoader(x, y, DATASETS["mnist"], 10, train=True, train_cfg=cfg)
+    batches = [targets for _ in range(300) for _, targets in loader]
+    assert all(t.shape == (10, 10) and t.dtype == torch.float32 and torch.allclose(t.sum(1), torch.ones(10)) for t in batches)
+    share = sum(map(_mixed, batches)) / len(batches)
+    assert share == pytest.approx(mixup_prob, abs=0.07)
+
+
+def test_cutmix_takes_its_share_and_mixup_prob_applies_to_the_rest():
+    x, y = _images(10, 1, 28, 10)
+    cfg = TrainConfig(mixup=1.0, mixup_prob=0.5, cutmix=0.4, randaugment=(0, 9), cutout=0, crop_padding=0)
+    loader = BatchLoader(x, y, DATASETS["mnist"], 10, train=True, train_cfg=cfg)
+    batches = [(images, targets) for _ in range(300) for images, targets in loader]
+    # A CutMix image is one of two source images pixel by pixel; a MixUp image blends every pixel.
+    pixels = {round(v, 4) for img in x.float().div(255).sub(0.1307).div(0.3081) for v in img.flatten().tolist()}
+    cut = [all(round(v, 4) in pixels for v in images.flatten()[:200].tolist()) for images, t in batches if _mixed(t)]
+    n = len(batches)
+    assert sum(cut) / n == pytest.approx(0.4, abs=0.08)  # CutMix batches
+    assert (len(cut) - sum(cut)) / n == pytest.approx(0.6 * 0.5, abs=0.08)  # MixUp on half of the rest
+
+
+def test_same_mix_for_the_images_and_the_labels():
+    """A CutMix target's shares are the areas each source image covers; a MixUp image is the same
+    blend of its two sources as its target."""
+    x = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
+    x[1::2] = 255  # even: black; odd: white; label = parity
+    y = torch.arange(8) % 2
+    spec = data.DatasetSpec("plain", 1, 28, 2, (0.0,), (1.0,), hflip=False)
+    for kind in ("cutmix", "mixup"):
+        cfg = TrainConfig(mixup=1.0 if kind == "mixup" else 0, cutmix=1.0 if kind == "cutmix" else 0,
+                          randaugment=(0, 9), cutout=0, crop_padding=0, label_smoothing=0.0)
+        for _ in range(5):
+            images, targets = next(iter(BatchLoader(x, y, spec, 8, train=True, train_cfg=cfg, seed=_)))
+            white = images.mean((1, 2, 3))  # normalisation with mean 0, std 1: pixel fraction
+            assert torch.allclose(white, targets[:, 1], atol=1e-5) and torch.allclose(targets.sum(1), torch.ones(8))
 
 
 def test_same_seed_same_batches_other_seed_other_batches():
