@@ -38,8 +38,8 @@ def _flag(group, name: str, dest: str | None = None, **kwargs) -> None:
     group.add_argument(*spellings, dest=dest or name, **kwargs)
 
 
-def _number(kind: type, name: str):
-    """An argparse type for int or float flags that refuses NaN and infinity."""
+def _number(kind: type, name: str, minimum: float | None = None):
+    """An argparse type for int or float flags that refuses NaN, infinity and values below minimum."""
 
     def parse(text: str):
         try:
@@ -49,6 +49,8 @@ def _number(kind: type, name: str):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is below the least allowed value, {minimum}")
         return value
 
     parse.__name__ = name
@@ -258,6 +260,8 @@ def cmd_export(args) -> int:
 def cmd_dashboard(args) -> int:
     from .dashboard import serve
 
+    if args.port > 65535:
+        raise UsageError(f"--port {args.port} is not a TCP port; use 1-65535 (0 picks a free one).")
     _, store = _open(args, create=False)
     serve(store, host=args.host, port=args.port, artifacts=args.artifacts)
     return 0
@@ -307,6 +311,29 @@ def cmd_bench(args) -> int:
 
     result = measure(args)
     print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
+
+
+def cmd_augment(args) -> int:
+    from .data import load_splits
+    from .preview import recipe_text, write_grid
+    from .study import load_study
+
+    config = load_study(args.study)
+    if args.dataset not in config.datasets:
+        raise UsageError(f"dataset {args.dataset} is not in study {config.name} ({', '.join(config.datasets)}); "
+                         "pick one of those.")
+    out = Path(args.out or f"augment-{safe_name(config.name)}-{args.dataset}.png")
+    if not out.parent.is_dir():
+        raise UsageError(f"cannot write {out}: the folder {out.parent} does not exist; create it or pass another --out.")
+    _, train_cfg = config.configs_for({}, args.dataset, 1)
+    data = dataclasses.replace(config.data, root=args.data_root or os.environ.get("NKAT_SEARCH_DATA_ROOT")
+                               or config.data.root)
+    splits = load_splits(args.dataset, data, "cpu")
+    write_grid(train_cfg, splits, out, rows=args.rows, cols=args.cols, seed=args.seed,
+               title=f"{config.name} / {args.dataset}: {recipe_text(train_cfg)}")
+    print(f"wrote {out}: {args.rows * args.cols} {args.dataset} training images as the model sees them "
+          f"({recipe_text(train_cfg)})")
     return 0
 
 
@@ -441,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("leaderboard", help="completed trials ranked by Global TPE")
     _add_storage_flags(p, study_name_help)
-    p.add_argument("--top", type=_number(int, "int"), default=None, help="show the best N only [all]")
+    p.add_argument("--top", type=_number(int, "int", 1), default=None, help="show the best N only [all]")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="[%(default)s]")
     p.set_defaults(func=cmd_leaderboard)
 
@@ -459,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_flags(p, None)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 exposes it to the network [%(default)s]")
-    p.add_argument("--port", type=_number(int, "int"), default=8080, help="[%(default)s]")
+    p.add_argument("--port", type=_number(int, "int", 0), default=8080, help="[%(default)s]")
     p.add_argument("--artifacts", default="artifacts",
                    help="folder of the artifact store that `nkat-search report` writes the weights to [%(default)s]")
     p.set_defaults(func=cmd_dashboard)
@@ -471,8 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dataset, evaluate once on the test splits, print the Stage-2 table against the "
                                    "research's targets, and write report.json, report.md and the weights.")
     _add_storage_flags(p, study_name_help)
-    p.add_argument("--top", type=_number(int, "int"), default=1, help="retrain the best N completed trials [%(default)s]")
-    p.add_argument("--epochs", type=_number(int, "int"), default=None, help="epochs per dataset [the study's report.epochs]")
+    p.add_argument("--top", type=_number(int, "int", 1), default=1, help="retrain the best N completed trials [%(default)s]")
+    p.add_argument("--epochs", type=_number(int, "int", 1), default=None, help="epochs per dataset [the study's report.epochs]")
     p.add_argument("--out", default=None, help="output folder; holds state for resuming [reports/<study>]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps [%(default)s]")
     p.add_argument("--artifacts", default="artifacts",
@@ -496,11 +523,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial", type=_number(int, "int"), required=True,
                    help="trial number (retrained by `nkat-search report`)")
     p.add_argument("--dataset", default="cifar10", help="dataset of the retrained model [%(default)s]")
-    p.add_argument("--images", type=_number(int, "int"), default=10, help="validation images to draw [%(default)s]")
+    p.add_argument("--images", type=_number(int, "int", 1), default=10, help="validation images to draw [%(default)s]")
     p.add_argument("--out", default=None, help="output folder [reports/<study>/attention-trial-N-<dataset>]")
     p.add_argument("--artifacts", default="artifacts",
                    help="folder of the artifact store that `nkat-search report` used [%(default)s]")
     p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser("augment", help="write a PNG grid of training images as a trial's model sees them",
+                       description="One augmented training batch of a dataset under a study's recipe for that "
+                                   "dataset (every augmentation, before normalisation), with labels or label mixes. "
+                                   "Searched recipe parameters are at their fixed or default values.")
+    p.add_argument("--study", default="round2", help="a packaged study or a study file [%(default)s]")
+    _flag(p, "dataset", default="cifar10", choices=["cifar10", "mnist", "fashion_mnist", "emnist_letters"],
+          help="[%(default)s]")
+    p.add_argument("--out", default=None, help="PNG file [augment-<study>-<dataset>.png]")
+    p.add_argument("--rows", type=_number(int, "int", 1), default=6, help="[%(default)s]")
+    p.add_argument("--cols", type=_number(int, "int", 1), default=8, help="[%(default)s]")
+    p.add_argument("--seed", type=_number(int, "int"), default=0, help="seed of the batch and its augmentation [%(default)s]")
+    p.add_argument("--data-root", help="where the real datasets lie [$NKAT_SEARCH_DATA_ROOT, else the study's data.root]")
+    p.set_defaults(func=cmd_augment)
 
     p = sub.add_parser("studies", help="list the packaged study files, or copy one out as a starting point",
                        description="List the study files shipped with nkat-search (pass a name to --study), or copy "

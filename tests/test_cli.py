@@ -58,3 +58,35 @@ def test_search_views_on_a_finished_study(tiny_study, tmp_path):
 
     frame = pd.read_parquet(tmp_path / "trials.parquet")
     assert len(frame) == 3 and "user_attrs_cifar10_accuracy" in frame and "params_embed_dim" in frame
+
+
+def test_every_config_field_with_help_has_a_train_flag():
+    import dataclasses
+
+    from nkat_search.config import DataConfig, ModelConfig, TrainConfig
+
+    args = vars(build_parser().parse_args(["train"]))
+    for cls in (ModelConfig, TrainConfig, DataConfig):
+        for f in dataclasses.fields(cls):
+            if "help" in f.metadata:
+                assert f.name in args, f"{cls.__name__}.{f.name} has no flag"
+                assert args[f.name] is None  # not given: the dataclass default applies
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--nkat_strength", "nan"], "not a finite number"),
+    (["--lr", "inf"], "not a finite number"),
+    (["--depth", "2.5"], "not a whole number"),
+])
+def test_non_finite_and_wrong_type_flags_exit_2(flags, words, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["train", *flags])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_augment_writes_the_grid_of_a_study_recipe(tmp_path):
+    out = tmp_path / "grid.png"
+    run = cli("augment", "--study", "smoke", "--dataset", "fashion_mnist", "--out", str(out), "--rows", "2",
+              "--cols", "3")
+    assert run.returncode == 0, run.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "6 fashion_mnist training images" in run.stdout
