@@ -1,215 +1,166 @@
-"""`nkat-search bench`: images per second of training, augmentation and evaluation, storage
-latency and peak memory, measured on the device it runs on.
+"""`nkat-search bench`: where the time of training and of a whole search goes, measured on the
+device it runs on.
 
-Every comparison is taken within one run, side by side: the variants run in turn inside each
-repeat (real, bare, research, real, bare, research, ...) and each figure is the median over the
-repeats, so a machine shared with other work slows them alike. The train figure times
-train.TrainStep over data.BatchLoader, the objects fit() itself uses.
+Quick sections (the default): images per second of the real training step beside the bare model
+step and the research-style pipeline; batched vs per-image augmentation; evaluation; ask+tell
+latency of a storage; peak memory. Slow sections, asked for by name: `search` (a search of a
+study through the worker's own loop, with the time of every trial split by phase), `share`
+(smoke-sized trials in 1, 2, 3 concurrent CPU processes, with and without host sharing) and
+`procs` (K concurrent training processes on one device).
 
-The research-style pipeline below is a reference implementation, kept only to compare against:
-per-image PIL augmentation in a two-worker DataLoader, sort-based top-p, multiply-and-renormalise
-NKAT modulation, torch's dropout, AdamW without the fused kernel, a Python-loop EMA and a loss
-read on the host every batch.
+Every comparison is taken within one run, side by side: the variants of a section run in turn
+inside each repeat (real, bare, research, real, bare, research, ...) and each figure is the median
+over the repeats, so a machine shared with other work slows them alike. Absolute figures move
+with the machine's load; ratios taken in one run compare.
+
+The research-style pipeline is a reference, not part of the package: benchmarks/
+research_pipeline.py of a source checkout. Installed without it, the bench says so and leaves
+those rows out.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
+import importlib.util
 import multiprocessing
 import os
+import platform
+import queue
 import random
-import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
+import psutil
 import torch
-import torch.nn.functional as F
-from einops import rearrange
-from torch import nn
 
-from .config import DataConfig, ModelConfig, TrainConfig, UsageError, replace
-from .data import BatchLoader, DatasetSpec, Splits, load_splits
-from .model import MIN_TEMPERATURE, NKATAttention, NKATViT
-from .train import TrainStep, evaluate, resolve_precision
+from .config import CONV_STEMS, PRECISIONS, DataConfig, ModelConfig, TrainConfig, UsageError, check_types, opt, replace
+from .data import BatchLoader, Splits, load_splits
+from .model import NKATViT
+from .train import Timings, TrainStep, choose_precision, cpu_bf16_flags, evaluate, fit
 
 # CPU: the batch of perf-notes. CUDA: large enough to keep an H100 busy with a 17-token model
 # (see the README's learning-rate rule for batch sizes other than the recipe's 128).
-DEFAULT_BATCH = {"cpu": 32, "cuda": 512}
+DEFAULT_BATCH = {"cpu": 32, "cuda": 512, "mps": 128}
+SECTIONS = ("train", "augment", "eval", "storage")  # quick; the default
+SLOW_SECTIONS = ("search", "share", "procs")
+ALL_SECTIONS = SECTIONS + SLOW_SECTIONS
+# Concurrent processes of `share` (the CPU) and `procs` (one device) unless --processes says.
+SHARE_PROCESSES, PROCS_PROCESSES = (1, 2, 3), (1, 2, 4)
+MODEL = ModelConfig()
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `nkat-search bench` measures and how; the command's flags are made from these fields."""
+
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    precision: str = opt("auto", "auto: bf16 autocast on CUDA and on CPUs with native bf16 (the table says "
+                                 "which and why), else fp32", choices=PRECISIONS)
+    batch_size: int | None = opt(None, "images per step [32 on the CPU, 512 on CUDA; 128 in procs]")
+    steps: int = opt(4, "timed steps per variant per round")
+    warmup: int = opt(2, "untimed steps per variant first")
+    repeats: int = opt(3, "rounds; figures are their median")
+    augment_batch: int = opt(512, "batch of the augment figure; GPU-sized, where the pipeline matters")
+    threads: int | None = opt(None, "torch intra-op threads of this process; 1 is steadier on a shared machine "
+                                    "[torch's default]")
+    images: int = opt(1024, "synthetic training images (train, augment, procs)")
+    eval_images: int = opt(256, "images per evaluation pass")
+    conv_stem: str = opt(MODEL.conv_stem, "conv stem of the benchmarked model", choices=CONV_STEMS)
+    patch_size: int = opt(MODEL.patch_size, "patch size of the benchmarked model")
+    embed_dim: int = opt(MODEL.embed_dim, "embedding width of the benchmarked model")
+    depth: int = opt(MODEL.depth, "blocks of the benchmarked model")
+    compile: bool = opt(False, "torch.compile the model of the real step")
+    storage: str | None = opt(None, "storage URL to time ask+tell on [a temporary journal file]")
+    storage_procs: int = opt(8, "concurrent processes of the storage figure")
+    storage_ops: int = opt(20, "ask+tell pairs per process")
+    only: tuple[str, ...] = opt(SECTIONS, "sections to run: " + ", ".join(ALL_SECTIONS) + " (the last three "
+                                          "take minutes)", choices=ALL_SECTIONS)
+    search: bool = opt(False, "time a search of --study instead, through the worker's loop: where each "
+                              "trial's time goes (the same as --only search)")
+    study: str = opt("smoke", "study of the search and share sections: a packaged name or a file")
+    trials: int = opt(12, "trials of the search section")
+    processes: tuple[int, ...] | None = opt(None, "concurrent processes of share and procs "
+                                                  "[share: 1 2 3; procs: 1 2 4]")
+    jobs: int = opt(6, "training jobs per process count in share and procs")
+    reference: str | None = opt(None, "file of the research-style pipeline [benchmarks/research_pipeline.py of "
+                                      "this checkout, else of the working directory]")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        for name in ("steps", "repeats", "augment_batch", "images", "eval_images", "storage_procs", "storage_ops",
+                     "trials", "jobs", "patch_size", "embed_dim", "depth"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        for name in ("warmup",):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name} must be at least 0, got {getattr(self, name)}.")
+        for name in ("batch_size", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.processes is not None and (not self.processes or min(self.processes) < 1):
+            raise UsageError("--processes takes one or more counts, each at least 1, e.g. --processes 1 2 4.")
+        unknown = set(self.only) - set(ALL_SECTIONS)
+        if unknown or not self.only:
+            raise UsageError(f"--only takes sections among {', '.join(ALL_SECTIONS)}, got {' '.join(self.only)}.")
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        return ("search",) if self.search else self.only
+
+    def model(self) -> ModelConfig:
+        return ModelConfig(conv_stem=self.conv_stem, patch_size=self.patch_size, embed_dim=self.embed_dim,
+                           depth=self.depth)
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference: the research-style pipeline (what we compare against, not what we run)
+# The research-style reference
 
 
-def research_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """The research's top-k then top-p filter: logits with removed keys set to -inf, top-p by a
-    full descending sort and a scatter back (as in the common top_k_top_p_filtering)."""
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
-        ranked, order = logits.sort(dim=-1, descending=True)
-        probs = ranked.softmax(dim=-1)
-        remove = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-    return logits
+@functools.cache
+def research_pipeline(path: str | None = None):
+    """The research-style reference module (benchmarks/research_pipeline.py), or None when this
+    installation has no source checkout beside it; a path that was given must exist."""
+    name = "research_pipeline.py"
+    if path is not None:
+        candidates = [Path(path)]
+        if not candidates[0].is_file():
+            raise UsageError(f"--reference {path} is not a file; pass benchmarks/{name} of a checkout.")
+    else:
+        candidates = [Path(__file__).resolve().parent.parent / "benchmarks" / name, Path.cwd() / "benchmarks" / name]
+    for candidate in candidates:
+        if candidate.is_file():
+            spec = importlib.util.spec_from_file_location("nkat_research_pipeline", candidate)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+            return module
+    return None
 
 
-class ResearchAttention(NKATAttention):
-    """NKATAttention as the research wrote it; same parameters, same function."""
-
-    def forward(self, x: torch.Tensor, colors: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        logits = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5 / self.temperature.clamp(min=MIN_TEMPERATURE)
-        if self.color_heads:
-            logits = self._color_bias(logits, colors)
-        attn = research_filter(logits, self.top_k, self.top_p).softmax(dim=-1)
-        if self.theta is not None:
-            stats = torch.stack((x.mean(-1), x.var(-1, unbiased=False)), dim=-1)
-            attn = attn * (1 + self.strength * torch.tanh(self.theta(stats)).squeeze(-1)[:, None, None, :])
-            attn = attn / attn.sum(dim=-1, keepdim=True)
-        out = F.dropout(attn, self.dropout, self.training) @ v
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
-
-
-class ResearchViT(NKATViT):
-    """NKATViT whose last block computes every token, as the research's did."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        colors = self._token_colors(x) if self.cfg.split_heads else None
-        x = self.patch_embed(self.stem(self.color_norm(x)))
-        x = self.pos_drop(torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed)
-        for block in self.blocks:
-            x = block(x, colors)
-        return self.head(self.norm(x)[:, 0])
-
-
-def research_model(cfg: ModelConfig) -> NKATViT:
-    """ResearchViT with every attention replaced by ResearchAttention (weights carried over)."""
-    if cfg.channel_shuffle:
-        raise UsageError("the research-style reference has no channel shuffle; benchmark without it.")
-    model = ResearchViT(cfg)
-    for layer, block in enumerate(model.blocks):
-        attn = ResearchAttention(cfg, layer)
-        attn.load_state_dict(block.attn.state_dict())
-        block.attn = attn
-    return model
-
-
-class _Cutout:
-    """Per-image cutout on a normalised tensor (DeVries & Taylor), drawn with Python's random."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
-        cy, cx = random.randrange(h), random.randrange(w)
-        img = img.clone()
-        img[:, max(0, cy - self.size // 2): cy + self.size - self.size // 2,
-            max(0, cx - self.size // 2): cx + self.size - self.size // 2] = 0
-        return img
-
-
-def pil_transform(spec: DatasetSpec, cfg: TrainConfig):
-    """The research's per-image torchvision (v1, PIL) pipeline: crop, flip, RandAugment, cutout."""
-    from torchvision import transforms as T
-
-    ops = [T.RandomCrop(spec.image_size, padding=cfg.crop_padding)] if cfg.crop_padding else []
-    ops += [T.RandomHorizontalFlip()] if spec.hflip else []
-    ops += [T.RandAugment(*cfg.randaugment)] if cfg.randaugment[0] else []
-    ops += [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
-    ops += [_Cutout(cfg.cutout)] if cfg.cutout else []
-    return T.Compose(ops)
-
-
-class PILDataset(torch.utils.data.Dataset):
-    """uint8 [N, C, H, W] images served one at a time as PIL images through a transform."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform):
-        self.x = x.cpu().permute(0, 2, 3, 1).numpy()
-        self.y, self.transform = y.cpu(), transform
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        img = self.x[i]
-        return self.transform(Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)), self.y[i]
-
-
-@torch.no_grad()
-def python_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """The research's EMA: one Python iteration per tensor."""
-    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
-        if e.is_floating_point():
-            e.mul_(decay).add_(m, alpha=1 - decay)
-        else:
-            e.copy_(m)
-
-
-class ResearchStep:
-    """One training step of the research-style pipeline; batches from a 2-worker DataLoader."""
-
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, batch: int,
-                 device: torch.device):
-        import copy
-
-        from torchvision.transforms import v2
-
-        self.model = research_model(model_cfg).to(device).train()
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr,
-                                           weight_decay=train_cfg.weight_decay)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
-        self.cfg, self.device = train_cfg, device
-        self.autocast = resolve_precision(train_cfg.precision, device)
-        k = splits.spec.num_classes
-        self.cutmix = v2.CutMix(alpha=1.0, num_classes=k) if train_cfg.cutmix else None
-        self.mixup = v2.MixUp(alpha=train_cfg.mixup, num_classes=k) if train_cfg.mixup else None
-        dataset = PILDataset(splits.train_x, splits.train_y, pil_transform(splits.spec, train_cfg))
-        self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=2, persistent_workers=True,
-            pin_memory=device.type == "cuda", multiprocessing_context="fork")
-        self.batches = _cycle(self.loader)
-        self.losses: list[float] = []
-
-    def __call__(self) -> None:
-        images, targets = next(self.batches)
-        images, targets = images.to(self.device), targets.to(self.device)
-        if self.cutmix is not None and random.random() < self.cfg.cutmix:
-            images, targets = self.cutmix(images, targets)
-        elif self.mixup is not None:
-            images, targets = self.mixup(images, targets)
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            loss = self.criterion(self.model(images), targets)
-        self.optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad or float("inf"))
-        self.optimizer.step()
-        python_ema(self.ema, self.model, self.cfg.ema)
-        self.losses.append(loss.item())
-
-
-def _cycle(iterable) -> Iterator:
-    while True:
-        yield from iterable
+NO_REFERENCE = "reference pipeline not available (benchmarks/research_pipeline.py of a source checkout; --reference)"
 
 
 # ---------------------------------------------------------------------------------------------
-# Measurements
+# Quick sections
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _cycle(iterable) -> Iterator:
+    while True:
+        yield from iterable
 
 
 def interleaved(variants: dict[str, Callable[[], None]], images_per_call: int, calls: int, warmup: int,
@@ -236,20 +187,26 @@ def synthetic_splits(name: str, images: int, val: int, device: torch.device) -> 
                                         synthetic_test=1), device)
 
 
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype or torch.float32).removeprefix("torch.")
+
+
 def bench_train(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, *, steps: int, warmup: int,
-                repeats: int, research: bool = True, extra_bf16: bool = False) -> dict:
-    """Real step (TrainStep over BatchLoader) vs bare step (fixed batch; forward, backward, AdamW)
-    vs the research-style pipeline, side by side; with extra_bf16 also the real step under bf16."""
+                repeats: int, reference=None) -> dict:
+    """The real step (TrainStep over BatchLoader, at train_cfg's precision) beside the bare step
+    (fixed batch; forward, backward, AdamW) and, with a reference module, the research-style
+    pipeline at fp32, as the research ran it. The real step also runs at the other precision where
+    the device has native bf16, so both ratios are in the table."""
     device, batch = splits.train_x.device, train_cfg.batch_size
     if batch > len(splits.train_x):
         raise UsageError(f"batch size {batch} exceeds the {len(splits.train_x)} benchmark images; lower --batch-size.")
     torch.manual_seed(train_cfg.seed)
     loader = BatchLoader(splits.train_x, splits.train_y, splits.spec, batch, train=True, train_cfg=train_cfg,
                          seed=train_cfg.seed)
+    batches = _cycle(loader)
     step = TrainStep(model_cfg, train_cfg, device, len(loader))
     step.model.train()
-    batches = _cycle(loader)
-    losses = []
+    losses: list[torch.Tensor] = []
 
     def real() -> None:
         losses.append(step(*next(batches)))
@@ -264,48 +221,73 @@ def bench_train(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, 
         step.optimizer.step()
 
     variants = {"real": real, "bare": bare}
-    precision = {"real": _name(step.autocast), "bare": _name(step.autocast)}
-    if research:
-        variants["research"] = ResearchStep(model_cfg, train_cfg, splits, batch, device)
-        precision["research"] = _name(step.autocast)
-    if extra_bf16 and step.autocast is None:
-        bf16 = TrainStep(model_cfg, replace(train_cfg, precision="bf16"), device, len(loader))
-        bf16.model.train()
-        variants["real_bf16"] = lambda: bf16(*next(batches))
-        precision["real_bf16"] = "bfloat16"
+    precision = {"real": _dtype_name(step.autocast), "bare": _dtype_name(step.autocast)}
+    other = None
+    if step.autocast is not None:
+        other = replace(train_cfg, precision="fp32")
+    elif device.type == "cpu" and cpu_bf16_flags():
+        other = replace(train_cfg, precision="bf16")
+    if other is not None:
+        second = TrainStep(model_cfg, other, device, len(loader))
+        second.model.train()
+        name = "real_" + ("fp32" if other.precision == "fp32" else "bf16")
+        variants[name] = lambda: losses.append(second(*next(batches)))
+        precision[name] = _dtype_name(second.autocast)
+    research = None
+    if reference is not None:
+        research = reference.ResearchStep(model_cfg, train_cfg, splits, batch, device, autocast=None)
+        variants["research"] = research
+        precision["research"] = "float32"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    out = interleaved(variants, batch, steps, warmup, repeats, device)
+    try:
+        out = interleaved(variants, batch, steps, warmup, repeats, device)
+    finally:
+        if research is not None:
+            research.close()
     for name in out:
         out[name]["precision"] = precision[name]
     if not torch.isfinite(torch.stack(losses)).all():
         raise RuntimeError("the benchmark's training loss became non-finite; the figures would be meaningless.")
-    result = {"variants": out, "real_over_bare_cost": out["bare"]["img_per_s"] / out["real"]["img_per_s"]}
-    if research:
-        result["real_over_research_speed"] = out["real"]["img_per_s"] / out["research"]["img_per_s"]
-        del variants["research"].loader  # ends its workers
+    speed = {name: fig["img_per_s"] for name, fig in out.items()}
+    result = {"variants": out, "real_over_bare_cost": speed["bare"] / speed["real"]}
+    if research is not None:
+        result["real_over_research_speed"] = speed["real"] / speed["research"]
+        if "real_fp32" in speed:
+            result["real_fp32_over_research_speed"] = speed["real_fp32"] / speed["research"]
+    else:
+        result["research"] = NO_REFERENCE
     result["memory"] = peak_memory(device)
     return result
 
 
-def bench_augment(splits: Splits, train_cfg: TrainConfig, *, batch: int, images: int, repeats: int) -> dict:
-    """Batched on-device augmentation (BatchLoader) vs the same operations per image on PIL."""
+def bench_augment(splits: Splits, train_cfg: TrainConfig, *, batch: int, images: int, repeats: int,
+                  reference=None) -> dict:
+    """Batched on-device augmentation (BatchLoader) vs the same operations per image on PIL (the
+    reference's pipeline)."""
     cfg = replace(train_cfg, mixup=0.0, cutmix=0.0)  # batch-level mixing has no per-image twin
     x, y = splits.train_x[:images], splits.train_y[:images]
     loader = BatchLoader(x, y, splits.spec, batch, train=True, train_cfg=cfg, seed=cfg.seed)
-    dataset = PILDataset(x, y, pil_transform(splits.spec, cfg))
     n = len(loader) * min(batch, len(x))
 
     def batched() -> None:
         for _ in loader:
             pass
 
-    def per_image() -> None:
-        for i in range(n):
-            dataset[i % len(dataset)]
+    variants = {"batched": batched}
+    if reference is not None:
+        dataset = reference.PILDataset(x, y, reference.pil_transform(splits.spec, cfg))
 
-    out = interleaved({"batched": batched, "pil": per_image}, n, 1, 1, repeats, x.device)
-    out["speedup"] = out["batched"]["img_per_s"] / out["pil"]["img_per_s"]
+        def per_image() -> None:
+            for i in range(n):
+                dataset[i % len(dataset)]
+
+        variants["pil"] = per_image
+    out = interleaved(variants, n, 1, 1, repeats, x.device)
+    if reference is not None:
+        out["speedup"] = out["batched"]["img_per_s"] / out["pil"]["img_per_s"]
+    else:
+        out["pil"] = NO_REFERENCE
     out["batch"] = batch
     return out
 
@@ -316,24 +298,34 @@ def bench_eval(model_cfg: ModelConfig, splits: Splits, *, batch: int, repeats: i
     model = NKATViT(model_cfg).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    autocast = resolve_precision(precision, device)
+    autocast, _ = choose_precision(precision, device)
 
     def run() -> None:
         evaluate(model, splits.val_x, splits.val_y, splits, batch, autocast)
 
     out = interleaved({"eval": run}, len(splits.val_y), 1, 1, repeats, device)["eval"]
-    out["precision"] = _name(autocast)
+    out["precision"] = _dtype_name(autocast)
     return out
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set in MiB, on every OS."""
+    try:
+        import resource  # POSIX only
+    except ImportError:  # Windows: the peak working set
+        return psutil.Process().memory_info().peak_wset / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
 def peak_memory(device: torch.device) -> dict:
-    """CUDA: max allocated since the last reset; CPU: the process's peak resident set (ru_maxrss)."""
+    """CUDA: max allocated since the last reset; otherwise the process's peak resident set."""
     if device.type == "cuda":
         return {"kind": "cuda_max_allocated", "mib": torch.cuda.max_memory_allocated(device) / 2**20}
-    return {"kind": "cpu_max_rss", "mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"kind": "cpu_peak_rss", "mib": peak_rss_mib()}
 
 
-def _storage_worker(url: str, study_name: str, ops: int, barrier, queue) -> None:
+def _storage_worker(url: str, study_name: str, ops: int, barrier, results) -> None:
     import optuna
 
     from .storage import open_storage
@@ -344,15 +336,15 @@ def _storage_worker(url: str, study_name: str, ops: int, barrier, queue) -> None
     timings = []
     barrier.wait()
     # Optuna warns (UserWarning) that heartbeat storages are meant for Study.optimize; ask/tell is the point here.
-    warnings.simplefilter("ignore", UserWarning)
-    for i in range(ops + 1):
-        start = time.perf_counter()
-        trial = study.ask()
-        trial.suggest_float("x", 0.0, 1.0)
-        study.tell(trial, rng.random())
-        if i:  # the first pair opens connections and caches: not a steady-state figure
-            timings.append(time.perf_counter() - start)
-    queue.put(timings)
+    with warnings.catch_warnings(action="ignore", category=UserWarning):
+        for i in range(ops + 1):
+            start = time.perf_counter()
+            trial = study.ask()
+            trial.suggest_float("x", 0.0, 1.0)
+            study.tell(trial, rng.random())
+            if i:  # the first pair opens connections and caches: not a steady-state figure
+                timings.append(time.perf_counter() - start)
+    results.put(timings)
 
 
 def bench_storage(url: str, procs: int, ops: int) -> dict:
@@ -365,13 +357,15 @@ def bench_storage(url: str, procs: int, ops: int) -> dict:
     name = f"nkat-bench-{uuid.uuid4().hex[:8]}"
     storage = open_storage(url)
     optuna.create_study(study_name=name, storage=storage)
-    ctx = multiprocessing.get_context("fork")  # no torch work in the children: fork is safe and quick
-    barrier, queue = ctx.Barrier(procs), ctx.Queue()
-    workers = [ctx.Process(target=_storage_worker, args=(url, name, ops, barrier, queue)) for _ in range(procs)]
+    # No torch work in the children: fork is safe and quick where the OS has it.
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    barrier, results = ctx.Barrier(procs), ctx.Queue()
+    workers = [ctx.Process(target=_storage_worker, args=(url, name, ops, barrier, results)) for _ in range(procs)]
     try:
         for w in workers:
             w.start()
-        timings = sorted(t * 1000 for _ in workers for t in queue.get(timeout=300))
+        per_process = _collect(results, procs, workers, timeout=600)
+        timings = sorted(1000 * seconds for timings_of_one in per_process for seconds in timings_of_one)
     finally:
         for w in workers:
             w.join(timeout=30)
@@ -380,95 +374,413 @@ def bench_storage(url: str, procs: int, ops: int) -> dict:
     return {"url": mask(url), "procs": procs, "ops_per_proc": ops, "p50_ms": pick(0.50), "p95_ms": pick(0.95)}
 
 
-def cpu_has_native_bf16() -> bool:
+def _collect(results, count: int, procs: list, timeout: float) -> list:
+    """count items from a queue fed by procs; a process that died first is an error, not a hang."""
+    items, deadline = [], time.monotonic() + timeout
+    while len(items) < count:
+        try:
+            items.append(results.get(timeout=1.0))
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a benchmark process ended with exit code {dead[0].exitcode}; "
+                                   "its error is printed above.") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"benchmark processes gave {len(items)} of {count} results in {timeout:.0f} s.") from None
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# search: where a trial's time goes, through the worker's own loop
+
+
+def _timed_storage(inner, timer: Timings):
+    """`inner` with every storage call charged to the phase "storage <method>"."""
+    import abc
+
+    import optuna
+
+    class TimedStorage(optuna.storages.BaseStorage):
+        def __init__(self) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str):
+            return getattr(self._inner, name)
+
+    def timed(name: str):
+        method = getattr(inner, name)
+
+        def call(self, *args, **kwargs):
+            with timer.phase(f"storage {name}"):
+                return method(*args, **kwargs)
+
+        return call
+
+    for name in dir(optuna.storages.BaseStorage):
+        if not name.startswith("_") and callable(getattr(optuna.storages.BaseStorage, name)):
+            setattr(TimedStorage, name, timed(name))
+    abc.update_abstractmethods(TimedStorage)
+    return TimedStorage()
+
+
+def _timed_pruner(inner, timer: Timings):
+    import optuna
+
+    class TimedPruner(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            with timer.phase("pruner"):
+                return inner.prune(study, trial)
+
+    return TimedPruner()
+
+
+def bench_search(study_ref: str, trials: int, device: torch.device) -> dict:
+    """A search of `trials` trials of a study on a temporary journal, run by worker.run_loop (the
+    loop `nkat-search worker` runs) with timers on the pieces: data, model build, train steps,
+    evaluation, sampler, pruner, storage calls, dashboard note, and the rest of the loop."""
+    import inspect
+
+    import optuna
+
+    from . import storage as st
+    from . import worker
+    from .dashboard import annotate_trial
+    from .objective import make_objective
+    from .study import load_study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    config = load_study(study_ref)
+    startup = _import_seconds()
+    timer = Timings()
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"journal:{Path(tmp) / 'search.journal'}"
+        started = time.perf_counter()
+        st.create_or_resume(st.open_storage(url), url, config, trials)
+        raw = st.open_storage(url, create=False)
+        store = _timed_storage(raw, timer)
+        study, config = st.attach(store, url, config.name)
+        study.pruner = _timed_pruner(study.pruner, timer)
+        attach_seconds = time.perf_counter() - started
+        cache: dict = {}
+
+        def load(dataset: str) -> Splits:
+            with timer.phase("data"):
+                if dataset not in cache:
+                    cache[dataset] = load_splits(dataset, config.data, device)
+                return cache[dataset]
+
+        # Until objective.make_objective passes a timer on to fit(), fit's phases show as "objective".
+        kwargs = {"timer": timer} if "timer" in inspect.signature(make_objective).parameters else {}
+        inner = make_objective(config, load, on_progress=lambda _: None, **kwargs)
+
+        def objective(trial) -> float:
+            with timer.phase("objective"):
+                return inner(trial)
+
+        rows: list[dict] = []
+        mark = [time.perf_counter(), time.process_time(), *timer.snapshot()]
+
+        def on_end(frozen) -> None:
+            with timer.phase("dashboard note"):
+                annotate_trial(study, frozen)
+            now = [time.perf_counter(), time.process_time(), *timer.snapshot()]
+            rows.append({"trial": frozen.number, "state": frozen.state.name,
+                         **_breakdown(now[0] - mark[0], now[1] - mark[1], _minus(now[2], mark[2]), _minus(now[3], mark[3]))})
+            mark[:] = now
+
+        begin = time.perf_counter(), time.process_time()
+        worker.run_loop(worker.Worker(study, store, url, config), objective, poll_seconds=0.1, on_end=on_end)
+        total = _breakdown(time.perf_counter() - begin[0], time.process_time() - begin[1], *timer.snapshot())
+    return {"study": config.name, "trials": len(rows), **total, "trials_per_minute": 60 * len(rows) / total["seconds"],
+            "storage_calls": {k.removeprefix("storage "): {"seconds": timer.seconds[k], "calls": timer.calls[k]}
+                              for k in sorted(timer.seconds, key=lambda k: -timer.seconds[k]) if k.startswith("storage ")},
+            "startup": {"import_seconds": startup, "open_and_attach_seconds": attach_seconds},
+            "fit_phases_split": "timer" in kwargs, "per_trial": rows,
+            "precision": dict(zip(("dtype", "reason"), _precision_of(config.train.precision, device)))}
+
+
+def _minus(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in now.items() if v - before.get(k, 0.0) > 0}
+
+
+def _breakdown(wall: float, cpu: float, wall_phases: dict[str, float], cpu_phases: dict[str, float]) -> dict:
+    """Wall and CPU seconds by phase (storage methods summed), the rest of the loop as its own phase,
+    and the share of each that was not training steps."""
+    out = {"seconds": wall, "cpu_seconds": cpu}
+    for key, total, phases in (("phases", wall, wall_phases), ("cpu_phases", cpu, cpu_phases)):
+        grouped = _grouped(phases)
+        grouped["worker loop (rest)"] = max(0.0, total - sum(grouped.values()))
+        out[key] = grouped
+    out["not_training"] = 1 - out["phases"].get("train steps", 0.0) / wall
+    out["not_training_cpu"] = 1 - out["cpu_phases"].get("train steps", 0.0) / max(cpu, 1e-9)
+    return out
+
+
+def _grouped(phases: dict[str, float]) -> dict[str, float]:
+    """Phases with the storage methods summed into one "storage" entry, largest first."""
+    out: dict[str, float] = {}
+    for name, seconds in phases.items():
+        key = "storage" if name.startswith("storage ") else name
+        out[key] = out.get(key, 0.0) + seconds
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _precision_of(precision: str, device: torch.device) -> tuple[str, str]:
+    dtype, reason = choose_precision(precision, device)
+    return _dtype_name(dtype), reason
+
+
+def _import_seconds() -> float:
+    """Seconds a fresh Python process takes to import the worker's training stack (once per worker)."""
+    code = "import nkat_search.worker, nkat_search.objective, nkat_search.dashboard, nkat_search.train"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# share and procs: concurrent training processes
+
+
+@dataclass(frozen=True)
+class Job:
+    """A unit of training for the concurrency sections: (dataset, model, recipe) runs in turn."""
+
+    runs: tuple[tuple[str, ModelConfig, TrainConfig], ...]
+
+
+def study_jobs(study, count: int, seed: int = 0) -> list[Job]:
+    """`count` trials of a study's space, drawn at random (seeded), each as the runs an unpruned
+    trial trains: Stage 1, then every Stage-2 dataset."""
+    import optuna
+
+    from .space import suggest
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    jobs = []
+    for _ in range(count):
+        params = suggest(draws.ask(), study)
+        stages = [(study.stage1_dataset, study.stage1_epochs)] + [(d, study.stage2_epochs) for d in study.stage2_datasets]
+        jobs.append(Job(tuple((d, *study.configs_for(params, d, epochs)) for d, epochs in stages)))
+    return jobs
+
+
+def _trained_images(splits: Splits, cfg: TrainConfig) -> int:
+    n = len(splits.train_y)
+    steps = max(1, n // cfg.batch_size)
+    return cfg.epochs * min(steps, cfg.limit_train or steps) * min(cfg.batch_size, n)
+
+
+def _child(device: str, sharing: str, folder: str, cores: int, data: DataConfig, datasets: tuple[str, ...],
+           jobs, barrier, results) -> None:
+    """One concurrent benchmark process. sharing: "on" joins the host registry and takes its share
+    of the cores before each job; "off" takes every core (torch's default in a fresh process,
+    set explicitly so an inherited OMP_NUM_THREADS does not decide); "device" leaves torch as it is."""
+    from .hostshare import HostShare
+
+    share = HostShare(device, folder=folder, cores=cores) if sharing == "on" else None
+    if share is not None:
+        share.join()
+    elif sharing == "off":
+        torch.set_num_threads(cores)
     try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        splits = {d: load_splits(d, data, device) for d in datasets}
+        barrier.wait()
+        while (item := jobs.get()) is not None:
+            threads = share.threads_for_next_trial() if share is not None else torch.get_num_threads()
+            start, images = time.perf_counter(), 0
+            for dataset, model_cfg, train_cfg in item.runs:
+                fit(model_cfg, train_cfg, splits[dataset])
+                images += _trained_images(splits[dataset], train_cfg)
+            results.put({"seconds": time.perf_counter() - start, "images": images, "threads": threads,
+                         "pid": os.getpid()})
+    finally:
+        if share is not None:
+            share.leave()
 
 
-def _name(dtype: torch.dtype | None) -> str:
-    return str(dtype or torch.float32).removeprefix("torch.")
+def run_concurrent(jobs: list[Job], count: int, *, device: str, sharing: str, data: DataConfig,
+                   cores: int, folder: str) -> dict:
+    """Run `jobs` in `count` concurrent spawned processes that take them from one queue; wall time
+    from the moment every process is ready (imports and data done) until the last job ends."""
+    ctx = multiprocessing.get_context("spawn")
+    todo, results, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(count + 1)
+    for job in jobs:
+        todo.put(job)
+    for _ in range(count):
+        todo.put(None)
+    datasets = tuple(sorted({run[0] for job in jobs for run in job.runs}))
+    procs = [ctx.Process(target=_child, args=(device, sharing, folder, cores, data, datasets, todo, barrier, results))
+             for _ in range(count)]
+    for p in procs:
+        p.start()
+    try:
+        barrier.wait(timeout=900)
+        start = time.perf_counter()
+        done = _collect(results, len(jobs), procs, timeout=3600)
+        seconds = time.perf_counter() - start
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.terminate()
+    return {"processes": count, "sharing": sharing, "jobs": len(jobs), "seconds": seconds,
+            "jobs_per_minute": 60 * len(jobs) / seconds, "img_per_s": sum(r["images"] for r in done) / seconds,
+            "threads": sorted({r["threads"] for r in done}), "job_seconds": statistics.median(r["seconds"] for r in done)}
+
+
+def bench_share(study_ref: str, counts: tuple[int, ...], jobs: int) -> dict:
+    """Smoke-sized trials (the study's space, unpruned) in 1, 2, 3 concurrent CPU processes, with
+    host sharing (hostshare) and without (every process takes every core), side by side."""
+    from .hostshare import host_cores
+    from .study import load_study
+
+    study = load_study(study_ref)
+    work, cores = study_jobs(study, jobs), host_cores()
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for count in counts:
+            for sharing in ("on", "off"):
+                rows.append(run_concurrent(work, count, device="cpu", sharing=sharing, data=study.data, cores=cores,
+                                           folder=folder))
+    base = next(r["jobs_per_minute"] for r in rows if r["processes"] == min(counts) and r["sharing"] == "on")
+    for row in rows:
+        row["vs_one_shared"] = row["jobs_per_minute"] / base
+    return {"study": study.name, "cores": cores, "jobs": jobs, "rows": rows,
+            "precision": dict(zip(("dtype", "reason"), _precision_of(study.train.precision, torch.device("cpu"))))}
+
+
+def bench_procs(model_cfg: ModelConfig, device: torch.device, *, counts: tuple[int, ...], jobs: int, images: int,
+                eval_images: int, batch: int, precision: str) -> dict:
+    """K concurrent training processes on one device: aggregate img/s and jobs per hour, a job being
+    one epoch of `images` synthetic CIFAR-10 images plus one evaluation. On CUDA also with the
+    model compiled with mode="reduce-overhead" (CUDA graphs), where launch overhead is the cost."""
+    data = DataConfig(source="synthetic", val_size=eval_images, synthetic_train=images + eval_images, synthetic_test=1)
+    recipe = TrainConfig(epochs=1, warmup=0, batch_size=batch, precision=precision)
+    variants = {"eager": recipe}
+    if device.type == "cuda":
+        variants["compiled"] = replace(recipe, compile=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for count in counts:
+            for name, cfg in variants.items():
+                work = [Job((("cifar10", model_cfg, cfg),))] * jobs
+                row = run_concurrent(work, count, device=str(device), sharing="device" if device.type != "cpu" else "on",
+                                     data=data, cores=os.cpu_count() or 1, folder=folder)
+                row["variant"] = name
+                row["jobs_per_hour"] = 60 * row.pop("jobs_per_minute")
+                rows.append(row)
+    return {"batch": batch, "images_per_job": images, "rows": rows,
+            "precision": dict(zip(("dtype", "reason"), _precision_of(precision, device)))}
 
 
 # ---------------------------------------------------------------------------------------------
 # Command
 
 
-SECTIONS = ("train", "augment", "eval", "storage")
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is visible; use --device cpu.")
-    return torch.device(name)
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-def measure(args) -> dict:
+def measure(options: BenchOptions) -> dict:
     """Every section asked for, as one JSON-ready dict."""
-    device = _device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    batch = args.batch_size or DEFAULT_BATCH[device.type]
-    for flag in ("steps", "repeats", "images", "augment_batch", "eval_images", "storage_procs", "storage_ops"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1.")
-    model_cfg = ModelConfig(conv_stem=args.conv_stem, patch_size=args.patch_size, embed_dim=args.embed_dim,
-                            depth=args.depth)
-    train_cfg = TrainConfig(batch_size=batch, precision=args.precision, compile=args.compile)
+    from .devices import resolve_device
+
+    device = resolve_device(options.device)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    sections = options.sections
+    batch = options.batch_size or DEFAULT_BATCH.get(device.type, 128)
+    model_cfg = options.model()
+    train_cfg = TrainConfig(batch_size=batch, precision=options.precision, compile=options.compile)
+    dtype, reason = choose_precision(options.precision, device)
+    bf16 = cpu_bf16_flags()
     out: dict = {
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "config": {"model": dataclasses.asdict(model_cfg), "batch_size": batch, "steps": args.steps, "warmup": args.warmup,
-                   "repeats": args.repeats, "compile": args.compile},
+        "cpu": {"name": cpu_name(), "cores": psutil.cpu_count() or os.cpu_count(),
+                "native_bf16": list(bf16) if bf16 is not None else None},
+        "precision": {"asked": options.precision, "dtype": _dtype_name(dtype), "reason": reason},
+        "config": {"model": dataclasses.asdict(model_cfg), "batch_size": batch, "steps": options.steps,
+                   "warmup": options.warmup, "repeats": options.repeats, "compile": options.compile,
+                   "sections": list(sections)},
     }
-    if "storage" in args.only:  # first: its processes fork before torch starts its threads
+    reference = research_pipeline(options.reference) if {"train", "augment"} & set(sections) else None
+    if "storage" in sections:
         with tempfile.TemporaryDirectory() as tmp:
-            url = args.storage or f"journal:{os.path.join(tmp, 'bench.journal')}"
-            out["storage"] = bench_storage(url, args.storage_procs, args.storage_ops)
-    if {"train", "augment", "eval"} & set(args.only):
-        splits = synthetic_splits("cifar10", max(args.images, batch), args.eval_images, device)
-    if "augment" in args.only:
-        out["augment"] = bench_augment(splits, train_cfg, batch=args.augment_batch, images=args.images, repeats=args.repeats)
-    if "eval" in args.only:
-        out["eval"] = bench_eval(model_cfg, splits, batch=batch, repeats=args.repeats, precision=args.precision)
-    if "train" in args.only:
-        extra = device.type == "cpu" and cpu_has_native_bf16() and args.precision != "bf16"
-        out["train"] = bench_train(model_cfg, train_cfg, splits, steps=args.steps, warmup=args.warmup,
-                                   repeats=args.repeats, extra_bf16=extra)
+            url = options.storage or f"journal:{os.path.join(tmp, 'bench.journal')}"
+            out["storage"] = bench_storage(url, options.storage_procs, options.storage_ops)
+    if {"train", "augment", "eval"} & set(sections):
+        splits = synthetic_splits("cifar10", max(options.images, batch), options.eval_images, device)
+    if "augment" in sections:
+        out["augment"] = bench_augment(splits, train_cfg, batch=options.augment_batch, images=options.images,
+                                       repeats=options.repeats, reference=reference)
+    if "eval" in sections:
+        out["eval"] = bench_eval(model_cfg, splits, batch=batch, repeats=options.repeats, precision=options.precision)
+    if "train" in sections:
+        out["train"] = bench_train(model_cfg, train_cfg, splits, steps=options.steps, warmup=options.warmup,
+                                   repeats=options.repeats, reference=reference)
         out["memory"] = out["train"].pop("memory")
+    if "search" in sections:
+        out["search"] = bench_search(options.study, options.trials, device)
+    if "share" in sections:
+        out["share"] = bench_share(options.study, options.processes or SHARE_PROCESSES, options.jobs)
+    if "procs" in sections:
+        out["procs"] = bench_procs(model_cfg, device, counts=options.processes or PROCS_PROCESSES, jobs=options.jobs,
+                                   images=options.images, eval_images=options.eval_images,
+                                   batch=options.batch_size or TrainConfig().batch_size, precision=options.precision)
     return out
 
 
 def table(result: dict) -> str:
-    """The plain-text table of measure()'s result."""
-    c = result["config"]
+    """The plain-text report of measure()'s result."""
+    c, p, cpu = result["config"], result["precision"], result["cpu"]
     m = c["model"]
-    lines = [f"device {result['device']}, torch {result['torch']}, {result['threads']} threads; model: stem "
-             f"{m['conv_stem']}, patch {m['patch_size']}, embed {m['embed_dim']}, depth {m['depth']}; batch "
-             f"{c['batch_size']}, {c['warmup']} warm-up + {c['repeats']} x {c['steps']} steps, median of rounds",
-             "", f"{'figure':<44} {'value':>12}  {'precision':<9} note"]
+    lines = [f"device {result['device']} ({cpu['name']}, {cpu['cores']} cores), torch {result['torch']}, "
+             f"{result['threads']} threads",
+             f"precision: {p['dtype']} ({p['reason']})"]
+    if {"train", "augment", "eval"} & set(c["sections"]):
+        lines.append(f"model: stem {m['conv_stem']}, patch {m['patch_size']}, embed {m['embed_dim']}, depth "
+                     f"{m['depth']}; batch {c['batch_size']}, {c['warmup']} warm-up + {c['repeats']} x {c['steps']} "
+                     "steps, median of rounds")
+    lines += ["", f"{'figure':<46} {'value':>14}  {'precision':<9} note"]
 
     def row(name: str, value: str, precision: str = "", note: str = "") -> None:
-        lines.append(f"{name:<44} {value:>12}  {precision:<9} {note}")
+        lines.append(f"{name:<46} {value:>14}  {precision:<9} {note}".rstrip())
 
     if "train" in result:
-        v = result["train"]["variants"]
+        t = result["train"]
+        v = t["variants"]
         labels = {"real": "train: real step (TrainStep + BatchLoader)", "bare": "train: bare model step",
-                  "research": "train: research-style pipeline", "real_bf16": "train: real step, bf16 autocast"}
+                  "real_fp32": "train: real step at fp32", "real_bf16": "train: real step at bf16",
+                  "research": "train: research-style pipeline (fp32)"}
         for name, fig in v.items():
             rel = v["bare"]["img_per_s"] / fig["img_per_s"]
             row(labels[name], f"{fig['img_per_s']:.1f} img/s", fig["precision"], f"{rel:.2f}x the bare step's time")
-        row("train: real step cost over bare", f"{result['train']['real_over_bare_cost']:.3f}x", "", "target <= 1.15")
-        if "real_over_research_speed" in result["train"]:
-            row("train: real speed over research", f"{result['train']['real_over_research_speed']:.3f}x", "",
+        row("train: real step cost over bare", f"{t['real_over_bare_cost']:.3f}x", "", "target <= 1.15")
+        if "real_over_research_speed" in t:
+            row("train: real speed over research", f"{t['real_over_research_speed']:.3f}x", v["real"]["precision"],
                 "target >= 1.25")
+        if "real_fp32_over_research_speed" in t:
+            row("train: real fp32 speed over research", f"{t['real_fp32_over_research_speed']:.3f}x", "float32",
+                "same precision as the research")
+        if "research" in t:
+            row("train: research-style pipeline", "-", "", t["research"])
     if "augment" in result:
         a = result["augment"]
         row("augment: batched on-device", f"{a['batched']['img_per_s']:.0f} img/s", "", f"batch {a['batch']}")
-        row("augment: per-image PIL", f"{a['pil']['img_per_s']:.0f} img/s")
-        row("augment: speed-up", f"{a['speedup']:.1f}x", "", "target >= 10")
+        if "speedup" in a:
+            row("augment: per-image PIL", f"{a['pil']['img_per_s']:.0f} img/s")
+            row("augment: speed-up", f"{a['speedup']:.1f}x", "", "target >= 10")
+        else:
+            row("augment: per-image PIL", "-", "", a["pil"])
     if "eval" in result:
         row("eval", f"{result['eval']['img_per_s']:.1f} img/s", result["eval"]["precision"])
     if "storage" in result:
@@ -478,4 +790,56 @@ def table(result: dict) -> str:
         row("storage: ask+tell p95", f"{s['p95_ms']:.1f} ms", "", "target < 50 on local PostgreSQL, 8 processes")
     if "memory" in result:
         row(f"memory: peak ({result['memory']['kind']})", f"{result['memory']['mib']:.0f} MiB")
+    if "search" in result:
+        lines += ["", *_search_table(result["search"])]
+    if "share" in result:
+        lines += ["", *_share_table(result["share"])]
+    if "procs" in result:
+        lines += ["", *_procs_table(result["procs"])]
     return "\n".join(lines)
+
+
+def _search_table(s: dict) -> list[str]:
+    wall, cpu, n = s["seconds"], s["cpu_seconds"], max(1, s["trials"])
+    lines = [f"search: {s['trials']} trials of {s['study']} in {wall:.1f} s = {s['trials_per_minute']:.2f} trials/min "
+             f"({s['precision']['dtype']}); not training steps: {100 * s['not_training']:.1f}% of the wall time, "
+             f"{100 * s['not_training_cpu']:.1f}% of the CPU time (target < 10%)",
+             f"  once per worker: imports {s['startup']['import_seconds']:.1f} s, storage open and attach "
+             f"{s['startup']['open_and_attach_seconds']:.2f} s",
+             f"  {'phase':<28} {'wall s':>8} {'share':>6} {'CPU s':>8} {'share':>6} {'CPU s/trial':>11}"]
+    for name, seconds in s["phases"].items():
+        c = s["cpu_phases"].get(name, 0.0)
+        lines.append(f"  {name:<28} {seconds:>8.2f} {100 * seconds / wall:>5.1f}% {c:>8.2f} {100 * c / cpu:>5.1f}% "
+                     f"{c / n:>11.3f}")
+    if not s["fit_phases_split"]:
+        lines.append("  (objective.make_objective takes no timer yet: fit's phases are inside 'objective')")
+    calls = list(s["storage_calls"].items())[:5]
+    if calls:
+        lines.append("  storage, largest (wall s / calls): "
+                     + ", ".join(f"{k} {v['seconds']:.2f} / {v['calls']}" for k, v in calls))
+    lines.append(f"  {'trial':>5} {'state':<9} {'wall s':>7} {'CPU s':>7} {'not training (CPU)':>19}  largest CPU phases")
+    for r in s["per_trial"]:
+        top = sorted(r["cpu_phases"].items(), key=lambda kv: -kv[1])[:3]
+        lines.append(f"  {r['trial']:>5} {r['state']:<9} {r['seconds']:>7.2f} {r['cpu_seconds']:>7.2f} "
+                     f"{100 * r['not_training_cpu']:>18.1f}%  " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+    return lines
+
+
+def _share_table(s: dict) -> list[str]:
+    lines = [f"share: {s['jobs']} unpruned {s['study']} trials per row on {s['cores']} cores ({s['precision']['dtype']}); "
+             "on = hostshare, off = every process takes every core",
+             f"  {'processes':>9} {'sharing':<8} {'trials/min':>10} {'vs 1 shared':>11} {'threads':>8} {'s/trial':>8}"]
+    for r in s["rows"]:
+        lines.append(f"  {r['processes']:>9} {r['sharing']:<8} {r['jobs_per_minute']:>10.2f} {r['vs_one_shared']:>10.2f}x "
+                     f"{','.join(map(str, r['threads'])):>8} {r['job_seconds']:>8.1f}")
+    return lines
+
+
+def _procs_table(s: dict) -> list[str]:
+    lines = [f"procs: concurrent processes on one device; a job = 1 epoch of {s['images_per_job']} images at batch "
+             f"{s['batch']} + 1 evaluation ({s['precision']['dtype']})",
+             f"  {'processes':>9} {'variant':<9} {'img/s':>9} {'jobs/hour':>10} {'s/job':>7}"]
+    for r in s["rows"]:
+        lines.append(f"  {r['processes']:>9} {r['variant']:<9} {r['img_per_s']:>9.1f} {r['jobs_per_hour']:>10.0f} "
+                     f"{r['job_seconds']:>7.1f}")
+    return lines

@@ -1,13 +1,15 @@
-"""bench: every section runs with tiny settings and reports positive figures; the research-style
-reference computes the same function as our model; the timed step is the one fit() runs."""
+"""bench: every section runs with tiny settings and reports figures with their precision; the
+research-style reference (benchmarks/) computes the same function as our model and is optional;
+the options are one typed object whose fields are the command's flags."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from nkat_search import bench, cli, train
-from nkat_search.config import DataConfig, ModelConfig, TrainConfig
+from nkat_search.config import DataConfig, ModelConfig, TrainConfig, UsageError
 from nkat_search.data import load_splits
 from nkat_search.model import NKATViT, nucleus_mask
 
@@ -19,17 +21,24 @@ def splits():
     return bench.synthetic_splits("cifar10", 64, 32, torch.device("cpu"))
 
 
-def test_research_filter_keeps_the_same_keys_as_nucleus_mask():
+@pytest.fixture(scope="module")
+def reference():
+    module = bench.research_pipeline()
+    assert module is not None, "benchmarks/research_pipeline.py belongs to the checkout"
+    return module
+
+
+def test_research_filter_keeps_the_same_keys_as_nucleus_mask(reference):
     torch.manual_seed(0)
     logits = torch.randn(4, 8, 17, 17) * 3
     for top_k, top_p in [(6, 0.8), (0, 0.8), (6, 1.0), (3, 0.5), (17, 0.95)]:
-        kept = torch.isfinite(bench.research_filter(logits, top_k, top_p))
+        kept = torch.isfinite(reference.research_filter(logits, top_k, top_p))
         assert torch.equal(kept, nucleus_mask(logits, top_k, top_p)), (top_k, top_p)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"split_heads": True}, {"nkat_strength": 2.0},
                                     {"top_k": 0, "top_p": 1.0, "nkat_strength": 0.0}])
-def test_research_model_computes_the_same_function(kwargs):
+def test_research_model_computes_the_same_function(reference, kwargs):
     # Our model folds the modulation into the logits and computes only the class token in its
     # last block; the reference does neither. Same weights must give the same outputs.
     cfg = ModelConfig(embed_dim=32, depth=2, num_heads=4, **kwargs)
@@ -37,10 +46,22 @@ def test_research_model_computes_the_same_function(kwargs):
     for block in ours.blocks:
         if block.attn.theta is not None:
             torch.nn.init.normal_(block.attn.theta.weight, std=1.0)
-    reference = bench.research_model(cfg).eval()
-    reference.load_state_dict(ours.state_dict())
+    research = reference.research_model(cfg).eval()
+    research.load_state_dict(ours.state_dict())
     x = torch.randn(3, 3, 32, 32)
-    torch.testing.assert_close(ours(x), reference(x))
+    torch.testing.assert_close(ours(x), research(x))
+
+
+def test_without_a_checkout_the_reference_is_reported_missing(monkeypatch, tmp_path):
+    bench.research_pipeline.cache_clear()
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "site-packages" / "nkat_search" / "bench.py"))
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert bench.research_pipeline() is None
+        with pytest.raises(UsageError, match="--reference"):
+            bench.research_pipeline(str(tmp_path / "nowhere.py"))
+    finally:
+        bench.research_pipeline.cache_clear()
 
 
 def test_fit_trains_through_train_step(monkeypatch):
@@ -57,20 +78,49 @@ def test_fit_trains_through_train_step(monkeypatch):
     assert calls == [16, 16, 16] and result.images_per_second > 0
 
 
-def test_train_figures_side_by_side(splits):
-    out = bench.bench_train(TINY, TrainConfig(batch_size=16), splits, steps=1, warmup=1, repeats=1)
-    assert set(out["variants"]) == {"real", "bare", "research"}
-    for figure in out["variants"].values():
-        assert figure["img_per_s"] > 0 and figure["precision"] == "float32"
+@pytest.mark.parametrize("native", [(), ("avx512_bf16",)])
+def test_train_figures_side_by_side_with_their_precision(splits, reference, monkeypatch, native):
+    monkeypatch.setattr(bench, "cpu_bf16_flags", lambda: native)
+    out = bench.bench_train(TINY, TrainConfig(batch_size=16, precision="fp32"), splits, steps=1, warmup=1, repeats=1,
+                            reference=reference)
+    expected = {"real", "bare", "research"} | ({"real_bf16"} if native else set())
+    assert set(out["variants"]) == expected
+    precisions = {name: figure["precision"] for name, figure in out["variants"].items()}
+    assert precisions == {"real": "float32", "bare": "float32", "research": "float32",
+                          **({"real_bf16": "bfloat16"} if native else {})}
+    assert all(figure["img_per_s"] > 0 for figure in out["variants"].values())
     assert out["real_over_bare_cost"] > 0 and out["real_over_research_speed"] > 0
-    assert out["memory"]["kind"] == "cpu_max_rss" and out["memory"]["mib"] > 0
+    assert out["memory"]["kind"] == "cpu_peak_rss" and out["memory"]["mib"] > 0
 
 
-def test_augment_and_eval_figures(splits):
+def test_a_bf16_real_step_is_also_shown_at_fp32_beside_the_fp32_research(splits, reference):
+    out = bench.bench_train(TINY, TrainConfig(batch_size=16, precision="bf16"), splits, steps=1, warmup=0, repeats=1,
+                            reference=reference)
+    v = out["variants"]
+    assert (v["real"]["precision"], v["real_fp32"]["precision"], v["research"]["precision"]) == (
+        "bfloat16", "float32", "float32")
+    assert out["real_fp32_over_research_speed"] > 0
+
+
+def test_without_the_reference_the_train_and_augment_figures_say_so(splits):
+    out = bench.bench_train(TINY, TrainConfig(batch_size=16, precision="fp32"), splits, steps=1, warmup=0, repeats=1)
+    assert "research" not in out["variants"] and "real_over_research_speed" not in out
+    assert out["research"] == bench.NO_REFERENCE
     aug = bench.bench_augment(splits, TrainConfig(), batch=32, images=64, repeats=1)
+    assert aug["pil"] == bench.NO_REFERENCE and "speedup" not in aug
+    assert "reference pipeline not available" in bench.table(
+        {"device": "cpu", "torch": "x", "threads": 1, "cpu": {"name": "x", "cores": 2},
+         "precision": {"dtype": "float32", "reason": "fp32 asked for"},
+         "config": {"model": dataclasses.asdict(TINY), "batch_size": 16, "warmup": 0, "repeats": 1, "steps": 1,
+                    "sections": ["train", "augment"]},
+         "train": out, "augment": aug})
+
+
+def test_augment_and_eval_figures(splits, reference):
+    aug = bench.bench_augment(splits, TrainConfig(), batch=32, images=64, repeats=1, reference=reference)
     assert aug["batched"]["img_per_s"] > 0 and aug["pil"]["img_per_s"] > 0 and aug["speedup"] > 0
-    ev = bench.bench_eval(TINY, splits, batch=16, repeats=1, precision="auto")
-    assert ev["img_per_s"] > 0 and ev["precision"] == "float32"  # auto is fp32 on the CPU
+    ev = bench.bench_eval(TINY, splits, batch=16, repeats=1, precision="fp32")
+    assert ev["img_per_s"] > 0 and ev["precision"] == "float32"
 
 
 def test_storage_latency_on_a_journal(tmp_path):
@@ -78,9 +128,79 @@ def test_storage_latency_on_a_journal(tmp_path):
     assert 0 < out["p50_ms"] <= out["p95_ms"] and out["procs"] == 2
 
 
-def test_command_prints_one_json_object(capsys):
+def test_peak_memory_is_read_portably():
+    assert bench.peak_rss_mib() > 10  # a Python process with torch loaded
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(steps=0), "--steps must be at least 1"),
+    (dict(batch_size=0), "--batch-size must be at least 1"),
+    (dict(only=("train", "nonsense")), "--only takes sections"),
+    (dict(processes=(1, 0)), "--processes takes one or more counts"),
+    (dict(warmup=-1), "--warmup must be at least 0"),
+    (dict(steps="4"), "steps must be a whole number"),
+])
+def test_options_refuse_bad_values_with_a_sentence(change, message):
+    with pytest.raises(UsageError, match=message):
+        bench.BenchOptions(**change)
+
+
+def test_every_option_is_a_flag_and_the_flags_make_the_options():
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", "--steps", "2", "--only", "train", "eval", "--processes", "1", "4",
+                              "--batch-size", "8", "--compile", "--reference", "ref.py"])
+    options = bench.BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(bench.BenchOptions)})
+    assert options == bench.BenchOptions(steps=2, only=("train", "eval"), processes=(1, 4), batch_size=8,
+                                         compile=True, reference="ref.py")
+    assert parser.parse_args(["bench"]).only == bench.SECTIONS
+    assert bench.BenchOptions(search=True).sections == ("search",)
+
+
+def test_command_prints_one_json_object_with_the_precision_and_why(capsys):
     args = cli.build_parser().parse_args(["bench", "--json", "--only", "eval", "--embed-dim", "32", "--depth", "1",
-                              "--eval-images", "16", "--images", "16", "--batch-size", "16", "--repeats", "1"])
+                                          "--eval-images", "16", "--images", "16", "--batch-size", "16", "--repeats",
+                                          "1", "--device", "cpu"])
     assert args.func(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["eval"]["img_per_s"] > 0 and result["config"]["batch_size"] == 16
+    dtype, reason = train.choose_precision("auto", torch.device("cpu"))
+    assert result["precision"] == {"asked": "auto", "dtype": str(dtype or torch.float32).removeprefix("torch."),
+                                   "reason": reason}
+    assert result["eval"]["precision"] == result["precision"]["dtype"]
+
+
+@pytest.mark.slow
+def test_search_section_splits_every_trial_into_phases_that_add_up(tiny_study):
+    out = bench.bench_search(tiny_study(trials=2), 2, torch.device("cpu"))
+    assert out["trials"] == 2 and len(out["per_trial"]) == 2 and out["trials_per_minute"] > 0
+    assert sum(out["phases"].values()) == pytest.approx(out["seconds"], rel=1e-6)
+    assert sum(out["cpu_phases"].values()) == pytest.approx(out["cpu_seconds"], rel=1e-6)
+    assert {"storage", "dashboard note", "data", "pruner", "worker loop (rest)"} <= set(out["phases"])
+    if out["fit_phases_split"]:
+        assert {"train steps", "evaluation", "model build", "sampler"} <= set(out["phases"])
+    for row in out["per_trial"]:
+        assert sum(row["phases"].values()) == pytest.approx(row["seconds"], rel=1e-6)
+        assert 0 <= row["not_training"] <= 1 and 0 <= row["not_training_cpu"] <= 1
+    assert out["storage_calls"] and out["startup"]["import_seconds"] > 0
+    assert "trials/min" in bench._search_table(out)[0]
+
+
+@pytest.mark.slow
+def test_concurrent_processes_share_the_cores_through_the_registry(tmp_path):
+    data = DataConfig(source="synthetic", val_size=16, synthetic_train=80, synthetic_test=8)
+    job = bench.Job((("cifar10", ModelConfig(embed_dim=8, depth=1, num_heads=2),
+                      TrainConfig(epochs=1, warmup=0, batch_size=32, precision="fp32")),))
+    shared = bench.run_concurrent([job] * 4, 2, device="cpu", sharing="on", data=data, cores=4, folder=str(tmp_path))
+    alone = bench.run_concurrent([job] * 4, 2, device="cpu", sharing="off", data=data, cores=4, folder=str(tmp_path))
+    assert shared["threads"] == [2] and alone["threads"] == [4]  # 4 cores over 2 workers; every core each
+    assert shared["jobs"] == alone["jobs"] == 4 and shared["img_per_s"] > 0
+    assert not list(tmp_path.glob("*.lock"))  # the workers left the registry
+
+
+@pytest.mark.slow
+def test_procs_section_runs_k_processes_on_one_device():
+    out = bench.bench_procs(ModelConfig(embed_dim=8, depth=1, num_heads=2), torch.device("cpu"), counts=(1, 2), jobs=2,
+                            images=64, eval_images=16, batch=32, precision="fp32")
+    assert [(r["processes"], r["variant"]) for r in out["rows"]] == [(1, "eager"), (2, "eager")]  # no compile on CPU
+    assert all(r["img_per_s"] > 0 and r["jobs_per_hour"] > 0 for r in out["rows"])
+    assert "img/s" in "\n".join(bench._procs_table(out))

@@ -1,14 +1,19 @@
-"""fit(): the per-epoch callback, NaN handling, reproducibility, explicit truncation."""
+"""fit(): the per-epoch callback, NaN handling, reproducibility, explicit truncation, the precision
+`auto` picks and why, the phases a timer is charged."""
 
 import pytest
+import torch
 
+from nkat_search import train
 from nkat_search.config import DataConfig, ModelConfig, TrainConfig
 from nkat_search.data import load_splits
 from nkat_search.metrics import local_tpe
-from nkat_search.train import NonFiniteLossError, fit, warmup_cosine
+from nkat_search.train import NonFiniteLossError, Timings, choose_precision, fit, warmup_cosine
 
 TINY = ModelConfig(embed_dim=16, depth=1, num_heads=2)
-RECIPE = TrainConfig(epochs=2, warmup=1, batch_size=64)
+# fp32: bit-reproducible on every CPU (auto would pick bf16 where the CPU has it natively).
+RECIPE = TrainConfig(epochs=2, warmup=1, batch_size=64, precision="fp32")
+ONE_EPOCH = TrainConfig(epochs=1, warmup=0, batch_size=64, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -44,28 +49,28 @@ def test_same_config_seed_and_data_give_the_same_accuracy_twice(splits):
     a, b = fit(TINY, RECIPE, splits), fit(TINY, RECIPE, splits)
     assert a.accuracy == b.accuracy
     assert a.history[-1]["train_loss"] == b.history[-1]["train_loss"]
-    c = fit(TINY, TrainConfig(epochs=2, warmup=1, batch_size=64, seed=1), splits)
+    c = fit(TINY, TrainConfig(epochs=2, warmup=1, batch_size=64, seed=1, precision="fp32"), splits)
     assert c.history[-1]["train_loss"] != a.history[-1]["train_loss"]
 
 
 def test_nan_loss_stops_the_run_with_a_catchable_error(splits):
     with pytest.raises(NonFiniteLossError, match=r"became (nan|inf) in epoch \d"):
-        fit(TINY, TrainConfig(epochs=2, warmup=0, batch_size=64, lr=1e20, clip_grad=0), splits)
+        fit(TINY, TrainConfig(epochs=2, warmup=0, batch_size=64, lr=1e20, clip_grad=0, precision="fp32"), splits)
 
 
 def test_limit_train_is_explicit_and_recorded(splits):
-    result = fit(TINY, TrainConfig(epochs=1, warmup=0, batch_size=64, limit_train=2), splits)
+    result = fit(TINY, TrainConfig(epochs=1, warmup=0, batch_size=64, limit_train=2, precision="fp32"), splits)
     assert result.limit_train == 2
     assert result.summary()["limit_train"] == 2
 
 
 def test_test_split_is_used_only_when_asked(splits):
-    assert fit(TINY, TrainConfig(epochs=1, warmup=0, batch_size=64), splits).test_accuracy is None
-    assert fit(TINY, TrainConfig(epochs=1, warmup=0, batch_size=64), splits, eval_test=True).test_accuracy is not None
+    assert fit(TINY, ONE_EPOCH, splits).test_accuracy is None
+    assert fit(TINY, ONE_EPOCH, splits, eval_test=True).test_accuracy is not None
 
 
 def test_summary_has_the_documented_json_fields(splits):
-    summary = fit(TINY, TrainConfig(epochs=1, warmup=0, batch_size=64), splits).summary()
+    summary = fit(TINY, ONE_EPOCH, splits).summary()
     for key in ("dataset", "accuracy", "test_accuracy", "params", "lambda", "local_tpe", "epochs", "seconds",
                 "images_per_second", "precision", "device"):
         assert key in summary
@@ -78,3 +83,73 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == pytest.approx(1.0) and f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)
     assert all(f(s) >= f(s + 1) for s in range(4, 12))
+
+
+CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx2 avx512f {extra}\n"
+
+
+@pytest.mark.parametrize("extra, found", [("", ()), ("avx512_bf16", ("avx512_bf16",)),
+                                          ("amx_tile amx_bf16", ("amx_bf16",)),
+                                          ("avx512_bf16 amx_bf16", ("avx512_bf16", "amx_bf16"))])
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, extra, found):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO.format(extra=extra))
+    assert train.cpu_bf16_flags(str(path)) == found
+
+
+def test_without_a_cpuinfo_the_flags_are_unknown(tmp_path):
+    assert train.cpu_bf16_flags(str(tmp_path / "absent")) is None
+
+
+@pytest.mark.parametrize("precision, device, flags, dtype, why", [
+    ("auto", "cpu", ("avx512_bf16",), torch.bfloat16, "native bf16 (avx512_bf16)"),
+    ("auto", "cpu", ("amx_bf16",), torch.bfloat16, "native bf16 (amx_bf16)"),
+    ("auto", "cpu", (), None, "no native bf16"),
+    ("auto", "cpu", None, None, "does not show the CPU's flags"),
+    ("auto", "cuda", (), torch.bfloat16, "CUDA"),
+    ("auto", "mps", ("avx512_bf16",), None, "fp32 on mps"),
+    ("fp32", "cpu", ("avx512_bf16",), None, "fp32 asked for"),
+    ("bf16", "cpu", (), torch.bfloat16, "bf16 asked for"),
+])
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, precision, device, flags, dtype, why):
+    monkeypatch.setattr(train, "cpu_bf16_flags", lambda: flags)
+    got, reason = choose_precision(precision, torch.device(device))
+    assert got == dtype and why in reason
+
+
+def test_the_result_names_the_precision_auto_chose(splits):
+    result = fit(TINY, TrainConfig(epochs=1, warmup=0, batch_size=64, limit_train=1), splits)
+    dtype, _ = choose_precision("auto", torch.device("cpu"))
+    assert result.precision == str(dtype or torch.float32).removeprefix("torch.")
+
+
+def test_a_timer_is_charged_each_phase_of_fit_and_they_add_up(splits):
+    timer, seen = Timings(), []
+
+    def on_epoch(epoch, accuracy, tpe):
+        with timer.phase("storage"):  # nested inside "epoch callback": charged to itself only
+            seen.append(epoch)
+
+    with timer.phase("outside"):
+        fit(TINY, RECIPE, splits, on_epoch=on_epoch, timer=timer)
+    phases, cpu = timer.snapshot()
+    assert set(cpu) == set(phases)
+    assert {"model build", "train steps", "evaluation", "epoch callback", "storage", "outside"} == set(phases)
+    assert timer.calls["train steps"] == timer.calls["evaluation"] == timer.calls["storage"] == 2 and seen == [1, 2]
+    assert all(seconds >= 0 for seconds in phases.values())
+
+
+def test_nested_phases_are_charged_to_themselves_only(monkeypatch):
+    clock = iter(range(100))
+
+    class FakeTime:
+        perf_counter = staticmethod(lambda: next(clock))
+        process_time = staticmethod(lambda: 0.0)
+
+    monkeypatch.setattr(train, "time", FakeTime)
+    timer = Timings()
+    with timer.phase("outer"):  # starts at 0
+        with timer.phase("inner"):  # 1 .. 2
+            pass
+    # outer ends at 3: 3 s in all, 1 of them inner's
+    assert dict(timer.seconds) == {"inner": 1, "outer": 2}
