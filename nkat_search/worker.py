@@ -233,7 +233,8 @@ def interrupt(w: Worker, trial: optuna.Trial, exc: KeyboardInterrupt) -> None:
 
 
 def run_loop(w: Worker, objective: Objective, *, max_failures: int = 3, poll_seconds: float = 2.0,
-             on_end: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> int:
+             on_end: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+             before_trial: Callable[[], object] | None = None) -> int:
     """Run trials until the study holds its budget of finished trials; 0 when it does.
 
     Needs nothing but the storage and an objective (the storage tests run it without torch)."""
@@ -251,6 +252,8 @@ def run_loop(w: Worker, objective: Objective, *, max_failures: int = 3, poll_sec
             if trial is WAIT:
                 time.sleep(poll_seconds)
                 continue
+            if before_trial is not None:
+                before_trial()
             state = run_trial(w, trial, objective, on_end)
         except KeyboardInterrupt as exc:
             if isinstance(trial, optuna.Trial):
@@ -271,6 +274,7 @@ def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_fai
     of the host, not of the search."""
     from .dashboard import annotate_trial
     from .data import load_splits
+    from .hostshare import HostShare
     from .objective import make_objective
 
     store = st.open_storage(url, create=False)
@@ -286,15 +290,12 @@ def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_fai
 
     w = Worker(study, store, url, config)
     log.info("worker %s on %s: study %r in %s", worker_id(), device, study.study_name, st.mask(url))
-    return run_loop(w, make_objective(config, load), max_failures=max_failures, poll_seconds=poll_seconds,
-                    on_end=lambda frozen: annotate_trial(study, frozen))
+    with HostShare(device) as share:  # the workers of this host divide its cores between them
+        return run_loop(w, make_objective(config, load), max_failures=max_failures, poll_seconds=poll_seconds,
+                        on_end=lambda frozen: annotate_trial(study, frozen), before_trial=share.threads_for_next_trial)
 
 
-def _child(url: str, study_name: str, device: str, verbose: bool, threads: int, data_root: str | None,
-           max_failures: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)  # K CPU workers share the cores instead of oversubscribing them
+def _child(url: str, study_name: str, device: str, verbose: bool, data_root: str | None, max_failures: int) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format=f"%(asctime)s %(levelname)s [{device} pid {os.getpid()}] %(message)s", datefmt="%H:%M:%S")
     install_signal_handlers()
@@ -312,9 +313,8 @@ def run_processes(url: str, study_name: str, devices: list[str], count: int, ver
                   data_root: str | None = None, max_failures: int = 3) -> int:
     """count worker processes, device i % len(devices) each; the worst exit code of them."""
     ctx = multiprocessing.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // count)
-    procs = [ctx.Process(target=_child, args=(url, study_name, devices[i % len(devices)], verbose, threads,
-                                              data_root, max_failures))
+    procs = [ctx.Process(target=_child, args=(url, study_name, devices[i % len(devices)], verbose, data_root,
+                                              max_failures))
              for i in range(count)]
     for p in procs:
         p.start()
