@@ -150,3 +150,10 @@ def test_packaged_study_by_name_and_unknown_name():
     assert load_study("smoke").name == load_study(str(ROOT / "nkat_search" / "studies" / "smoke.toml")).name
     with pytest.raises(UsageError, match="neither a packaged study"):
         load_study("round3")
+
+
+def test_round2_enqueues_the_research_baseline():
+    (baseline,) = load_study("round2").enqueue
+    assert baseline == {"patch_size": 2, "conv_stem": "tiny", "embed_dim": 384, "depth": 7, "temperature": 0.65,
+                        "top_p": 0.80, "top_k": 6, "nkat_strength": 0.0024, "dropout_attn": 0.17,
+                        "dropout_embed": 0.08, "lr": 2e-4, "mixup": 0.1, "cutmix": 0.2}
