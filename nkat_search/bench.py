@@ -20,6 +20,7 @@ those rows out.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -434,10 +435,13 @@ def _timed_pruner(inner, timer: Timings):
     return TimedPruner()
 
 
-def bench_search(study_ref: str, trials: int, device: torch.device) -> dict:
-    """A search of `trials` trials of a study on a temporary journal, run by worker.run_loop (the
-    loop `nkat-search worker` runs) with timers on the pieces: data, model build, train steps,
-    evaluation, sampler, pruner, storage calls, dashboard note, and the rest of the loop."""
+def bench_search(study_ref, trials: int, device: torch.device, share: bool = True) -> dict:
+    """A search of `trials` trials of a study (a StudyConfig, a packaged name or a file) on a
+    temporary journal, run by worker.run_loop (the loop `nkat-search worker` runs) with timers on
+    the pieces: data, model build, train steps, evaluation, sampler, pruner, storage calls,
+    dashboard note, and the rest of the loop. Each trial's row has its state and value. With
+    share, the process joins the host's registry and takes its share of the cores before each
+    trial, as a worker does; without, torch's threads stay as they are."""
     import inspect
 
     import optuna
@@ -445,11 +449,12 @@ def bench_search(study_ref: str, trials: int, device: torch.device) -> dict:
     from . import storage as st
     from . import worker
     from .dashboard import annotate_trial
+    from .hostshare import HostShare
     from .objective import make_objective
     from .study import load_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    config = load_study(study_ref)
+    config = load_study(study_ref) if isinstance(study_ref, str) else study_ref
     startup = _import_seconds()
     timer = Timings()
     with tempfile.TemporaryDirectory() as tmp:
@@ -484,13 +489,19 @@ def bench_search(study_ref: str, trials: int, device: torch.device) -> dict:
             with timer.phase("dashboard note"):
                 annotate_trial(study, frozen)
             now = [time.perf_counter(), time.process_time(), *timer.snapshot()]
-            rows.append({"trial": frozen.number, "state": frozen.state.name,
+            rows.append({"trial": frozen.number, "state": frozen.state.name, "value": frozen.value,
+                         "prune_reason": frozen.user_attrs.get("prune_reason"),
                          **_breakdown(now[0] - mark[0], now[1] - mark[1], _minus(now[2], mark[2]), _minus(now[3], mark[3]))})
             mark[:] = now
 
-        begin = time.perf_counter(), time.process_time()
-        worker.run_loop(worker.Worker(study, store, url, config), objective, poll_seconds=0.1, on_end=on_end)
-        total = _breakdown(time.perf_counter() - begin[0], time.process_time() - begin[1], *timer.snapshot())
+        # From here on: the storage calls of attach above are not the loop's.
+        begin = [time.perf_counter(), time.process_time(), *timer.snapshot()]
+        mark[:] = begin
+        with HostShare(str(device)) if share else contextlib.nullcontext() as member:
+            worker.run_loop(worker.Worker(study, store, url, config), objective, poll_seconds=0.1, on_end=on_end,
+                            before_trial=member.threads_for_next_trial if share else None)
+        end = [time.perf_counter(), time.process_time(), *timer.snapshot()]
+        total = _breakdown(end[0] - begin[0], end[1] - begin[1], _minus(end[2], begin[2]), _minus(end[3], begin[3]))
     return {"study": config.name, "trials": len(rows), **total, "trials_per_minute": 60 * len(rows) / total["seconds"],
             "storage_calls": {k.removeprefix("storage "): {"seconds": timer.seconds[k], "calls": timer.calls[k]}
                               for k in sorted(timer.seconds, key=lambda k: -timer.seconds[k]) if k.startswith("storage ")},
@@ -544,9 +555,19 @@ def _import_seconds() -> float:
 
 @dataclass(frozen=True)
 class Job:
-    """A unit of training for the concurrency sections: (dataset, model, recipe) runs in turn."""
+    """A unit of training for the concurrency sections: (dataset, model, recipe) runs in turn,
+    each a fit(); compile_mode compiles their models with that torch.compile mode."""
 
     runs: tuple[tuple[str, ModelConfig, TrainConfig], ...]
+    compile_mode: str | None = None
+
+    def run(self, splits: dict[str, Splits]) -> int:
+        """Train every run; the images trained."""
+        images = 0
+        for dataset, model_cfg, train_cfg in self.runs:
+            fit(model_cfg, train_cfg, splits[dataset], compile_mode=self.compile_mode)
+            images += _trained_images(splits[dataset], train_cfg)
+        return images
 
 
 def study_jobs(study, count: int, seed: int = 0) -> list[Job]:
@@ -573,10 +594,11 @@ def _trained_images(splits: Splits, cfg: TrainConfig) -> int:
 
 
 def _child(device: str, sharing: str, folder: str, cores: int, data: DataConfig, datasets: tuple[str, ...],
-           jobs, barrier, results) -> None:
+           warm: Job | None, jobs, barrier, results) -> None:
     """One concurrent benchmark process. sharing: "on" joins the host registry and takes its share
     of the cores before each job; "off" takes every core (torch's default in a fresh process,
-    set explicitly so an inherited OMP_NUM_THREADS does not decide); "device" leaves torch as it is."""
+    set explicitly so an inherited OMP_NUM_THREADS does not decide); "device" leaves torch as it is.
+    warm: a job run once before the start, untimed (compilation, CUDA context and allocator)."""
     from .hostshare import HostShare
 
     share = HostShare(device, folder=folder, cores=cores) if sharing == "on" else None
@@ -586,24 +608,25 @@ def _child(device: str, sharing: str, folder: str, cores: int, data: DataConfig,
         torch.set_num_threads(cores)
     try:
         splits = {d: load_splits(d, data, device) for d in datasets}
+        if warm is not None:
+            warm.run(splits)
         barrier.wait()
-        while (item := jobs.get()) is not None:
+        while (job := jobs.get()) is not None:
             threads = share.threads_for_next_trial() if share is not None else torch.get_num_threads()
-            start, images = time.perf_counter(), 0
-            for dataset, model_cfg, train_cfg in item.runs:
-                fit(model_cfg, train_cfg, splits[dataset])
-                images += _trained_images(splits[dataset], train_cfg)
-            results.put({"seconds": time.perf_counter() - start, "images": images, "threads": threads,
-                         "pid": os.getpid()})
+            start, cpu = time.perf_counter(), time.process_time()
+            images = job.run(splits)
+            results.put({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+                         "images": images, "threads": threads, "pid": os.getpid()})
     finally:
         if share is not None:
             share.leave()
 
 
 def run_concurrent(jobs: list[Job], count: int, *, device: str, sharing: str, data: DataConfig,
-                   cores: int, folder: str) -> dict:
+                   cores: int, folder: str, warm: bool = False) -> dict:
     """Run `jobs` in `count` concurrent spawned processes that take them from one queue; wall time
-    from the moment every process is ready (imports and data done) until the last job ends."""
+    from the moment every process is ready (imports and data done; with warm, the first job run
+    once, untimed) until the last job ends."""
     ctx = multiprocessing.get_context("spawn")
     todo, results, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(count + 1)
     for job in jobs:
@@ -611,7 +634,8 @@ def run_concurrent(jobs: list[Job], count: int, *, device: str, sharing: str, da
     for _ in range(count):
         todo.put(None)
     datasets = tuple(sorted({run[0] for job in jobs for run in job.runs}))
-    procs = [ctx.Process(target=_child, args=(device, sharing, folder, cores, data, datasets, todo, barrier, results))
+    procs = [ctx.Process(target=_child, args=(device, sharing, folder, cores, data, datasets, jobs[0] if warm else None,
+                                              todo, barrier, results))
              for _ in range(count)]
     for p in procs:
         p.start()
@@ -625,9 +649,11 @@ def run_concurrent(jobs: list[Job], count: int, *, device: str, sharing: str, da
             p.join(timeout=60)
             if p.is_alive():
                 p.terminate()
-    return {"processes": count, "sharing": sharing, "jobs": len(jobs), "seconds": seconds,
-            "jobs_per_minute": 60 * len(jobs) / seconds, "img_per_s": sum(r["images"] for r in done) / seconds,
-            "threads": sorted({r["threads"] for r in done}), "job_seconds": statistics.median(r["seconds"] for r in done)}
+    cpu = sum(r["cpu_seconds"] for r in done)
+    return {"processes": count, "sharing": sharing, "jobs": len(jobs), "seconds": seconds, "cpu_seconds": cpu,
+            "jobs_per_minute": 60 * len(jobs) / seconds, "jobs_per_cpu_minute": 60 * len(jobs) / cpu,
+            "img_per_s": sum(r["images"] for r in done) / seconds, "threads": sorted({r["threads"] for r in done}),
+            "job_seconds": statistics.median(r["seconds"] for r in done)}
 
 
 def bench_share(study_ref: str, counts: tuple[int, ...], jobs: int) -> dict:
@@ -654,20 +680,21 @@ def bench_share(study_ref: str, counts: tuple[int, ...], jobs: int) -> dict:
 def bench_procs(model_cfg: ModelConfig, device: torch.device, *, counts: tuple[int, ...], jobs: int, images: int,
                 eval_images: int, batch: int, precision: str) -> dict:
     """K concurrent training processes on one device: aggregate img/s and jobs per hour, a job being
-    one epoch of `images` synthetic CIFAR-10 images plus one evaluation. On CUDA also with the
-    model compiled with mode="reduce-overhead" (CUDA graphs), where launch overhead is the cost."""
+    one epoch of `images` synthetic CIFAR-10 images plus one evaluation (fit), after one untimed
+    job per process. On CUDA also with the model compiled with mode="reduce-overhead" (CUDA
+    graphs): a 17-token model is launch-bound there, which graphs and more processes both attack."""
     data = DataConfig(source="synthetic", val_size=eval_images, synthetic_train=images + eval_images, synthetic_test=1)
-    recipe = TrainConfig(epochs=1, warmup=0, batch_size=batch, precision=precision)
-    variants = {"eager": recipe}
+    run = ("cifar10", model_cfg, TrainConfig(epochs=1, warmup=0, batch_size=batch, precision=precision))
+    variants = {"eager": None}
     if device.type == "cuda":
-        variants["compiled"] = replace(recipe, compile=True)
+        variants["graphs"] = "reduce-overhead"
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for count in counts:
-            for name, cfg in variants.items():
-                work = [Job((("cifar10", model_cfg, cfg),))] * jobs
-                row = run_concurrent(work, count, device=str(device), sharing="device" if device.type != "cpu" else "on",
-                                     data=data, cores=os.cpu_count() or 1, folder=folder)
+            for name, mode in variants.items():
+                row = run_concurrent([Job((run,), mode)] * jobs, count, device=str(device), warm=True, data=data,
+                                     sharing="device" if device.type != "cpu" else "on", cores=os.cpu_count() or 1,
+                                     folder=folder)
                 row["variant"] = name
                 row["jobs_per_hour"] = 60 * row.pop("jobs_per_minute")
                 rows.append(row)
@@ -728,8 +755,8 @@ def measure(options: BenchOptions) -> dict:
         out["train"] = bench_train(model_cfg, train_cfg, splits, steps=options.steps, warmup=options.warmup,
                                    repeats=options.repeats, reference=reference)
         out["memory"] = out["train"].pop("memory")
-    if "search" in sections:
-        out["search"] = bench_search(options.study, options.trials, device)
+    if "search" in sections:  # as a worker: its share of the host's cores, unless --threads says
+        out["search"] = bench_search(options.study, options.trials, device, share=options.threads is None)
     if "share" in sections:
         out["share"] = bench_share(options.study, options.processes or SHARE_PROCESSES, options.jobs)
     if "procs" in sections:
@@ -828,16 +855,17 @@ def _search_table(s: dict) -> list[str]:
 def _share_table(s: dict) -> list[str]:
     lines = [f"share: {s['jobs']} unpruned {s['study']} trials per row on {s['cores']} cores ({s['precision']['dtype']}); "
              "on = hostshare, off = every process takes every core",
-             f"  {'processes':>9} {'sharing':<8} {'trials/min':>10} {'vs 1 shared':>11} {'threads':>8} {'s/trial':>8}"]
+             f"  {'processes':>9} {'sharing':<8} {'trials/min':>10} {'vs 1 shared':>11} {'threads':>8} {'s/trial':>8} "
+             f"{'trials/CPU-min':>14}"]
     for r in s["rows"]:
         lines.append(f"  {r['processes']:>9} {r['sharing']:<8} {r['jobs_per_minute']:>10.2f} {r['vs_one_shared']:>10.2f}x "
-                     f"{','.join(map(str, r['threads'])):>8} {r['job_seconds']:>8.1f}")
+                     f"{','.join(map(str, r['threads'])):>8} {r['job_seconds']:>8.1f} {r['jobs_per_cpu_minute']:>14.2f}")
     return lines
 
 
 def _procs_table(s: dict) -> list[str]:
     lines = [f"procs: concurrent processes on one device; a job = 1 epoch of {s['images_per_job']} images at batch "
-             f"{s['batch']} + 1 evaluation ({s['precision']['dtype']})",
+             f"{s['batch']} + 1 evaluation ({s['precision']['dtype']}); graphs = torch.compile(mode='reduce-overhead')",
              f"  {'processes':>9} {'variant':<9} {'img/s':>9} {'jobs/hour':>10} {'s/job':>7}"]
     for r in s["rows"]:
         lines.append(f"  {r['processes']:>9} {r['variant']:<9} {r['img_per_s']:>9.1f} {r['jobs_per_hour']:>10.0f} "

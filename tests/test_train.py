@@ -153,3 +153,19 @@ def test_nested_phases_are_charged_to_themselves_only(monkeypatch):
             pass
     # outer ends at 3: 3 s in all, 1 of them inner's
     assert dict(timer.seconds) == {"inner": 1, "outer": 2}
+
+
+def test_evaluation_batches_are_large_and_do_not_change_the_accuracy(splits):
+    assert train.eval_batch(TrainConfig(batch_size=64)) == train.MIN_EVAL_BATCH
+    assert train.eval_batch(TrainConfig(batch_size=4096)) == 4096
+    model = fit(TINY, ONE_EPOCH, splits).model
+    accuracies = {train.evaluate(model, splits.val_x, splits.val_y, splits, batch, None) for batch in (16, 64, 512)}
+    assert len(accuracies) == 1
+
+
+def test_a_compile_mode_compiles_the_step_model():
+    cfg = TrainConfig(epochs=1, warmup=0, batch_size=8, precision="fp32")
+    plain = train.TrainStep(TINY, cfg, torch.device("cpu"), 1)
+    graphs = train.TrainStep(TINY, cfg, torch.device("cpu"), 1, compile_mode="reduce-overhead")
+    assert plain.step_model is plain.model
+    assert graphs.step_model is not graphs.model and graphs.step_model._orig_mod is graphs.model  # torch.compile's wrapper
