@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Sets up this machine for the test suite and runs it: Debian packages the tests need (PostgreSQL
 # server binaries, docker-compose to check the compose file, Chromium for the dashboard
-# screenshot), a virtual environment with the project, then pytest. Extra arguments go to pytest.
+# screenshot), a virtual environment with the project at the exact versions CI tests
+# (constraints/ci.txt), then pytest. Extra arguments go to pytest.
+#
+# Without arguments (as CI runs it) a second, shorter run follows: the worker, storage and
+# dashboard tests against the oldest Optuna and optuna-dashboard that pyproject.toml admits
+# (constraints/min.txt), in .venv-min. .venv-min reuses .venv's packages (torch among them) through
+# a .pth line, the way a venv made with --system-site-packages sees the system's, so only the two
+# old packages are installed there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,5 +22,25 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -e '.[test]'
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/pip install -q -c constraints/ci.txt -e '.[test]'
+if [ $# -gt 0 ]; then
+  exec .venv/bin/python -m pytest "$@"
+fi
+
+status=0
+.venv/bin/python -m pytest || status=$?
+
+purelib() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+[ -x .venv-min/bin/python ] || .venv/bin/python -m venv .venv-min  # the same base Python as .venv
+echo '*' > .venv-min/.gitignore
+purelib .venv/bin/python > "$(purelib .venv-min/bin/python)/nkat-search-base.pth"
+.venv-min/bin/pip install -q -c constraints/min.txt optuna optuna-dashboard
+.venv-min/bin/pip install -q --no-deps -e .
+echo "oldest supported: $(.venv-min/bin/python -c 'import optuna, optuna_dashboard as d; print("optuna", optuna.__version__, "optuna-dashboard", d.__version__)')"
+# What depends on the Optuna version: the journal storage and trial ends (test_worker), RDBStorage
+# with heartbeat_stale_trial_callback (test_postgres) and its retry of a dead worker's trial (one
+# test of test_reliability), notes, figures and serving in optuna-dashboard (test_dashboard, test_plots).
+.venv-min/bin/python -m pytest -p no:cacheprovider -k "not test_reliability or killed_worker" \
+  tests/test_worker.py tests/test_postgres.py tests/test_reliability.py tests/test_dashboard.py \
+  tests/test_plots.py || status=$?
+exit $status
