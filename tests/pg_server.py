@@ -65,8 +65,8 @@ def free_port() -> int:
 class PostgresServer:
     """One PostgreSQL cluster in a temp dir, listening on 127.0.0.1:port with password auth."""
 
-    def __init__(self, bindir: Path, root: Path, port: int, as_postgres_user: bool) -> None:
-        self.bindir, self.root, self.port = bindir, root, port
+    def __init__(self, bindir: Path, root: Path, port: int, as_postgres_user: bool, max_connections: int = 200) -> None:
+        self.bindir, self.root, self.port, self.max_connections = bindir, root, port, max_connections
         self.datadir, self.logfile = root / "data", root / "server.log"
         self.startup_seconds = 0.0  # initdb + first start, for the session summary
         # PostgreSQL refuses to run as root, so as root every server command runs as `postgres`.
@@ -100,7 +100,7 @@ class PostgresServer:
                 "\nlisten_addresses = '127.0.0.1'\n"
                 f"port = {self.port}\n"
                 f"unix_socket_directories = '{self.root}'\n"
-                "max_connections = 200\n"
+                f"max_connections = {self.max_connections}\n"
                 "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
             )
 
@@ -123,13 +123,32 @@ class PostgresServer:
     def url(self, dbname: str, password: str = PASSWORD) -> str:
         return f"postgresql+psycopg://{USER}:{password}@127.0.0.1:{self.port}/{dbname}"
 
-    def _admin(self, statement) -> None:
+    def _admin(self, statement, params=None) -> list[tuple]:
         import psycopg
 
         with psycopg.connect(
             host="127.0.0.1", port=self.port, user=USER, password=PASSWORD, dbname=ADMIN_DB, autocommit=True
         ) as conn:
-            conn.execute(statement)
+            cursor = conn.execute(statement, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def query(self, statement, params=None) -> list[tuple]:
+        """Rows of one statement run on the admin database (pg_stat_activity, pg_locks see every database)."""
+        return self._admin(statement, params)
+
+    def terminate_backends(self, dbname: str, pids: list[int] | None = None) -> int:
+        """Drop every client connection of database `dbname` (or only those of the server processes
+        `pids`), as a network fault or a failover would; gives how many were dropped."""
+        rows = self._admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                           "AND pid <> pg_backend_pid() AND (%s::int[] IS NULL OR pid = ANY(%s::int[]))",
+                           (dbname, pids, pids))
+        return sum(1 for (ended,) in rows if ended)
+
+    def destroy(self) -> None:
+        """Stop the server and delete its files (for servers a test launched itself)."""
+        if self.running:
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def create_database(self, name: str) -> str:
         """Create database `name` owned by the test role; gives its URL."""
@@ -144,7 +163,9 @@ class PostgresServer:
         self._admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def _launch() -> PostgresServer:
+def launch(max_connections: int = 200) -> PostgresServer:
+    """A new, running server of its own (the session's `pg_server` is one); call destroy() when done.
+    Raises PostgresUnavailable where PostgreSQL cannot be started."""
     bindir = find_bindir()
     as_root = os.geteuid() == 0
     if as_root:
@@ -157,7 +178,7 @@ def _launch() -> PostgresServer:
     root = Path(tempfile.mkdtemp(prefix="nkat-pg-"))
     if as_root:
         shutil.chown(root, "postgres", "postgres")
-    server = PostgresServer(bindir, root, free_port(), as_postgres_user=as_root)
+    server = PostgresServer(bindir, root, free_port(), as_postgres_user=as_root, max_connections=max_connections)
     try:
         server.init()
         server.start()
@@ -167,24 +188,27 @@ def _launch() -> PostgresServer:
     return server
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    """A PostgreSQL server for the whole session; skipped (failed under CI) if it cannot start."""
-    started = time.monotonic()
+def launch_or_skip(max_connections: int = 200) -> PostgresServer:
+    """launch(), or skip the test (fail it under CI) where PostgreSQL cannot be started."""
     try:
-        server = _launch()
+        return launch(max_connections)
     except (PostgresUnavailable, OSError, subprocess.TimeoutExpired) as exc:
         reason = f"PostgreSQL test server unavailable: {exc}"
         if in_ci():
             pytest.fail(reason + " (CI is set, so postgres tests must run)", pytrace=False)
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the whole session; skipped (failed under CI) if it cannot start."""
+    started = time.monotonic()
+    server = launch_or_skip()
     server.startup_seconds = time.monotonic() - started
     try:
         yield server
     finally:
-        if server.running:
-            server.stop("immediate")
-        shutil.rmtree(server.root, ignore_errors=True)
+        server.destroy()
 
 
 @pytest.fixture
