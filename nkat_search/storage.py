@@ -36,7 +36,7 @@ SECRET_WORDS = ("pass", "pwd", "secret", "token", "key")  # query parameters tha
 MAX_RETRY = 3
 # One worker process holds at most this many database connections: the pool of the storage (the
 # trial and its heartbeat thread) and one for the budget lock.
-POOL_SIZE, POOL_OVERFLOW, LOCK_CONNECTIONS = 2, 1, 1
+POOL_SIZE, POOL_OVERFLOW, LOCK_CONNECTIONS = 1, 1, 1
 
 
 def resolve_url(flag: str | None) -> str:
@@ -170,9 +170,10 @@ class RetryingRDBStorage(RDBStorage):
     are harmless to repeat are retried here: reads, upserts (attributes, intermediate values,
     heartbeats), and the two updates that can tell whether their first attempt landed (a parameter
     already stored with the same value; a trial already in the asked state, which under the budget
-    lock only this worker can have set). create_new_trial is never repeated: if its reply is lost,
-    the trial it made is RUNNING with no owner and no heartbeat, and worker.fail_dead_trials fails
-    and requeues it after the grace period."""
+    lock only this worker can have set). The creation of a trial is not repeated here (Optuna
+    repeats it a few times itself); when it fails, worker.run_loop waits for the database and asks
+    again, and a trial whose reply was lost is RUNNING with no owner and no heartbeat, which
+    worker.fail_dead_trials fails and requeues after the grace period."""
 
     def __init__(self, url: str, retry_seconds: float, **kwargs):
         self.url_for_messages, self.retry_seconds = url, 0.0  # opening fails fast
@@ -215,6 +216,10 @@ class RetryingRDBStorage(RDBStorage):
     get_trial_id_from_study_id_trial_number = _repeatable("get_trial_id_from_study_id_trial_number")
     get_trial_param = _repeatable("get_trial_param")
     _get_stale_trial_ids = _repeatable("_get_stale_trial_ids")
+    # Optuna's _CachedStorage (which wraps every RDBStorage a Study uses) calls these private
+    # reads instead of the public ones; they must wait for the database too.
+    _get_trials = _repeatable("_get_trials")
+    _get_best_trial_id = _repeatable("_get_best_trial_id")
     set_study_user_attr = _repeatable("set_study_user_attr")
     set_study_system_attr = _repeatable("set_study_system_attr")
     set_trial_user_attr = _repeatable("set_trial_user_attr")
@@ -222,16 +227,18 @@ class RetryingRDBStorage(RDBStorage):
     set_trial_intermediate_value = _repeatable("set_trial_intermediate_value")
     record_heartbeat = _repeatable("record_heartbeat")
 
-    # Updates that can tell whether their first attempt landed.
-    def set_trial_param(self, trial_id, param_name, param_value_internal, distribution):
+    # Updates that can tell whether their first attempt landed. _set_trial_param is what both
+    # RDBStorage.set_trial_param and Optuna's _CachedStorage call.
+    def _set_trial_param(self, trial_id, param_name, param_value_internal, distribution,
+                         previous_distribution=None):
         def landed() -> bool:
             try:
                 return RDBStorage.get_trial_param(self, trial_id, param_name) == param_value_internal
             except KeyError:
                 return False
 
-        return self._retrying(lambda: RDBStorage.set_trial_param(
-            self, trial_id, param_name, param_value_internal, distribution), landed)
+        return self._retrying(lambda: RDBStorage._set_trial_param(
+            self, trial_id, param_name, param_value_internal, distribution, previous_distribution), landed)
 
     def set_trial_state_values(self, trial_id, state, values=None):
         def landed() -> bool:
@@ -361,29 +368,31 @@ _local_locks: dict[str, threading.Lock] = {}
 
 
 @contextlib.contextmanager
-def budget_lock(url: str, study_name: str, retry_seconds: float | None = None) -> Iterator[None]:
+def budget_lock(url: str, study_name: str, retry_seconds: float | None = None) -> Iterator[Callable[[], bool]]:
     """Held while a worker counts finished trials and asks for a new one, so N workers never
     start more trials than the budget. Journal and SQLite: a lock file beside the storage file
     (filelock, on every OS); PostgreSQL: an advisory lock; MySQL: GET_LOCK; an in-memory
-    SQLite database lives in one process: a thread lock."""
+    SQLite database lives in one process: a thread lock. Yields held(): whether the lock is still
+    held (a server drops a session lock with its connection, and the holder is not told)."""
     file = journal_path(url) or sqlite_path(url)
     if file is not None:
         import filelock
 
         with filelock.FileLock(f"{file}.budget.lock"):
-            yield
+            yield lambda: True
         return
     if url.startswith(("postgresql", "mysql")):
-        with _server_lock(url, study_name, heartbeat_settings()[2] if retry_seconds is None else retry_seconds):
-            yield
+        bound = heartbeat_settings()[2] if retry_seconds is None else retry_seconds
+        with _server_lock(url, study_name, bound) as held:
+            yield held
         return
     lock = _local_locks.setdefault(url, threading.Lock())
     with lock:
-        yield
+        yield lambda: True
 
 
 @contextlib.contextmanager
-def _server_lock(url: str, name: str, bound: float) -> Iterator[None]:
+def _server_lock(url: str, name: str, bound: float) -> Iterator[Callable[[], bool]]:
     import sqlalchemy
 
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
@@ -403,9 +412,22 @@ def _server_lock(url: str, name: str, bound: float) -> Iterator[None]:
             raise
         return conn
 
+    if url.startswith("postgresql"):
+        # The lock's connection is its own (no pool): any advisory lock on it is this one.
+        check, check_params = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                               "AND pid = pg_backend_pid()"), {}
+    else:
+        check, check_params = "SELECT IS_USED_LOCK(:name) = CONNECTION_ID()", params
+
+    def held() -> bool:
+        try:
+            return bool(conn.execute(sqlalchemy.text(check), check_params).scalar())
+        except Exception:
+            return False
+
     conn = with_reconnect(acquire, url, bound)
     try:
-        yield
+        yield held
     finally:
         try:
             conn.execute(sqlalchemy.text(give), params)
@@ -433,8 +455,9 @@ def _lock_engine(url: str):
 
     if url not in _engines:
         connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
-        _engines[url] = sqlalchemy.create_engine(url, pool_size=LOCK_CONNECTIONS, max_overflow=0, pool_pre_ping=True,
-                                                 connect_args=connect_args)
+        # No pool: the lock's connection lives only while the lock is held, so an idle worker holds
+        # none, and a lock can never sit on a connection the server dropped meanwhile.
+        _engines[url] = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
     return _engines[url]
 
 

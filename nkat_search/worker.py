@@ -175,7 +175,7 @@ def next_trial(w: Worker):
     Under the budget lock: dead trials are failed first, the trial is asked with a sampler seeded
     for its position in the study, and its owner and first heartbeat are recorded before the lock
     is released, so no other worker can take it for an orphan."""
-    with st.budget_lock(w.url, w.study.study_name):
+    with st.budget_lock(w.url, w.study.study_name) as held:
         fail_dead_trials(w)
         budget, done, started = budget_counts(w)
         if done >= budget:
@@ -189,6 +189,10 @@ def next_trial(w: Worker):
         trial.set_user_attr("worker", worker_id())
         if hasattr(w.storage, "record_heartbeat") and w.storage.get_heartbeat_interval():
             w.storage.record_heartbeat(w.trial_id(trial.number))
+        if not held():  # the server dropped the lock's connection: another worker may have asked too
+            fail_trial(w, trial.number, "not run: the budget lock was lost while asking", retry=False)
+            log.warning("trial %d: the budget lock was lost while asking; not running it", trial.number)
+            return WAIT
         log.debug("trial %d: %d of %d finished, %d running", trial.number, done, budget, started - done + 1)
         return trial
 
@@ -213,8 +217,7 @@ def run_trial(w: Worker, trial: optuna.Trial, objective: Objective,
                 log.error("trial %d failed: %s", trial.number, reason)
                 return TrialState.FAIL
         w.study.tell(trial, value, skip_if_finished=True)
-        log.info("trial %d complete in %.1f s: global TPE %.4f (best so far %.4f)",
-                 trial.number, time.perf_counter() - started, value, w.study.best_value)
+        log.info("trial %d complete in %.1f s: global TPE %.4f", trial.number, time.perf_counter() - started, value)
         return TrialState.COMPLETE
     finally:
         if on_end is not None:
@@ -244,7 +247,14 @@ def run_loop(w: Worker, objective: Objective, *, max_failures: int = 3, poll_sec
     while True:
         trial = None
         try:
-            trial = next_trial(w)
+            try:
+                trial = next_trial(w)
+            except Exception as exc:  # the database went away while asking (Optuna's own retries ran out)
+                if st.connection_error(exc) is None:
+                    raise
+                st.with_reconnect(lambda: w.storage.get_study_id_from_name(w.study.study_name), w.url,
+                                  getattr(w.storage, "retry_seconds", 0.0))
+                continue
             if trial is DONE:
                 log.info("study %r reached its budget of %d finished trials", w.study.study_name,
                          w.study.user_attrs["budget"])

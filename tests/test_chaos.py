@@ -124,10 +124,6 @@ def wait_for(predicate, what: str, timeout: float = 60):
     return value
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "RetryingRDBStorage retries RDBStorage's public methods only, but Optuna's _CachedStorage (every Study and "
-    "Trial) calls the private _get_trials, _set_trial_param and _get_best_trial_id: a connection dropped there "
-    "fails a healthy trial (StorageInternalError) or ends the worker with a traceback (see test_storage.py)"))
 def test_workers_keep_the_budget_while_connections_drop_every_few_seconds_and_one_is_killed(
         pg_server, pg_url, tiny_study, tmp_path):
     # Tiny trials of 3 epochs, a few seconds each: two workers need a minute or two for the budget,
@@ -214,9 +210,6 @@ def test_a_lost_reply_after_a_committed_new_trial_leaves_an_orphan_that_is_faile
         ({}, {"fail_reason": "no owner and no heartbeat for 6 s (a worker lost the reply that created it)"})]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "storage._server_lock never checks that its session still holds the advisory lock: a dropped lock "
-    "connection releases the lock while the holder counts and asks, and two workers take the last slot"))
 def test_a_dropped_lock_connection_while_asking_does_not_overrun_the_budget(pg_server, pg_url, tiny_study):
     # Worker A holds the budget lock and is about to create the last trial when its lock
     # connection drops (idle while held, so A cannot notice). Worker B takes the lock and asks
