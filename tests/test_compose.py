@@ -121,10 +121,15 @@ def test_dockerfile_builds_on_the_cuda_pytorch_image_matching_the_torch_pin():
     image = instructions[0][1].split()[0]
     match = re.fullmatch(r"pytorch/pytorch:([\d.]+)-cuda[\d.]+-cudnn\d+-runtime", image)
     assert match, f"not an official CUDA PyTorch runtime image: {image}"
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    torch_pin = next(d for d in deps if re.match(r"torch\s*==", d)).split("==")[1].strip()
-    # otherwise `pip install .` replaces the image's torch with another multi-GB CUDA build
-    assert match.group(1) == torch_pin
+    from packaging.requirements import Requirement
+
+    pins = dict(line.split("==") for line in (ROOT / "constraints" / "ci.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    deps = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    torch_range = next(r.specifier for r in deps if r.name == "torch")
+    # The image's torch is the one CI tests, and inside pyproject's range: otherwise `pip install .`
+    # replaces it with another multi-GB CUDA build.
+    assert match.group(1) == pins["torch"] and torch_range.contains(match.group(1))
 
 
 def test_dockerfile_installs_the_project_like_the_readme():
