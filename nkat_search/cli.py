@@ -230,18 +230,21 @@ def cmd_status(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from .report import leaderboard
+    from .report import format_leaderboard, format_pareto, leaderboard, pareto
 
     _, study, config = _attach(args)
-    frame = leaderboard(study, config, args.top)
+    if args.pareto:
+        frame = pareto(leaderboard(study, config), config)
+        text = format_pareto(frame)
+    else:
+        frame = leaderboard(study, config, args.top)
+        text = format_leaderboard(frame, config, wide=args.wide)
     if args.format == "json":
         print(frame.to_json(orient="records"))
     elif args.format == "csv":
         print(frame.to_csv(index=False), end="")
-    elif frame.empty:
-        print("no completed trials yet")
     else:
-        print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(text)
     return 0
 
 
@@ -469,7 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("leaderboard", help="completed trials ranked by Global TPE")
     _add_storage_flags(p, study_name_help)
     p.add_argument("--top", type=_number(int, "int", 1), default=None, help="show the best N only [all]")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="[%(default)s]")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="table: 100 columns wide; csv and json: every column [%(default)s]")
+    p.add_argument("--wide", action="store_true", help="the table with every column (parameters, TPE, params)")
+    p.add_argument("--pareto", action="store_true",
+                   help="instead of the ranking: the trials on the Pareto front of mean accuracy against lambda, "
+                        "smallest first (--top does not apply)")
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("status", help="trial counts by state, budget, workers, and compute saved by pruning")

@@ -21,7 +21,10 @@ def datasets_of(config: StudyConfig) -> list[str]:
 
 
 def leaderboard(study: optuna.Study, config: StudyConfig, top: int | None = None) -> pd.DataFrame:
-    """Completed trials, best Global TPE first, with per-dataset accuracy, TPE, params and lambda."""
+    """Completed trials, best Global TPE first, with per-dataset accuracy, TPE, params and lambda.
+
+    These are the columns of `leaderboard --format csv|json` (stable); format_leaderboard makes
+    the table a person reads."""
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         a = t.user_attrs
@@ -36,6 +39,62 @@ def leaderboard(study: optuna.Study, config: StudyConfig, top: int | None = None
         return frame
     frame = frame.sort_values("global_tpe", ascending=False, kind="stable").reset_index(drop=True)
     return frame.head(top) if top else frame
+
+
+# Column headers of the narrow table: a dataset's accuracy is headed by its short name.
+SHORT_NAMES = {"cifar10": "cifar10", "mnist": "mnist", "fashion_mnist": "fashion", "emnist_letters": "emnist"}
+
+
+def size_and_accuracy(frame: pd.DataFrame, datasets: list[str]) -> pd.DataFrame:
+    """trial, mean accuracy and lambda (mean over the datasets, as in Global TPE) and Global TPE."""
+    return pd.DataFrame({
+        "trial": frame["trial"],
+        "mean_accuracy": frame[[f"{d}_accuracy" for d in datasets]].mean(axis=1),
+        "lambda": frame[[f"{d}_lambda" for d in datasets]].mean(axis=1),
+        "global_tpe": frame["global_tpe"],
+    })
+
+
+def format_leaderboard(frame: pd.DataFrame, config: StudyConfig, wide: bool = False) -> str:
+    """The leaderboard as text. Narrow (the default, at most 100 characters a line for the four
+    datasets): trial, Global TPE, consistency, robustness, each dataset's validation accuracy and
+    lambda (M parameters, mean over the datasets). wide: every column of the frame."""
+    if frame.empty:
+        return "no completed trials yet"
+    if wide:
+        return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    datasets = datasets_of(config)
+    table = pd.DataFrame({"trial": frame["trial"], "global TPE": frame["global_tpe"],
+                          "consistency": frame["consistency"], "robustness": frame["robustness"]})
+    for d in datasets:
+        table[SHORT_NAMES.get(d, d)] = frame[f"{d}_accuracy"]
+    table["lambda"] = size_and_accuracy(frame, datasets)["lambda"]
+    formats = {"global TPE": "{:.3f}", "consistency": "{:.3f}", "robustness": "{:.3f}", "lambda": "{:.4f}"}
+    text = table.to_string(index=False, formatters={c: (formats.get(c, "{:.3f}").format if c != "trial" else str)
+                                                    for c in table.columns})
+    return "accuracy on the validation splits; lambda: M parameters, mean over the datasets\n" + text
+
+
+def pareto(frame: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
+    """Completed trials on the Pareto front of mean accuracy (higher is better) against lambda
+    (lower is better), smallest first: no other trial is at least as accurate and at most as large
+    and better in one of the two. `frame` is a leaderboard; columns as size_and_accuracy."""
+    if frame.empty:
+        return pd.DataFrame(columns=["trial", "mean_accuracy", "lambda", "global_tpe"])
+    points = size_and_accuracy(frame, datasets_of(config))
+    acc, lam = points["mean_accuracy"].to_numpy(), points["lambda"].to_numpy()
+    dominated = [bool(((acc >= acc[i]) & (lam <= lam[i]) & ((acc > acc[i]) | (lam < lam[i]))).any())
+                 for i in range(len(points))]
+    front = points[[not d for d in dominated]]
+    return front.sort_values(["lambda", "mean_accuracy"], ascending=[True, False], kind="stable").reset_index(drop=True)
+
+
+def format_pareto(front: pd.DataFrame) -> str:
+    if front.empty:
+        return "no completed trials yet"
+    return ("Pareto front of mean validation accuracy against lambda (smallest first)\n"
+            + front.to_string(index=False, formatters={"trial": str, "mean_accuracy": "{:.3f}".format,
+                                                        "lambda": "{:.4f}".format, "global_tpe": "{:.3f}".format}))
 
 
 def status(study: optuna.Study, config: StudyConfig) -> dict:
