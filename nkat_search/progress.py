@@ -1,0 +1,309 @@
+"""Progress of a search and of one training run, for the person watching.
+
+On a terminal (the stream is a TTY) one rich live display; without one (a log file, `docker
+logs`, CI) plain log lines, one per trial event, that read as a history.
+
+StudyProgress is the worker loop's view of its study: the loop tells it what happens (trial
+started, stage, epoch, trial ended) and it shows, from the study's trials in the storage (so the
+other workers' trials count too): finished of budget, running, pruned (by the pruner, by the
+gate), failed, the best Global TPE so far with its trial, elapsed time, an ETA from the measured
+trial times, and the current trial's stage and epoch. TrainProgress is `nkat-search train`'s
+per-epoch bar.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+log = logging.getLogger("nkat_search")
+
+# Short names in a trial's one-line parameters; embed_dim and depth fold into d=EMBEDxDEPTH.
+SHORT = {"conv_stem": "stem", "patch_size": "p", "temperature": "T", "top_k": "top_k", "top_p": "top_p",
+         "nkat_strength": "s", "nkat_decay": "r", "dropout_attn": "drop_attn", "dropout_embed": "drop_embed",
+         "learning_rate": "lr"}
+# A study is re-read from the storage at most this often (each epoch and trial end asks).
+REFRESH_SECONDS = 1.0
+
+
+def number(value) -> str:
+    """Two significant digits, exponents without padding: 0.71, 0.85, 2.1e-4, 384."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if value != 0 and not 0.01 <= abs(value) < 1e4:
+        mantissa, exponent = f"{value:.1e}".split("e")
+        return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+    return f"{value:.2g}"
+
+
+def compact(params: dict) -> str:
+    """A trial's parameters on one short line, e.g. `stem=tiny p=2 d=384x7 T=0.71 top_p=0.85 lr=2.1e-4`."""
+    params = dict(params)
+    parts = []
+    for key in ("conv_stem", "patch_size"):
+        if key in params:
+            parts.append(f"{SHORT[key]}={number(params.pop(key))}")
+    if "embed_dim" in params:
+        depth = params.pop("depth", None)
+        parts.append(f"d={params.pop('embed_dim')}" + (f"x{depth}" if depth is not None else ""))
+    parts += [f"{SHORT.get(key, key)}={number(value)}" for key, value in params.items()]
+    return " ".join(parts)
+
+
+def clock_text(seconds: float | None) -> str:
+    """1:05, 12:00, 1:02:03; a dash when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def prune_kind(trial: FrozenTrial) -> str:
+    """gate, pruner or other (a non-finite loss), from the trial's prune_reason."""
+    reason = trial.user_attrs.get("prune_reason", "")
+    return "gate" if reason.startswith("gate:") else "pruner" if reason.startswith("pruner") else "other"
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What the storage says about a study's trials."""
+
+    budget: int | None
+    complete: int
+    pruner: int
+    gate: int
+    other_pruned: int
+    failed: int
+    running: int
+    best_value: float | None
+    best_trial: int | None
+    mean_seconds: float | None  # measured duration of the finished (complete or pruned) trials
+
+    @property
+    def pruned(self) -> int:
+        return self.pruner + self.gate + self.other_pruned
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned
+
+    def eta(self) -> float | None:
+        """Seconds left: the unfinished trials at the mean measured trial time, shared by the trials
+        running now (one per worker, at least one)."""
+        if self.budget is None or self.mean_seconds is None:
+            return None
+        return max(0, self.budget - self.finished) * self.mean_seconds / max(1, self.running)
+
+
+def count(study: optuna.Study, counted: Callable[[FrozenTrial], bool] = lambda t: True) -> Counts:
+    """Counts of a study's trials (those `counted` accepts, e.g. not warm-start copies)."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+    trials = [t for t in study.get_trials(deepcopy=False, states=states) if counted(t)]
+    by = {state: [t for t in trials if t.state == state] for state in states}
+    kinds = [prune_kind(t) for t in by[TrialState.PRUNED]]
+    best = max(by[TrialState.COMPLETE], key=lambda t: t.value, default=None)
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds()
+                 for t in by[TrialState.COMPLETE] + by[TrialState.PRUNED] if t.datetime_start and t.datetime_complete]
+    return Counts(
+        budget=study.user_attrs.get("budget"), complete=len(by[TrialState.COMPLETE]), pruner=kinds.count("pruner"),
+        gate=kinds.count("gate"), other_pruned=kinds.count("other"), failed=len(by[TrialState.FAIL]),
+        running=len(by[TrialState.RUNNING]), best_value=best.value if best else None,
+        best_trial=best.number if best else None,
+        mean_seconds=sum(durations) / len(durations) if durations else None,
+    )
+
+
+def summary(name: str, c: Counts) -> str:
+    """`nkat-smoke: 23 of 50 finished, running 1, pruned 12 (pruner 7, gate 5), failed 0`."""
+    split = f"pruner {c.pruner}, gate {c.gate}" + (f", other {c.other_pruned}" if c.other_pruned else "")
+    budget = c.budget if c.budget is not None else "?"
+    return (f"{name}: {c.finished} of {budget} finished, running {c.running}, pruned {c.pruned} ({split}), "
+            f"failed {c.failed}")
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class _LiveLogging:
+    """While a rich Live display runs, log lines of handlers that wrote to its stream go through
+    rich's proxy of that stream, so they print above the display instead of through it."""
+
+    def __init__(self, original, proxy):
+        self.handlers = [h for logger in (logging.getLogger(), log) for h in logger.handlers
+                         if isinstance(h, logging.StreamHandler) and h.stream is original]
+        self.original, self.proxy = original, proxy
+
+    def __enter__(self):
+        for h in self.handlers:
+            h.setStream(self.proxy)
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handlers:
+            h.setStream(self.original)
+
+
+class StudyProgress:
+    """A worker's view of its study: a live display on a terminal, log lines otherwise.
+
+    Use as a context manager around the worker loop and call trial_started, stage, epoch and
+    trial_ended as things happen. `counted` leaves trials out of the counts (warm-start copies).
+    `console` (a rich Console) replaces the terminal, for tests."""
+
+    def __init__(self, study: optuna.Study, *, stream=None, live: bool | None = None,
+                 counted: Callable[[FrozenTrial], bool] = lambda t: True, console=None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.study, self.counted, self.clock = study, counted, clock
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = (console is not None or _is_terminal(self.stream)) if live is None else live
+        self.console = console
+        self.started = clock()
+        self.counts: Counts | None = None
+        self.read_at = -math.inf
+        self.current: dict = {}  # the running trial here: number, stage, dataset, epoch, epochs, accuracy
+        self._live = None
+        self._logging = None
+
+    # -- the display ----------------------------------------------------------------------------
+
+    def __enter__(self) -> StudyProgress:
+        self.refresh(force=True)
+        if self.live:
+            from rich.console import Console
+            from rich.live import Live
+
+            console = self.console or Console(file=self.stream)
+            self._live = Live(get_renderable=self.render, console=console, refresh_per_second=4,
+                              redirect_stdout=False, redirect_stderr=console.file is sys.stderr)
+            self._live.start()
+            self._logging = _LiveLogging(self.stream, sys.stderr if console.file is sys.stderr else console.file)
+            self._logging.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self.refresh(force=True)
+            self._live.refresh()
+            self._live.stop()
+            self._logging.__exit__()
+            self._live = None
+
+    def refresh(self, force: bool = False) -> Counts:
+        """Re-read the study's counts from the storage (at most every REFRESH_SECONDS unless forced)."""
+        now = self.clock()
+        if force or self.counts is None or now - self.read_at >= REFRESH_SECONDS:
+            self.counts, self.read_at = count(self.study, self.counted), now
+        return self.counts
+
+    def render(self):
+        """The live display: counts, best so far and times, then the current trial with its epoch bar."""
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        c = self.counts or self.refresh()
+        best = (f"best Global TPE {c.best_value:.4g} (trial {c.best_trial})" if c.best_value is not None
+                else "best Global TPE - (no completed trial yet)")
+        lines = [Text(summary(self.study.study_name, c)),
+                 Text(f"{best}, elapsed {clock_text(self.clock() - self.started)}, ETA {clock_text(c.eta())}")]
+        now = self.current
+        if now:
+            row = Table.grid(padding=(0, 1))
+            where = f"trial {now['number']}: stage {now.get('stage', 1)} {now.get('dataset', '')}".rstrip()
+            epochs = now.get("epochs") or 1
+            done = now.get("epoch", 0)
+            extra = (f"val accuracy {now['accuracy']:.3f}, local TPE {now['tpe']:.3g}" if "accuracy" in now
+                     else "")
+            row.add_row(Text(where), ProgressBar(total=epochs, completed=done, width=20),
+                        Text(f"epoch {done} of {epochs}"), Text(extra))
+            lines.append(row)
+        return Group(*lines)
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def trial_started(self, number: int, params: dict) -> None:
+        self.current = {"number": number}
+        log.log(logging.DEBUG if self.live else logging.INFO, "trial %d started: %s", number, compact(params))
+        log.debug("trial %d parameters: %s", number, params)
+        self.refresh(force=True)
+
+    def stage(self, number: int, stage: int, dataset: str, epochs: int) -> None:
+        """Trial `number` starts training on `dataset` (Stage 1 or 2) for `epochs` epochs."""
+        self.current = {"number": number, "stage": stage, "dataset": dataset, "epoch": 0, "epochs": epochs}
+        log.debug("trial %d stage %d %s: %d epochs", number, stage, dataset, epochs)
+
+    def epoch(self, number: int, epoch: int, epochs: int, accuracy: float, local_tpe: float) -> None:
+        self.current.update(number=number, epoch=epoch, epochs=epochs, accuracy=accuracy, tpe=local_tpe)
+        log.debug("trial %d stage %s %s epoch %d/%d: val accuracy %.4f, local TPE %.4f", number,
+                  self.current.get("stage", "?"), self.current.get("dataset", ""), epoch, epochs, accuracy, local_tpe)
+        self.refresh()
+
+    def trial_ended(self, trial: FrozenTrial, seconds: float | None = None) -> None:
+        """Trial ended (COMPLETE, PRUNED or FAIL, as the storage has it): one line, fresh counts."""
+        self.current = {}
+        c = self.refresh(force=True)
+        took = f" after {seconds:.1f} s" if seconds is not None else ""
+        tally = f"{c.finished} of {c.budget if c.budget is not None else '?'} finished"
+        if trial.state == TrialState.COMPLETE:
+            best = f"best {c.best_value:.4f}, trial {c.best_trial}" if c.best_value is not None else ""
+            log.info("trial %d complete%s: Global TPE %.4f (%s); %s", trial.number, took, trial.value, best, tally)
+        elif trial.state == TrialState.PRUNED:
+            kind = {"gate": "by the gate", "pruner": "by the pruner"}.get(prune_kind(trial), "")
+            reason = trial.user_attrs.get("prune_reason", "")
+            log.info("trial %d pruned%s%s: %s; %s", trial.number, f" {kind}" if kind else "", took, reason, tally)
+        else:
+            log.error("trial %d failed%s: %s; %s", trial.number, took, trial.user_attrs.get("fail_reason", "?"),
+                      tally)
+
+
+class TrainProgress:
+    """`nkat-search train`: a per-epoch bar on a terminal, a log line per epoch otherwise. The
+    object is the EpochCallback that fit() calls."""
+
+    def __init__(self, dataset: str, epochs: int, *, stream=None, live: bool | None = None, console=None):
+        self.dataset, self.epochs = dataset, epochs
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = (console is not None or _is_terminal(self.stream)) if live is None else live
+        self.console = console
+        self._progress = None
+
+    def __enter__(self) -> TrainProgress:
+        if self.live:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            console = self.console or Console(file=self.stream)
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+                TextColumn("{task.fields[scores]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=console, redirect_stderr=console.file is sys.stderr, redirect_stdout=False)
+            self._progress.start()
+            self._task = self._progress.add_task(self.dataset, total=self.epochs, scores="")
+            self._logging = _LiveLogging(self.stream, sys.stderr if console.file is sys.stderr else console.file)
+            self._logging.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._logging.__exit__()
+            self._progress = None
+
+    def __call__(self, epoch: int, accuracy: float, local_tpe: float) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=epoch,
+                                  scores=f"val accuracy {accuracy:.4f}, local TPE {local_tpe:.4f}")
+        else:
+            log.info("epoch %d/%d  val accuracy %.4f  local TPE %.4f", epoch, self.epochs, accuracy, local_tpe)
