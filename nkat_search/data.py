@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +19,8 @@ import torchvision
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from . import synthetic
 from .config import DataConfig, TrainConfig, UsageError
-
-# Synthetic difficulty: per-pixel noise and distractor weight relative to a unit grating, and
-# orientation jitter in units of the gap between classes. Measured with `nkat-search train
-# --data-source synthetic --embed_dim 64 --depth 2 --epochs 3` (the research's recipe, 5,000
-# training images): cifar10 0.51, emnist_letters 0.15 validation accuracy (chance 0.10 / 0.04).
-NOISE, DISTRACTOR, JITTER = 0.7, 0.4, 0.4
 
 
 @dataclass(frozen=True)
@@ -106,49 +100,6 @@ def load_splits(name: str, data: DataConfig, device: str | torch.device = "cpu")
         move(train_x[val]), move(train_y[val]),
         move(test_x), move(test_y),
     )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic images
-
-
-def _synthetic(spec: DatasetSpec, n: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n class-structured images: an oriented grating whose orientation, frequency and (on RGB)
-    colour tint belong to the class, with random phase, contrast and brightness, Gaussian noise
-    and a fainter grating of another class as a distractor. Orientations of neighbouring classes
-    overlap by their jitter, so a model must learn, not look up. The class parameters depend on
-    the dataset only; `stream` picks the samples (train and test use different streams)."""
-    k, c, s = spec.num_classes, spec.channels, spec.image_size
-    base = zlib.crc32(spec.name.encode())
-    g = torch.Generator().manual_seed(base)
-    order = torch.randperm(k, generator=g)  # which class gets which orientation
-    angle = torch.pi * order.float() / k
-    freq = (2.0 + 1.5 * (torch.arange(k) % 3).float()) / s  # cycles per pixel: 3 bands
-    # Signed per-channel weights: the colour-wise LayerNorm of the model removes each pixel's
-    # channel mean, so class colour must live in the direction of the channel vector.
-    tint = torch.randn(k, c, generator=g) if c > 1 else torch.ones(k, 1)
-
-    g = torch.Generator().manual_seed(base + 1_000_003 * stream)
-    y = torch.arange(n) % k
-    y = y[torch.randperm(n, generator=g)]
-    other = (y + torch.randint(1, k, (n,), generator=g)) % k
-    coords = torch.arange(s, dtype=torch.float32) - (s - 1) / 2
-
-    def grating(cls: torch.Tensor) -> torch.Tensor:
-        theta = angle[cls] + JITTER * torch.pi / k * torch.randn(n, generator=g)
-        phase = 2 * torch.pi * torch.rand(n, generator=g)
-        u = coords[None, :, None] * theta.sin()[:, None, None] + coords[None, None, :] * theta.cos()[:, None, None]
-        wave = torch.cos(2 * torch.pi * freq[cls][:, None, None] * u + phase[:, None, None])
-        return wave[:, None] * tint[cls][:, :, None, None]  # [n, c, s, s]
-
-    contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)
-    brightness = 0.3 * torch.randn(n, 1, 1, 1, generator=g)
-    z = torch.randn(n, c, s, s, generator=g).mul_(NOISE)
-    z.add_(grating(y).mul_(contrast)).add_(grating(other), alpha=DISTRACTOR).add_(brightness)
-    mean = 255 * torch.tensor(spec.mean).view(1, c, 1, 1)
-    std = 255 * torch.tensor(spec.std).view(1, c, 1, 1)
-    x = z.mul_(std).add_(mean).round_().clamp_(0, 255).to(torch.uint8)
-    return x, y
 
 
 # ---------------------------------------------------------------------------------------------
