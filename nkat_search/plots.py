@@ -2,8 +2,9 @@
 
 `plots`: Optuna's plotly figures (optimisation history, parameter importances, embed_dim x depth
 contour) and ours (Stage-1 Local TPE per trial with the gate, Stage-1 learning curves of pruned
-vs kept trials, per-dataset accuracy of the top trials), written as HTML and PNG (kaleido) and
-attached to the study for optuna-dashboard (save_plotly_graph_object).
+vs kept trials, per-dataset accuracy of the top trials, and every completed trial's mean accuracy
+against its size with the Pareto front and Global TPE iso-lines), written as HTML and PNG
+(kaleido) and attached to the study for optuna-dashboard (save_plotly_graph_object).
 
 `attention`: class-token attention of every layer over validation images, from the weights that
 `nkat-search report` saved for a trial (NKATViT.attention_maps).
@@ -12,6 +13,7 @@ attached to the study for optuna-dashboard (save_plotly_graph_object).
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import optuna
@@ -22,8 +24,8 @@ import torch.nn.functional as F
 from optuna.trial import FrozenTrial, TrialState
 
 from .config import UsageError
+from .report import datasets_of, leaderboard, pareto, size_and_accuracy
 from .study import StudyConfig
-from .report import datasets_of
 
 log = logging.getLogger("nkat_search")
 TOP_TRIALS = 5  # trials shown in the per-dataset accuracy plot
@@ -100,6 +102,67 @@ def top_trials_figure(study: optuna.Study, config: StudyConfig, top: int = TOP_T
     return fig
 
 
+def iso_levels(values: list[float], count: int = 4) -> list[float]:
+    """A few round Global TPE values spanning the completed trials' (1, 2 or 5 times a power of 10)."""
+    low, high = min(values), max(values)
+    if not low > 0:
+        low = high / 10 if high > 0 else 1.0
+    nice = sorted({m * 10.0**e for e in range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+                   for m in (1, 2, 5)})
+    inside = [v for v in nice if low <= v <= high]
+    if len(inside) < 3:
+        below = [v for v in nice if v < low][-1:]
+        above = [v for v in nice if v > high][:1]
+        inside = below + inside + above
+    step = max(1, math.ceil(len(inside) / count))
+    return inside[::step]
+
+
+def pareto_figure(study: optuna.Study, config: StudyConfig) -> go.Figure | None:
+    """Every completed trial in the (lambda, mean accuracy) plane, the Pareto front, and Global TPE
+    iso-lines (accuracy = g * log10(1 + lambda)): trials above a line beat it by accuracy, trials
+    to the left by size."""
+    frame = leaderboard(study, config)
+    if frame.empty:
+        return None
+    points = size_and_accuracy(frame, datasets_of(config))
+    front = pareto(frame, config)
+    params = {row["trial"]: row for row in frame.to_dict("records")}
+    searched = [p.name for p in config.space]
+    hover = [f"trial {t}<br>Global TPE {g:.3g}<br>" + "<br>".join(
+        f"{k} {params[t][k]:.3g}" if isinstance(params[t][k], float) else f"{k} {params[t][k]}"
+        for k in searched if k in params[t]) for t, g in zip(points["trial"], points["global_tpe"])]
+    fig = go.Figure()
+    lam_max = float(points["lambda"].max()) * 1.15
+    acc_max = min(1.0, float(points["mean_accuracy"].max()) * 1.15)
+    lam = [lam_max * i / 100 for i in range(1, 101)]
+    for g in iso_levels(list(points["global_tpe"])):
+        fig.add_trace(go.Scatter(
+            x=lam, y=[g * math.log10(1 + v) for v in lam], mode="lines", name=f"Global TPE {g:g}",
+            line={"dash": "dot", "width": 1, "color": "#999999"}, hoverinfo="name", showlegend=False))
+        # Label each iso-line where it leaves the plot (at the top or the right edge).
+        x_end = min(lam_max, 10 ** (0.995 * acc_max / g) - 1)  # just inside, or plotly hides the label
+        fig.add_annotation(x=x_end, y=g * math.log10(1 + x_end), text=f"TPE {g:g}", showarrow=False,
+                           xanchor="right", yanchor="top" if x_end < lam_max else "bottom",
+                           font={"size": 10, "color": "#666666"})
+    fig.add_trace(go.Scatter(
+        x=points["lambda"], y=points["mean_accuracy"], mode="markers", name="completed trial",
+        marker={"color": points["global_tpe"], "colorscale": "Viridis", "size": 9, "showscale": True,
+                "colorbar": {"title": "Global TPE"}},
+        text=hover, hoverinfo="text"))
+    fig.add_trace(go.Scatter(
+        x=front["lambda"], y=front["mean_accuracy"], mode="lines+markers+text", name="Pareto front",
+        line={"color": "#d62728", "shape": "hv"}, marker={"color": "#d62728", "size": 11, "symbol": "circle-open"},
+        text=[str(t) for t in front["trial"]], textposition="top left", hoverinfo="skip"))
+    fig.update_layout(
+        title=f"Mean validation accuracy against size, {len(points)} completed trials "
+              f"({len(front)} on the Pareto front; dotted: equal Global TPE)",
+        xaxis_title="lambda (M parameters, mean over the datasets)", yaxis_title="mean validation accuracy",
+        xaxis_range=[0, lam_max], yaxis_range=[0, acc_max],
+        legend={"x": 0.01, "y": 0.99})
+    return fig
+
+
 def figures(study: optuna.Study, config: StudyConfig) -> tuple[dict[str, go.Figure], dict[str, str]]:
     """(name -> figure, name -> why it was left out) for every plot of the study."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -123,7 +186,7 @@ def figures(study: optuna.Study, config: StudyConfig) -> tuple[dict[str, go.Figu
     else:
         skipped["embed_dim_depth"] = "needs at least two completed trials"
     for name, build in (("stage1_local_tpe", gate_figure), ("stage1_learning_curves", learning_curves_figure),
-                        ("top_trials_accuracy", top_trials_figure)):
+                        ("top_trials_accuracy", top_trials_figure), ("accuracy_vs_size", pareto_figure)):
         fig = build(study, config)
         if fig is None:
             skipped[name] = "no trial has the values it shows yet"

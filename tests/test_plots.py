@@ -1,18 +1,20 @@
 """Plots of a tiny real study (HTML, PNG, optuna-dashboard) and attention maps of its retrained model."""
 
 import argparse
+import math
 import struct
 from pathlib import Path
 
 import pytest
 from test_retrain import _one_thread, reported, tiny  # noqa: F401  (one tiny study and its report per session)
 
-from nkat_search import cli, plots, storage
+from nkat_search import cli, plots, report, storage
 from nkat_search.config import UsageError
+from nkat_search.study import load_study
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_PLOTS = ("optimization_history", "param_importances", "embed_dim_depth", "stage1_local_tpe",
-             "stage1_learning_curves", "top_trials_accuracy")
+             "stage1_learning_curves", "top_trials_accuracy", "accuracy_vs_size")
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -88,3 +90,66 @@ def test_plots_and_attention_flags():
     assert parser.parse_args(["plots", "--no-png"]).func is cli.cmd_plots
     args = parser.parse_args(["attention", "--trial", "3"])
     assert args.func is cli.cmd_attention and args.dataset == "cifar10" and args.images == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy against size (an in-memory study: no training)
+
+
+def _size_study(points: dict[int, tuple[float, float]]):
+    """A study whose trial i has mean accuracy points[i][0] and lambda points[i][1] on the smoke
+    study's four datasets; the missing numbers are pruned trials."""
+    import optuna
+    from optuna.distributions import IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    datasets = ["cifar10", "mnist", "fashion_mnist", "emnist_letters"]
+    study = optuna.create_study(direction="maximize")
+    for i in range(max(points, default=0) + 1):
+        acc, lam = points.get(i, (0.1, 0.2))
+        attrs = {f"{d}_{k}": v for d in datasets for k, v in (("accuracy", acc), ("lambda", lam))}
+        state = TrialState.COMPLETE if i in points else TrialState.PRUNED
+        study.add_trial(create_trial(state=state, value=acc / math.log10(1 + lam) if i in points else None,
+                                     params={"embed_dim": 80 + 16 * (i % 5)},
+                                     distributions={"embed_dim": IntDistribution(80, 144, step=16)},
+                                     user_attrs=attrs))
+    return study
+
+
+def test_accuracy_vs_size_draws_every_completed_trial_the_front_and_iso_lines():
+    points = {0: (0.30, 0.10), 1: (0.25, 0.12), 2: (0.45, 0.15), 4: (0.60, 0.30), 5: (0.50, 0.30)}
+    study, config = _size_study(points), load_study("smoke")
+    fig = plots.pareto_figure(study, config)
+    traces = {t.name: t for t in fig.data}
+    dots = traces["completed trial"]
+    assert sorted(zip(dots.x, dots.y)) == sorted((lam, acc) for acc, lam in points.values())
+    front = traces["Pareto front"]
+    assert list(front.text) == ["0", "2", "4"] and list(front.x) == [0.10, 0.15, 0.30]
+    iso = [t for name, t in traces.items() if name.startswith("Global TPE ")]
+    assert len(iso) >= 2
+    for line in iso:
+        g = float(line.name.removeprefix("Global TPE "))
+        assert all(abs(y - g * math.log10(1 + x)) < 1e-9 for x, y in zip(line.x, line.y))
+    # The lines span the trials' Global TPE: some trial lies above the lowest line, some below the highest.
+    tpes = [t.value for t in study.trials if t.value is not None]
+    levels = sorted(float(t.name.removeprefix("Global TPE ")) for t in iso)
+    assert levels[0] <= max(tpes) and levels[-1] >= min(tpes)
+    assert "trial 4" in dots.text[[i for i, x in enumerate(dots.x) if x == 0.30 and dots.y[i] == 0.60][0]]
+
+
+def test_accuracy_vs_size_is_left_out_without_completed_trials():
+    study = _size_study({})
+    assert plots.pareto_figure(study, load_study("smoke")) is None
+    assert report.pareto(report.leaderboard(study, load_study("smoke")), load_study("smoke")).empty
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([3.1, 9.7], [2, 5, 10]),  # fewer than three round values inside: their neighbours join them
+    ([3.0, 30.0], [5, 10, 20]),
+    ([12.0, 13.0], [10, 20]),  # none inside: the ones on either side
+    ([0.4, 0.45], [0.2, 0.5]),
+    ([3.5, 13.0], [2, 5, 10, 20]),
+    ([1.0, 1000.0], [1, 10, 100, 1000]),  # thinned to about `count` lines
+])
+def test_iso_levels_are_round_numbers_around_the_trials(values, expected):
+    assert plots.iso_levels(values, count=4) == pytest.approx(expected)
