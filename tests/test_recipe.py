@@ -19,7 +19,7 @@ from nkat_search.data import load_splits
 from nkat_search.train import fit
 
 # The recipe of the MNIST family (mnist, fashion_mnist, emnist_letters): the [train.mnist] tables
-# of studies/round2.toml and studies/smoke.toml; docs/readme-drafts/recipes.md has the figures.
+# of nkat_search/studies/round2.toml and smoke.toml; docs/recipes.md has the figures.
 MNIST_FAMILY = dict(randaugment=(0, 9), cutout=0, cutmix=0.0, mixup=0.0, crop_padding=0, label_smoothing=0.1)
 MODEL = ModelConfig(in_chans=1, img_size=28, num_classes=10, conv_stem="tiny", patch_size=1, embed_dim=64, depth=2,
                     num_heads=4)
