@@ -106,6 +106,7 @@ def safe_name(name: str) -> str:
 def cmd_train(args) -> int:
     from .data import get_spec, load_splits
     from .devices import resolve_device
+    from .progress import TrainProgress
     from .train import fit
 
     spec = get_spec(args.dataset)
@@ -119,10 +120,8 @@ def cmd_train(args) -> int:
     device = resolve_device(args.device)
     splits = load_splits(args.dataset, data_cfg, device)
 
-    def on_epoch(epoch: int, accuracy: float, tpe: float) -> None:
-        log.info("epoch %d/%d  val accuracy %.4f  local TPE %.4f", epoch, train_cfg.epochs, accuracy, tpe)
-
-    result = fit(model_cfg, train_cfg, splits, on_epoch=on_epoch, eval_test=args.eval_test)
+    with TrainProgress(args.dataset, train_cfg.epochs) as on_epoch:  # a bar on a terminal, else a line per epoch
+        result = fit(model_cfg, train_cfg, splits, on_epoch=on_epoch, eval_test=args.eval_test)
     summary = result.summary()
     summary["data_source"] = data_cfg.source
     if args.json:

@@ -15,10 +15,11 @@ from collections.abc import Callable
 import optuna
 
 from .data import Splits
+from .progress import StudyProgress
 from .metrics import consistency, global_tpe, robustness
 from .space import suggest
 from .study import StudyConfig
-from .train import FitResult, NonFiniteLossError, fit
+from .train import FitResult, NonFiniteLossError, Timings, fit
 
 log = logging.getLogger("nkat_search")
 
@@ -40,16 +41,18 @@ def record(trial: optuna.Trial, result: FitResult) -> None:
         trial.set_user_attr(f"{d}_{key}", value)
 
 
-def make_objective(study: StudyConfig, load: Callable[[str], Splits],
-                   on_progress: Callable[[str], None] | None = None) -> Callable[[optuna.Trial], float]:
-    """The objective for study.optimize / ask-tell; load(name) gives a dataset's splits (cached)."""
-    say = on_progress or log.info
+def make_objective(study: StudyConfig, load: Callable[[str], Splits], progress: StudyProgress | None = None,
+                   timer: Timings | None = None) -> Callable[[optuna.Trial], float]:
+    """The objective for study.optimize / ask-tell; load(name) gives a dataset's splits (cached);
+    progress (the worker's display) hears of every trial, stage and epoch; timer (the bench's)
+    is charged by fit's phases."""
+    progress = progress or _Quiet()
 
     def train(trial: optuna.Trial, params: dict, dataset: str, epochs: int, on_epoch=None) -> FitResult:
         model_cfg, train_cfg = study.configs_for(params, dataset, epochs)
         trial.set_user_attr(f"{dataset}_patch_size", model_cfg.patch_size)
         try:
-            return fit(model_cfg, train_cfg, load(dataset), on_epoch=on_epoch)
+            return fit(model_cfg, train_cfg, load(dataset), on_epoch=on_epoch, timer=timer)
         except NonFiniteLossError as exc:
             # A diverging configuration is a property of the point, not a fault of the worker:
             # PRUNED (kept out of the ranking, no retry), with the reason on the trial.
@@ -58,14 +61,14 @@ def make_objective(study: StudyConfig, load: Callable[[str], Splits],
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, study)
-        say(f"trial {trial.number} started: {params}")
+        progress.trial_started(trial.number, params)
         stage1 = study.stage1_dataset
         started = time.perf_counter()
+        progress.stage(trial.number, 1, stage1, study.stage1_epochs)
 
         def on_epoch(epoch: int, accuracy: float, tpe: float) -> None:
             trial.report(tpe, epoch)
-            say(f"trial {trial.number} stage 1 {stage1} epoch {epoch}/{study.stage1_epochs}: "
-                f"val accuracy {accuracy:.4f}, local TPE {tpe:.4f}")
+            progress.epoch(trial.number, epoch, study.stage1_epochs, accuracy, tpe)
             if trial.should_prune():
                 reason = f"pruner ({study.pruner.KIND}): local TPE {tpe:.4f} at epoch {epoch}"
                 trial.set_user_attr("prune_reason", reason)
@@ -83,8 +86,9 @@ def make_objective(study: StudyConfig, load: Callable[[str], Splits],
         results = [result]
         try:
             for dataset in study.stage2_datasets:
-                say(f"trial {trial.number} stage 2 {dataset}: {study.stage2_epochs} epochs")
-                results.append(train(trial, params, dataset, study.stage2_epochs))
+                progress.stage(trial.number, 2, dataset, study.stage2_epochs)
+                results.append(train(trial, params, dataset, study.stage2_epochs,
+                                     lambda e, a, t, d=dataset: progress.epoch(trial.number, e, study.stage2_epochs, a, t)))
                 record(trial, results[-1])
         finally:
             trial.set_user_attr("stage2_seconds", time.perf_counter() - started)
@@ -96,3 +100,11 @@ def make_objective(study: StudyConfig, load: Callable[[str], Splits],
         return value
 
     return objective
+
+
+class _Quiet:
+    """No display: the objective's progress events go nowhere (tests, the bench)."""
+
+    def trial_started(self, number: int, params: dict) -> None: ...
+    def stage(self, number: int, stage: int, dataset: str, epochs: int) -> None: ...
+    def epoch(self, number: int, epoch: int, epochs: int, accuracy: float, local_tpe: float) -> None: ...

@@ -207,17 +207,17 @@ def run_trial(w: Worker, trial: optuna.Trial, objective: Objective,
                 value = objective(trial)
             except optuna.TrialPruned as exc:
                 w.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
-                log.info("trial %d pruned after %.1f s: %s", trial.number, time.perf_counter() - started, exc)
+                log.debug("trial %d pruned after %.1f s: %s", trial.number, time.perf_counter() - started, exc)
                 return TrialState.PRUNED
             except (KeyboardInterrupt, st.StorageUnavailable):
                 raise
             except Exception as exc:  # a crash, an OOM, a bug: FAILED with the error on the trial
                 reason = f"{type(exc).__name__}: {st.mask_text(str(exc), w.url)}"[:2000]
                 fail_trial(w, trial.number, reason, retry=False)
-                log.error("trial %d failed: %s", trial.number, reason)
+                log.debug("trial %d failed: %s", trial.number, reason)
                 return TrialState.FAIL
         w.study.tell(trial, value, skip_if_finished=True)
-        log.info("trial %d complete in %.1f s: global TPE %.4f", trial.number, time.perf_counter() - started, value)
+        log.debug("trial %d complete in %.1f s: global TPE %.4f", trial.number, time.perf_counter() - started, value)
         return TrialState.COMPLETE
     finally:
         if on_end is not None:
@@ -286,6 +286,7 @@ def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_fai
     from .data import load_splits
     from .hostshare import HostShare
     from .objective import make_objective
+    from .progress import StudyProgress
 
     store = st.open_storage(url, create=False)
     study, config = st.attach(store, url, study_name)
@@ -300,9 +301,16 @@ def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_fai
 
     w = Worker(study, store, url, config)
     log.info("worker %s on %s: study %r in %s", worker_id(), device, study.study_name, st.mask(url))
-    with HostShare(device) as share:  # the workers of this host divide its cores between them
-        return run_loop(w, make_objective(config, load), max_failures=max_failures, poll_seconds=poll_seconds,
-                        on_end=lambda frozen: annotate_trial(study, frozen), before_trial=share.threads_for_next_trial)
+
+    def on_end(frozen: optuna.trial.FrozenTrial) -> None:
+        annotate_trial(study, frozen)
+        progress.trial_ended(frozen)
+
+    # The workers of this host divide its cores between them; the display counts the study's
+    # trials across all workers, without warm-start copies.
+    with HostShare(device) as share, StudyProgress(study, counted=lambda t: not st.is_warm_start(t)) as progress:
+        return run_loop(w, make_objective(config, load, progress), max_failures=max_failures,
+                        poll_seconds=poll_seconds, on_end=on_end, before_trial=share.threads_for_next_trial)
 
 
 def _child(url: str, study_name: str, device: str, verbose: bool, data_root: str | None, max_failures: int) -> None:
