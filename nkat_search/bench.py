@@ -476,7 +476,7 @@ def bench_search(study_ref, trials: int, device: torch.device, share: bool = Tru
 
         # Until objective.make_objective passes a timer on to fit(), fit's phases show as "objective".
         kwargs = {"timer": timer} if "timer" in inspect.signature(make_objective).parameters else {}
-        inner = make_objective(config, load, on_progress=lambda _: None, **kwargs)
+        inner = make_objective(config, load, **kwargs)
 
         def objective(trial) -> float:
             with timer.phase("objective"):
