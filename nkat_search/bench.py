@@ -442,8 +442,6 @@ def bench_search(study_ref, trials: int, device: torch.device, share: bool = Tru
     dashboard note, and the rest of the loop. Each trial's row has its state and value. With
     share, the process joins the host's registry and takes its share of the cores before each
     trial, as a worker does; without, torch's threads stay as they are."""
-    import inspect
-
     import optuna
 
     from . import storage as st
@@ -474,9 +472,7 @@ def bench_search(study_ref, trials: int, device: torch.device, share: bool = Tru
                     cache[dataset] = load_splits(dataset, config.data, device)
                 return cache[dataset]
 
-        # Until objective.make_objective passes a timer on to fit(), fit's phases show as "objective".
-        kwargs = {"timer": timer} if "timer" in inspect.signature(make_objective).parameters else {}
-        inner = make_objective(config, load, **kwargs)
+        inner = make_objective(config, load, timer=timer)
 
         def objective(trial) -> float:
             with timer.phase("objective"):
@@ -506,7 +502,7 @@ def bench_search(study_ref, trials: int, device: torch.device, share: bool = Tru
             "storage_calls": {k.removeprefix("storage "): {"seconds": timer.seconds[k], "calls": timer.calls[k]}
                               for k in sorted(timer.seconds, key=lambda k: -timer.seconds[k]) if k.startswith("storage ")},
             "startup": {"import_seconds": startup, "open_and_attach_seconds": attach_seconds},
-            "fit_phases_split": "timer" in kwargs, "per_trial": rows,
+            "per_trial": rows,
             "precision": dict(zip(("dtype", "reason"), _precision_of(config.train.precision, device)))}
 
 
@@ -838,8 +834,8 @@ def _search_table(s: dict) -> list[str]:
         c = s["cpu_phases"].get(name, 0.0)
         lines.append(f"  {name:<28} {seconds:>8.2f} {100 * seconds / wall:>5.1f}% {c:>8.2f} {100 * c / cpu:>5.1f}% "
                      f"{c / n:>11.3f}")
-    if not s["fit_phases_split"]:
-        lines.append("  (objective.make_objective takes no timer yet: fit's phases are inside 'objective')")
+    if "sampler" not in s["phases"]:
+        lines.append("  (objective: the sampler's suggestions and the objective's own code)")
     calls = list(s["storage_calls"].items())[:5]
     if calls:
         lines.append("  storage, largest (wall s / calls): "

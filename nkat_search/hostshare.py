@@ -7,9 +7,15 @@ when it ends, however it was started (`start --workers K`, several `nkat-search 
 compose replicas that mount one registry folder), and before each trial sets torch's threads to
 its share of the cores:
 
-    CPU worker:  max(1, (cores - GPU workers) // CPU workers)
+    CPU worker:  max(1, (cores - GPU workers - busy elsewhere) // CPU workers), at most `limit`
     GPU worker:  1 (its work runs on the device; its one busy thread launches kernels), and it
                  leaves one core to itself in the CPU workers' share
+
+"Busy elsewhere" is the demand of processes that are not our workers: the 1-minute load average
+less the threads our CPU workers run, whole cores only. The registry cannot see other people's
+programs, and they matter as much: on this project's 2-core machine, shared with other training,
+a smoke-sized fit took 20-25x longer with 2 threads than with 1 (a thread of an OpenMP team waits
+for its descheduled teammate at every parallel region), and burnt 30-40x the CPU time.
 
 The registry is a folder of lock files, one per live worker, each held locked (filelock: flock on
 POSIX, LockFileEx on Windows) for the worker's lifetime. A process that dies loses its lock with
@@ -17,7 +23,9 @@ it, whatever killed it, so a lock that can be taken belongs to nobody: no pid fi
 reused, and is another number in another container's pid namespace) and no fcntl of our own.
 
 torch's inter-op threads are left alone: eager training never uses that pool (only TorchScript's
-fork does), and it can be sized only once per process, before first use.
+fork does), and it can be sized only once per process, before first use. OMP_WAIT_POLICY is left
+at its default: with a share of one thread there is no OpenMP team to wait in, and PASSIVE would
+make a lone worker's two threads sleep and wake at every parallel region.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import filelock
@@ -58,13 +67,26 @@ def default_folder() -> Path:
     return Path(tempfile.gettempdir()) / f"nkat-search-{user}" / "workers"
 
 
-def share_of(kind: str, cores: int, cpu_workers: int, gpu_workers: int) -> int:
-    """torch intra-op threads for one worker of `kind` among the live workers (itself included)."""
+def share_of(kind: str, cores: int, cpu_workers: int, gpu_workers: int, busy_elsewhere: int = 0,
+             limit: int | None = None) -> int:
+    """torch intra-op threads for one worker of `kind` among the live workers (itself included),
+    with `busy_elsewhere` cores taken by other programs; never more than `limit`."""
     if kind not in KINDS:
         raise ValueError(f"worker kind {kind!r} is unknown; use one of {', '.join(KINDS)}.")
     if kind == "gpu":
         return 1
-    return max(1, (cores - gpu_workers) // max(1, cpu_workers))
+    share = max(1, (cores - gpu_workers - busy_elsewhere) // max(1, cpu_workers))
+    return min(share, limit) if limit else share
+
+
+def busy_elsewhere(load: float, own_threads: int) -> int:
+    """Whole cores of demand from other programs: the load average less our own running threads."""
+    return max(0, int(load - own_threads))
+
+
+def load_average() -> float:
+    """The host's 1-minute load average (psutil emulates it on Windows)."""
+    return psutil.getloadavg()[0]
 
 
 def kind_of(device: str) -> str:
@@ -81,10 +103,14 @@ class HostShare:
                 run the trial
     """
 
-    def __init__(self, device: str = "cpu", folder: str | Path | None = None, cores: int | None = None):
+    def __init__(self, device: str = "cpu", folder: str | Path | None = None, cores: int | None = None,
+                 limit: int | None = None, load: Callable[[], float] | None = load_average):
+        """limit: the most threads ever (a user's explicit setting, e.g. OMP_NUM_THREADS, read by the
+        command line); load: the host's load average, or None to ignore other programs."""
         self.kind = kind_of(device)
         self.folder = Path(folder) if folder is not None else default_folder()
         self.cores = cores or host_cores()
+        self.limit, self.load = limit, load
         self._lock: filelock.BaseFileLock | None = None
 
     def join(self) -> None:
@@ -139,22 +165,31 @@ class HostShare:
         return counts
 
     def threads(self) -> int:
-        """This worker's share of the cores now (share_of over the live workers)."""
-        return self._share(self.live())
+        """This worker's share of the cores now (share_of over the live workers and the load)."""
+        return self._share(self.live(), self._current())[0]
 
-    def _share(self, live: dict[str, int]) -> int:
+    @staticmethod
+    def _current() -> int:
+        import torch
+
+        return torch.get_num_threads()
+
+    def _share(self, live: dict[str, int], current: int) -> tuple[int, int]:
+        """(threads, cores busy elsewhere)."""
         if self._lock is None:  # asked before joining: count this process as if it had joined
             live = {**live, self.kind: live[self.kind] + 1}
-        return share_of(self.kind, self.cores, live["cpu"], live["gpu"])
+        # Our CPU workers run about `current` threads each (their share is the same rule's).
+        elsewhere = busy_elsewhere(self.load(), live["cpu"] * current) if self.load and self.kind == "cpu" else 0
+        return share_of(self.kind, self.cores, live["cpu"], live["gpu"], elsewhere, self.limit), elsewhere
 
     def threads_for_next_trial(self) -> int:
         """Set torch's intra-op threads to this worker's share; call before each trial. Returns it."""
         import torch
 
-        live = self.live()
-        threads = self._share(live)
-        if torch.get_num_threads() != threads:
-            log.info("torch threads for the next trial: %d (%d cores; %d CPU and %d GPU workers on this host)",
-                     threads, self.cores, live["cpu"], live["gpu"])
+        live, current = self.live(), torch.get_num_threads()
+        threads, elsewhere = self._share(live, current)
+        if current != threads:
+            log.info("torch threads for the next trial: %d (%d cores; %d CPU and %d GPU workers on this host; "
+                     "%d cores busy with other programs)", threads, self.cores, live["cpu"], live["gpu"], elsewhere)
             torch.set_num_threads(threads)
         return threads

@@ -176,8 +176,7 @@ def test_search_section_splits_every_trial_into_phases_that_add_up(tiny_study):
     assert sum(out["phases"].values()) == pytest.approx(out["seconds"], rel=1e-6)
     assert sum(out["cpu_phases"].values()) == pytest.approx(out["cpu_seconds"], rel=1e-6)
     assert {"storage", "dashboard note", "data", "pruner", "worker loop (rest)"} <= set(out["phases"])
-    if out["fit_phases_split"]:
-        assert {"train steps", "evaluation", "model build", "sampler"} <= set(out["phases"])
+    assert {"train steps", "evaluation", "model build", "objective"} <= set(out["phases"])
     for row in out["per_trial"]:
         assert sum(row["phases"].values()) == pytest.approx(row["seconds"], rel=1e-6)
         assert 0 <= row["not_training"] <= 1 and 0 <= row["not_training_cpu"] <= 1
@@ -192,7 +191,8 @@ def test_concurrent_processes_share_the_cores_through_the_registry(tmp_path):
                       TrainConfig(epochs=1, warmup=0, batch_size=32, precision="fp32")),))
     shared = bench.run_concurrent([job] * 4, 2, device="cpu", sharing="on", data=data, cores=4, folder=str(tmp_path))
     alone = bench.run_concurrent([job] * 4, 2, device="cpu", sharing="off", data=data, cores=4, folder=str(tmp_path))
-    assert shared["threads"] == [2] and alone["threads"] == [4]  # 4 cores over 2 workers; every core each
+    # 4 cores over 2 workers: 2 each, or 1 where this machine is busy with other programs; every core each
+    assert shared["threads"] in ([1], [2]) and alone["threads"] == [4]
     assert shared["jobs"] == alone["jobs"] == 4 and shared["img_per_s"] > 0
     assert not list(tmp_path.glob("*.lock"))  # the workers left the registry
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from nkat_search import hostshare
-from nkat_search.hostshare import HostShare, share_of
+from nkat_search.hostshare import HostShare, busy_elsewhere, share_of
+
+QUIET = None  # no load average: the tests count our workers only, whatever else this machine runs
 
 # A worker in another process: joins the registry, says so, and lives until killed.
 MEMBER = """
@@ -36,12 +38,44 @@ def test_share_of_the_cores(kind, cores, cpu, gpu, threads):
     assert share_of(kind, cores, cpu, gpu) == threads
 
 
+@pytest.mark.parametrize("cores, cpu, elsewhere, limit, threads", [
+    (2, 1, 0, None, 2),
+    (2, 1, 1, None, 1),  # another program keeps a core busy
+    (2, 1, 13, None, 1),  # a machine swamped by others: one thread, never a team that waits
+    (16, 2, 4, None, 6),
+    (16, 1, 0, 4, 4),  # the user's limit (e.g. OMP_NUM_THREADS) wins
+    (2, 1, 0, 1, 1),
+])
+def test_other_programs_and_the_users_limit_lower_the_share(cores, cpu, elsewhere, limit, threads):
+    assert share_of("cpu", cores, cpu, 0, elsewhere, limit) == threads
+
+
+@pytest.mark.parametrize("load, own, elsewhere", [(2.0, 2, 0), (2.9, 2, 0), (3.1, 2, 1), (15.4, 1, 14), (0.3, 2, 0)])
+def test_demand_elsewhere_is_the_load_less_our_threads_in_whole_cores(load, own, elsewhere):
+    assert busy_elsewhere(load, own) == elsewhere
+
+
+def test_a_busy_machine_gets_one_thread_and_a_quiet_one_its_share(tmp_path):
+    load = [0.5]
+    before = torch.get_num_threads()
+    try:
+        with HostShare("cpu", folder=tmp_path, cores=2, load=lambda: load[0]) as share:
+            torch.set_num_threads(2)
+            assert share.threads_for_next_trial() == 2
+            load[0] = 12.0  # other people's training arrives
+            assert share.threads_for_next_trial() == 1
+            load[0] = 1.2  # they left; our one thread is most of the load
+            assert share.threads_for_next_trial() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_devices_map_to_kinds():
     assert [hostshare.kind_of(d) for d in ("cpu", "cuda", "cuda:1", "mps")] == ["cpu", "gpu", "gpu", "gpu"]
 
 
 def test_workers_in_one_folder_count_each_other_and_leave(tmp_path):
-    a, b = HostShare("cpu", folder=tmp_path, cores=4), HostShare("cuda:0", folder=tmp_path, cores=4)
+    a, b = HostShare("cpu", folder=tmp_path, cores=4, load=QUIET), HostShare("cuda:0", folder=tmp_path, cores=4)
     assert a.threads() == 4  # not joined yet: counts itself as if it had
     with a:
         assert a.live() == {"cpu": 1, "gpu": 0} and a.threads() == 4
@@ -55,7 +89,7 @@ def test_workers_in_one_folder_count_each_other_and_leave(tmp_path):
 def test_threads_for_next_trial_sets_torch_threads(tmp_path):
     before = torch.get_num_threads()
     try:
-        with HostShare("cpu", folder=tmp_path, cores=3) as share:
+        with HostShare("cpu", folder=tmp_path, cores=3, load=QUIET) as share:
             assert share.threads_for_next_trial() == 3 and torch.get_num_threads() == 3
             with HostShare("cpu", folder=tmp_path, cores=3):
                 assert share.threads_for_next_trial() == 1 and torch.get_num_threads() == 1
@@ -71,7 +105,7 @@ def _member(folder, kind="cpu") -> subprocess.Popen:
 
 
 def test_a_worker_in_another_process_counts_until_it_is_killed(tmp_path):
-    share = HostShare("cpu", folder=tmp_path, cores=4)
+    share = HostShare("cpu", folder=tmp_path, cores=4, load=QUIET)
     proc = _member(tmp_path)
     try:
         assert share.live() == {"cpu": 1, "gpu": 0} and share.threads() == 2
