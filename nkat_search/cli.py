@@ -494,8 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 exposes it to the network [%(default)s]")
     p.add_argument("--port", type=_number(int, "int", 0), default=8080, help="[%(default)s]")
-    p.add_argument("--artifacts", default="artifacts",
-                   help="folder of the artifact store that `nkat-search report` writes the weights to [%(default)s]")
+    p.add_argument("--artifacts", default=os.environ.get("NKAT_SEARCH_ARTIFACTS") or "artifacts",
+                   help="folder of the artifact store that `nkat-search report` writes the weights to [$NKAT_SEARCH_ARTIFACTS or artifacts]")
     p.set_defaults(func=cmd_dashboard)
 
     _add_bench_parser(sub)
@@ -509,8 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_number(int, "int", 1), default=None, help="epochs per dataset [the study's report.epochs]")
     p.add_argument("--out", default=None, help="output folder; holds state for resuming [reports/<study>]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps [%(default)s]")
-    p.add_argument("--artifacts", default="artifacts",
-                   help="folder of the Optuna file-system artifact store for the weights [%(default)s]")
+    p.add_argument("--artifacts", default=os.environ.get("NKAT_SEARCH_ARTIFACTS") or "artifacts",
+                   help="folder of the Optuna file-system artifact store for the weights [$NKAT_SEARCH_ARTIFACTS or artifacts]")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("plots", help="write the search's plots as HTML and PNG and attach them to optuna-dashboard",
@@ -532,8 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="cifar10", help="dataset of the retrained model [%(default)s]")
     p.add_argument("--images", type=_number(int, "int", 1), default=10, help="validation images to draw [%(default)s]")
     p.add_argument("--out", default=None, help="output folder [reports/<study>/attention-trial-N-<dataset>]")
-    p.add_argument("--artifacts", default="artifacts",
-                   help="folder of the artifact store that `nkat-search report` used [%(default)s]")
+    p.add_argument("--artifacts", default=os.environ.get("NKAT_SEARCH_ARTIFACTS") or "artifacts",
+                   help="folder of the artifact store that `nkat-search report` used [$NKAT_SEARCH_ARTIFACTS or artifacts]")
     p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("augment", help="write a PNG grid of training images as a trial's model sees them",
