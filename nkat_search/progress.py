@@ -250,9 +250,12 @@ class StudyProgress:
         self.refresh()
 
     def trial_ended(self, trial: FrozenTrial, seconds: float | None = None) -> None:
-        """Trial ended (COMPLETE, PRUNED or FAIL, as the storage has it): one line, fresh counts."""
+        """Trial ended (COMPLETE, PRUNED or FAIL, as the storage has it): one line, fresh counts.
+        Without `seconds`, the duration is the trial's start to completion in the storage."""
         self.current = {}
         c = self.refresh(force=True)
+        if seconds is None and trial.datetime_start and trial.datetime_complete:
+            seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
         took = f" after {seconds:.1f} s" if seconds is not None else ""
         tally = f"{c.finished} of {c.budget if c.budget is not None else '?'} finished"
         if trial.state == TrialState.COMPLETE:

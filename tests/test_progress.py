@@ -90,14 +90,20 @@ def test_without_a_terminal_one_plain_line_per_trial_event(caplog):
         view.trial_ended(study.trials[-1], 3.0)
         study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "RuntimeError: boom"}))
         view.trial_ended(study.trials[-1], 1.0)
+        # Without measured seconds, the storage's start and completion times give the duration.
+        trial = create_trial(state=TrialState.COMPLETE, value=1.0)
+        trial.datetime_start, trial.datetime_complete = T0, T0 + datetime.timedelta(seconds=4.5)
+        study.add_trial(trial)
+        view.trial_ended(study.trials[-1])
     ours = [r for r in caplog.records if r.name == "nkat_search"]
     assert [r.getMessage() for r in ours if r.levelno >= logging.INFO] == [
         "trial 7 started: stem=tiny p=2 d=96 lr=2.1e-3",
         "trial 7 complete after 12.3 s: Global TPE 20.0000 (best 20.0000, trial 7); 6 of 50 finished",
         "trial 8 pruned by the gate after 3.0 s: gate: local TPE 2.1 < 3.0; 7 of 50 finished",
         "trial 9 failed after 1.0 s: RuntimeError: boom; 7 of 50 finished",
+        "trial 10 complete after 4.5 s: Global TPE 1.0000 (best 20.0000, trial 7); 8 of 50 finished",
     ]
-    assert ours[-1].levelno == logging.ERROR
+    assert ours[-2].levelno == logging.ERROR
     assert stream.getvalue() == ""  # nothing drawn
 
 
