@@ -148,6 +148,10 @@ class HostShare:
             if self._lock is not None and path == Path(self._lock.lock_file):
                 counts[kind] += 1
                 continue
+            try:  # before the probe: opening a lock file truncates it, which renews its mtime
+                age = time.time() - path.stat().st_mtime
+            except OSError:
+                continue
             probe = filelock.FileLock(path)
             try:
                 probe.acquire(timeout=0)
@@ -158,7 +162,7 @@ class HostShare:
                 continue
             probe.release()
             try:
-                if time.time() - path.stat().st_mtime > STALE_SECONDS:
+                if age > STALE_SECONDS:
                     path.unlink()
             except OSError:
                 pass  # removed meanwhile, or (Windows) opened by another probe right now

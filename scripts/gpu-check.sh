@@ -62,7 +62,7 @@ else
          --batch_size 512 --lr 4e-4 --precision bf16)
   BENCH=()
   TRIALS=${NKAT_GPU_CHECK_TRIALS:-8} WORKERS=${NKAT_GPU_CHECK_WORKERS:-4}
-  LIMITS=(env=30 install=60 tests=100 train=100 bench=80 search=100 status=20)
+  LIMITS=(env=30 install=60 tests=170 train=100 bench=80 search=100 status=20)
 fi
 STUDY=${NKAT_GPU_CHECK_STUDY:-smoke}
 GPUS=$([ "$DEVICE" = cuda ] && echo 0 || echo cpu)

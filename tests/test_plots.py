@@ -28,6 +28,7 @@ def _attach(url):
     return storage.attach(storage.open_storage(url), url, None)
 
 
+@pytest.mark.browser  # kaleido draws the PNGs in Chromium or Chrome
 def test_plots_writes_html_png_and_dashboard_figures(tiny, tmp_path, capsys):
     _, url, _ = tiny
     args = argparse.Namespace(storage=url, study=None, out=str(tmp_path), no_png=False, no_dashboard=False)
