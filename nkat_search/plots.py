@@ -174,7 +174,10 @@ def figures(study: optuna.Study, config: StudyConfig) -> tuple[dict[str, go.Figu
     else:
         skipped["optimization_history"] = "no completed trials yet"
     if len(complete) >= 2:
-        made["param_importances"] = vis.plot_param_importances(study, target_name="Global TPE")
+        # Seeded, so that an unchanged study gives the same figure (and a rerun writes nothing); Optuna
+        # 4's default evaluator (fANOVA) is unseeded.
+        made["param_importances"] = vis.plot_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target_name="Global TPE")
     else:
         skipped["param_importances"] = "needs at least two completed trials"
     searched = {p.name for p in config.space}
@@ -196,19 +199,12 @@ def figures(study: optuna.Study, config: StudyConfig) -> tuple[dict[str, go.Figu
 
 
 def attach_to_dashboard(study: optuna.Study, figs: dict[str, go.Figure]) -> list[str]:
-    """Save each figure on the study for optuna-dashboard; unchanged figures are not written again."""
-    import optuna_dashboard
-    # The reader of saved figures is not public API; it spares a journal a copy per unchanged rerun.
-    from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
+    """Save each figure on the study for optuna-dashboard (dashboard.save_figures: unchanged
+    figures are not written again); returns their graph ids."""
+    from nkat_search import dashboard
 
-    stored = get_plotly_graph_objects(study._storage.get_study_system_attrs(study._study_id))
-    ids = []
-    for name, fig in figs.items():
-        graph_id = DASHBOARD_ID.format(name=name.replace("_", "-"))
-        if stored.get(graph_id) != fig.to_json():
-            optuna_dashboard.save_plotly_graph_object(study, fig, graph_object_id=graph_id)
-        ids.append(graph_id)
-    return ids
+    return dashboard.save_figures(study, {DASHBOARD_ID.format(name=name.replace("_", "-")): fig
+                                          for name, fig in figs.items()})
 
 
 def write_plots(study: optuna.Study, config: StudyConfig, out: str | Path, *, png: bool = True,

@@ -5,10 +5,11 @@ import math
 import struct
 from pathlib import Path
 
+import optuna
 import pytest
 from test_retrain import _one_thread, reported, tiny  # noqa: F401  (one tiny study and its report per session)
 
-from nkat_search import cli, plots, report, storage
+from nkat_search import cli, dashboard, plots, report, storage
 from nkat_search.config import UsageError
 from nkat_search.study import load_study
 
@@ -40,17 +41,25 @@ def test_plots_writes_html_png_and_dashboard_figures(tiny, tmp_path, capsys):
     assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
     assert "left out" not in capsys.readouterr().out
     study, _ = _attach(url)
-    from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
+    store = storage.open_storage(url)
+    study_id = store.get_study_id_from_name(study.study_name)
 
     def stored():
-        return study._storage.get_study_system_attrs(study._study_id)
+        return store.get_study_system_attrs(study_id), optuna.load_study(study_name=study.study_name,
+                                                                         storage=store).user_attrs
 
-    saved = get_plotly_graph_objects(stored())
-    assert {f"nkat-{n.replace('_', '-')}" for n in ALL_PLOTS} <= set(saved)
+    ids = {f"nkat-{n.replace('_', '-')}" for n in ALL_PLOTS}
+    system, user = stored()
+    assert set(user[dashboard.FIGURES_ATTR]) == ids
+    # optuna-dashboard keeps each figure in study system attributes named after its id.
+    assert all(any(key.startswith(f"dashboard:plot_data:{graph_id}:") for key in system) for graph_id in ids)
     # A rerun on an unchanged study writes nothing new into the storage.
     before = stored()
     plots.write_plots(study, _attach(url)[1], tmp_path / "again", png=False)
-    assert stored() == before
+    after = stored()
+    b, a = before[1][dashboard.FIGURES_ATTR], after[1][dashboard.FIGURES_ATTR]
+    assert a == b, [k for k in b if a.get(k) != b[k]]
+    assert after == before
 
 
 def test_gate_figure_draws_the_study_gate(tiny):
