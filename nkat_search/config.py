@@ -23,6 +23,22 @@ class UsageError(ValueError):
     """A user's mistake: the message is one sentence naming the problem and the fix (exit 2)."""
 
 
+class RuntimeFailure(RuntimeError):
+    """A right command that failed while it ran (a diverging loss, a database gone, no memory): the
+    message is one sentence (exit 1). Here, not beside its subclasses, so that the CLI can catch
+    them all without importing the training stack."""
+
+
+# Sizes far beyond any model or recipe this search is for: refused with a sentence instead of a
+# traceback from torch (or a run that never ends). Whole numbers must fit in 64 bits.
+INT64 = (-2**63, 2**63 - 1)
+MAX_EMBED_DIM, MAX_DEPTH, MAX_HEADS, MAX_MLP_RATIO = 16384, 1024, 1024, 64.0
+MAX_PIXELS = 256  # cutout side and crop padding; the images are 28 or 32 pixels wide
+MAX_RANDAUGMENT_OPS = 16
+MAX_IMAGES = 10_000_000  # synthetic images, validation images
+MAX_SAMPLER_SEED = 2**32 - 1  # Optuna's samplers seed numpy, which takes 32 bits
+
+
 def opt(default, help: str, **meta):
     """A config field with its help text (and optional `choices`, `flag`) for the generated CLI flags."""
     return field(default=default, metadata={"help": help, **meta})
@@ -36,7 +52,12 @@ def check_types(obj) -> None:
         value = getattr(obj, f.name)
         ok, conformed = _conform(value, hints[f.name])
         if not ok:
-            raise UsageError(f"{f.name} must be {_describe(hints[f.name])}, got {value!r}.")
+            big = _beyond_64_bits(value)
+            if big is not None:
+                digits = str(abs(big))
+                raise UsageError(f"{f.name} {'-' if big < 0 else ''}{digits[:12]}... ({len(digits)} digits) does not "
+                                 f"fit in 64 bits; use a whole number from {INT64[0]} to {INT64[1]}.")
+            raise UsageError(f"{f.name} must be {_describe(hints[f.name])}, got {_shown(value)}.")
         if conformed is not value:
             object.__setattr__(obj, f.name, conformed)
 
@@ -54,7 +75,7 @@ def _conform(value, kind) -> tuple[bool, object]:
     if kind is bool:
         return isinstance(value, bool), value
     if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
+        return isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value <= INT64[1], value
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return False, value
@@ -88,6 +109,29 @@ def _describe(kind) -> str:
         return f"a list of {item}s" if len(args) == 2 and args[1] is Ellipsis else f"a list of {len(args)} {item}s"
     return {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string",
             type(None): "absent"}.get(kind, str(kind))
+
+
+def _beyond_64_bits(value) -> int | None:
+    """The first whole number in value (or in its list) that does not fit in 64 bits, if any."""
+    for item in value if isinstance(value, (list, tuple)) else (value,):
+        if isinstance(item, int) and not isinstance(item, bool) and not INT64[0] <= item <= INT64[1]:
+            return item
+    return None
+
+
+def _shown(value) -> str:
+    """A refused value as written, shortened when it is long."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def check_at_most(obj, limits: dict[str, float]) -> None:
+    """Each named field of obj is at most its limit (sizes far beyond any model, see MAX_EMBED_DIM)."""
+    for name, limit in limits.items():
+        if getattr(obj, name) > limit:
+            shown = int(limit) if float(limit).is_integer() else limit
+            raise UsageError(f"{name} {getattr(obj, name)} is far beyond what this search can train; "
+                             f"use at most {shown}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +202,12 @@ class ModelConfig:
                 f"pick a divisor of {feature} ({divisors}).")
         if self.num_heads < 1:
             raise UsageError(f"num_heads must be at least 1, got {self.num_heads}.")
-        if self.embed_dim < 1 or self.embed_dim % self.num_heads:
+        if self.embed_dim < 1:
+            raise UsageError(f"embed_dim must be at least 1, got {self.embed_dim}; use a positive multiple of "
+                             f"num_heads ({self.num_heads}).")
+        check_at_most(self, {"embed_dim": MAX_EMBED_DIM, "num_heads": MAX_HEADS, "depth": MAX_DEPTH,
+                             "mlp_ratio": MAX_MLP_RATIO})
+        if self.embed_dim % self.num_heads:
             raise UsageError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
                              f"use a positive multiple of {self.num_heads}.")
         if self.depth < 1:
@@ -238,9 +287,10 @@ class TrainConfig:
                 raise UsageError(f"{name} is a probability in [0, 1], got {getattr(self, name)}.")
         if not 0 <= self.label_smoothing < 1:
             raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        check_at_most(self, {"cutout": MAX_PIXELS, "crop_padding": MAX_PIXELS})
         n, m = self.randaugment
-        if n < 0 or not 0 <= m <= 30:
-            raise UsageError(f"randaugment N M needs N >= 0 and 0 <= M <= 30, got {n} {m}.")
+        if not 0 <= n <= MAX_RANDAUGMENT_OPS or not 0 <= m <= 30:
+            raise UsageError(f"randaugment N M needs 0 <= N <= {MAX_RANDAUGMENT_OPS} and 0 <= M <= 30, got {n} {m}.")
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision {self.precision!r} is unknown; use one of {', '.join(PRECISIONS)}.")
 
@@ -270,6 +320,8 @@ class DataConfig:
             raise UsageError("synthetic_train must be >= 2 and synthetic_test >= 1.")
         if self.val_size is not None and self.val_size < 1:
             raise UsageError(f"val_size must be at least 1, got {self.val_size}.")
+        check_at_most(self, {"synthetic_train": MAX_IMAGES, "synthetic_test": MAX_IMAGES,
+                             **({"val_size": MAX_IMAGES} if self.val_size is not None else {})})
         if self.source == "synthetic" and self.validation_images >= self.synthetic_train:
             raise UsageError(
                 f"val_size {self.validation_images} leaves no training images out of synthetic_train "
@@ -306,6 +358,12 @@ def adapt_patch_size(img_size: int, conv_stem: str, patch_size: int) -> int:
 # Samplers and pruners of a study: one dataclass per kind, so one kind's keys never reach another.
 
 
+def check_sampler_seed(seed: int | None) -> None:
+    if seed is not None and not 0 <= seed <= MAX_SAMPLER_SEED:
+        raise UsageError(f"seed must be in 0..{MAX_SAMPLER_SEED} (Optuna's samplers take 32 bits) or absent, "
+                         f"got {seed}.")
+
+
 @dataclass(frozen=True)
 class TPESamplerConfig:
     """Multivariate TPE with a constant liar, so parallel workers spread out."""
@@ -318,6 +376,7 @@ class TPESamplerConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
+        check_sampler_seed(self.seed)
         if self.n_startup_trials < 0:
             raise UsageError(f"n_startup_trials must be >= 0, got {self.n_startup_trials}.")
 
@@ -329,6 +388,7 @@ class RandomSamplerConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
+        check_sampler_seed(self.seed)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import (DATASET_NAMES, DATASET_SHAPES, PRUNERS, SAMPLERS, DataConfig, ModelConfig, PrunerConfig,
+from .config import (DATASET_NAMES, DATASET_SHAPES, INT64, PRUNERS, SAMPLERS, DataConfig, ModelConfig, PrunerConfig,
                      SamplerConfig, TrainConfig, UsageError, adapt_patch_size, field_names, kind_dict)
 
 MODEL_KEYS = field_names(ModelConfig) - {"in_chans", "img_size", "num_classes"}  # the dataset decides those
@@ -26,9 +26,10 @@ NOT_SEARCHABLE = {"epochs", "precision", "limit_train", "compile"}
 SEARCHABLE = (MODEL_KEYS | TRAIN_KEYS) - NOT_SEARCHABLE
 # Parameters whose valid values depend on each other (divisibility, feature-map size): their
 # searched values are checked in every combination.
-COUPLED = ("conv_stem", "patch_size", "embed_dim", "num_heads", "split_heads")
+COUPLED = ("conv_stem", "patch_size", "embed_dim", "num_heads", "split_heads", "mlp_ratio")
 MAX_COMBINATIONS = 20000
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+PLAIN_KEY = re.compile(r"[\w.\[\]-]+")
 SECTIONS = ("study", "sampler", "pruner", "stage1", "stage2", "data", "model", "train", "report", "space", "enqueue")
 
 
@@ -47,19 +48,20 @@ class ParamSpec:
     datasets: tuple[str, ...] = ()
 
     def values(self) -> list:
-        """Values to check: every choice, every int of a short range, the ends of a float range."""
+        """Values to check: every choice, every int of a short range (log scale or not: Optuna draws
+        any int of a log range), the ends of a float range. Of a long int range: both ends, their
+        neighbours (a step that breaks divisibility shows there) and, on a log scale, the powers of two."""
         if self.type == "categorical":
             return list(self.choices)
         if self.type == "int":
-            step = int(self.step or 1)
-            count = (int(self.high) - int(self.low)) // step + 1
-            if count <= 256 and not self.log:
-                return list(range(int(self.low), int(self.high) + 1, step))
-            if self.log:
-                return sorted({int(self.low), int(self.high)} | {v for v in (2 ** k for k in range(64))
-                                                                  if self.low <= v <= self.high})
-            return [int(self.low), int(self.low) + step, int(self.high) - (int(self.high) - int(self.low)) % step]
-        return [self.low, self.high]
+            low, high, step = int(self.low), int(self.high), 1 if self.log else int(self.step or 1)
+            count = (high - low) // step + 1
+            if count <= 256:
+                return list(range(low, high + 1, step))
+            last = high - (high - low) % step
+            powers = {2 ** k for k in range(64) if low <= 2 ** k <= high} if self.log else set()
+            return sorted({low, low + step, last - step, last} | powers)
+        return [float(self.low), float(self.high)]  # what Optuna gives: floats, even for `low = 2`
 
     def contains(self, value) -> bool:
         if self.type == "categorical":
@@ -215,7 +217,7 @@ def parse_study(raw: dict, path: str) -> StudyConfig:
     """A StudyConfig from a study file's tables; every problem is one UsageError naming the key."""
 
     def fail(key: str, problem: str) -> UsageError:
-        return UsageError(f"{path}: {key}: {problem}")
+        return UsageError(f"{path}: {_named(key)}: {problem}")
 
     for section, value in raw.items():
         if section not in SECTIONS:
@@ -328,10 +330,16 @@ def parse_study(raw: dict, path: str) -> StudyConfig:
     return config
 
 
+def _named(key: str) -> str:
+    """A dotted key as a message shows it: as written when plain, else quoted (repr), so that a
+    quoted TOML key holding a line break cannot split the one-line message."""
+    return key if PLAIN_KEY.fullmatch(key) else repr(key)
+
+
 def _kind_table(raw, section, kinds, default_kind, fail, build):
     values = dict(raw.get(section, {}))
     kind = values.pop("kind", default_kind)
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in kinds:
         raise fail(f"{section}.kind", f"unknown {section} {kind!r}; use one of {', '.join(kinds)}.")
     allowed = field_names(kinds[kind])
     for key in values:
@@ -343,14 +351,14 @@ def _kind_table(raw, section, kinds, default_kind, fail, build):
 
 def _param_spec(path: str, name: str, spec, datasets: tuple[str, ...]) -> ParamSpec:
     def fail(problem: str) -> UsageError:
-        return UsageError(f"{path}: space.{name}: {problem}")
+        return UsageError(f"{path}: {_named(f'space.{name}')}: {problem}")
 
     if name in NOT_SEARCHABLE or name in ("in_chans", "img_size", "num_classes"):
         raise fail("is set by the stage, the dataset or the machine, not searched; remove it from [space].")
     if name not in SEARCHABLE:
         raise fail(f"is not a parameter of the model or the recipe; use one of {', '.join(sorted(SEARCHABLE))}.")
     kinds = {"int": {"low", "high", "step", "log"}, "float": {"low", "high", "step", "log"}, "categorical": {"choices"}}
-    if not isinstance(spec, dict) or spec.get("type") not in kinds:
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) or spec["type"] not in kinds:
         raise fail('needs type = "int", "float" or "categorical".')
     kind = spec["type"]
     for k in spec:
@@ -372,6 +380,8 @@ def _param_spec(path: str, name: str, spec, datasets: tuple[str, ...]) -> ParamS
         if isinstance(value, bool) or not isinstance(value, number) or value != value or abs(value) == float("inf"):
             what = "a whole number" if kind == "int" else "a finite number"
             raise fail(f"{key} must be {what}, got {value!r}.")
+        if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+            raise fail(f"{key} does not fit in 64 bits; use a value from {INT64[0]} to {INT64[1]}.")
     if not isinstance(log, bool):
         raise fail(f"log must be true or false, got {log!r}.")
     if low >= high:
@@ -387,7 +397,7 @@ def _enqueued(path: str, index: int, values: dict, space: tuple[ParamSpec, ...])
     specs = {p.name: p for p in space}
     for key, value in values.items():
         if key not in specs:
-            raise UsageError(f"{path}: enqueue[{index}].{key}: is not a searched parameter; use one of "
+            raise UsageError(f"{path}: {_named(f'enqueue[{index}].{key}')}: is not a searched parameter; use one of "
                              f"{', '.join(specs)}.")
         if not specs[key].contains(value):
             raise UsageError(f"{path}: enqueue[{index}].{key}: {value!r} is outside the searched space "

@@ -66,6 +66,27 @@ BASE = TINY_STUDY.format(name="bad", trials=3, gate=0.5)
     (lambda s: s + "\n[[enqueue]]\nembed_dim = 64\n", "enqueue[0].embed_dim", "outside the searched space"),
     (lambda s: s + "\n[[enqueue]]\ndepth = 2\n", "enqueue[0].depth", "not a searched parameter"),
     (lambda s: s.replace('name = "bad"', 'name = "../escape"'), "study.name", "no spaces or slashes"),
+    # Wrong types where a word goes: a list or a table is named, never a TypeError.
+    (lambda s: s.replace('kind = "none"', 'kind = ["none"]'), "pruner.kind", "unknown pruner ['none']"),
+    (lambda s: s.replace('kind = "tpe"', "kind = {x = 1}"), "sampler.kind", "unknown sampler {'x': 1}"),
+    (lambda s: s.replace('type = "float"', 'type = {a = "float"}'), "space.temperature", "needs type"),
+    (lambda s: s.replace('type = "int"', "type = 3"), "space.embed_dim", "needs type"),
+    # Every value a range can give is checked: the interior of a log range, floats of a float range.
+    (lambda s: s.replace("low = 8\nhigh = 16\nstep = 8", "low = 12\nhigh = 24\nlog = true").replace(
+        "num_heads = 2", "num_heads = 3"), "space.embed_dim", "embed_dim 13 is not divisible by num_heads 3"),
+    (lambda s: s.replace("low = 8\nhigh = 16\nstep = 8", "low = 8\nhigh = 4096\nlog = true"), "space.embed_dim",
+     "embed_dim 9 is not divisible by num_heads 2"),
+    (lambda s: s.replace('type = "int"', 'type = "float"'), "space.embed_dim", "embed_dim must be a whole number"),
+    (lambda s: s.replace("[space.temperature]", "[space.mlp_ratio]").replace("low = 0.6", "low = 0.05"), "space",
+     "{'embed_dim': 8, 'mlp_ratio': 0.05} are invalid together: mlp_ratio must be > 0"),
+    (lambda s: s.replace("[space.temperature]", "[space.mlp_ratio]").replace("low = 0.6", "low = 0.1").replace(
+        "num_heads = 2", "num_heads = 2\nembed_dim = 4").replace(
+        "[space.embed_dim]\ntype = \"int\"\nlow = 8\nhigh = 16\nstep = 8\n", ""), "space.mlp_ratio",
+     "mlp_ratio must be > 0"),
+    # A quoted key may hold a line break; the message stays one line.
+    (lambda s: s.replace("[train]\n", '[train]\n"warm\\nup" = 1\n'), "'train.warm\\nup'", "unknown key"),
+    (lambda s: s + '\n["space"."a\\rb"]\ntype = "int"\nlow = 1\nhigh = 2\n', "'space.a\\rb'",
+     "not a parameter of the model"),
 ])
 def test_bad_study_file_is_one_sentence_naming_file_and_key(tmp_path, edit, key, words):
     path = tmp_path / "bad.toml"
