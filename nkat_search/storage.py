@@ -22,7 +22,7 @@ from optuna.storages import RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 from optuna.trial import TrialState
 
-from .config import UsageError
+from .config import RuntimeFailure, UsageError
 from .metrics import METRIC_NAMES
 from .space import pruner, sampler
 from .study import StudyConfig, check_warm_start
@@ -52,35 +52,58 @@ def resolve_url(flag: str | None) -> str:
     return env.strip() if env else DEFAULT_URL
 
 
-def mask(url: str) -> str:
-    """The URL with any password replaced by ***, for every log line and message.
-
-    Parsed with SQLAlchemy's URL parser, never a regular expression; what does not parse is shown
-    as its scheme only, since any other part could hold a credential."""
-    if url.startswith("journal:"):
-        return url
+def parse_url(url: str):
+    """SQLAlchemy's reading of a database URL, or None where it cannot be read unambiguously: it does
+    not parse, or a password holds an '@' that is not percent-encoded. SQLAlchemy splits
+    user:p@ss@host at the first '@' and would take the rest of the password for the host (or its
+    port, or the database name), so no part of such a URL can be shown."""
     import sqlalchemy.engine
 
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except Exception:
+        return None
+    if parsed.password is not None and ("@" in (parsed.host or "") or "@" in (parsed.database or "")):
+        return None
+    return parsed
+
+
+def mask(url: str) -> str:
+    """The URL with any password replaced by ***, for every log line and message.
+
+    Parsed with SQLAlchemy's URL parser, never a regular expression; what cannot be read (see
+    parse_url) is shown as its scheme only, since any other part could hold a credential."""
+    if url.startswith("journal:"):
+        return url
+    parsed = parse_url(url)
+    if parsed is None:
         scheme = url.split(":", 1)[0] if ":" in url else ""
         return f"{scheme}://***" if scheme.replace("+", "").isalnum() else "***"
     if parsed.password is None and "@" in url.split("://", 1)[-1].split("/", 1)[0] and parsed.username is None:
         return f"{parsed.drivername}://***"
     secret = {k: "***" for k in parsed.query if any(word in k.lower() for word in SECRET_WORDS)}
+    if parsed.password is None and not secret:
+        return url  # as the user wrote it (SQLAlchemy would percent-encode an '@' in a file name)
     return parsed.set(query={**parsed.query, **secret}).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
+
+
+# A password shorter than this is not searched for in messages: replacing every "pw" or "a" would
+# mangle the words around it (and a driver's message does not quote a password).
+MIN_MASKED = 4
 
 
 def mask_text(text: str, url: str) -> str:
     """text (a driver's error message, say) with the URL and its password masked wherever they appear."""
-    import sqlalchemy.engine
-
     text = text.replace(url, mask(url))
-    with contextlib.suppress(Exception):
-        password = sqlalchemy.engine.make_url(url).password
-        if password:
-            text = text.replace(str(password), "***")
+    parsed = parse_url(url)
+    if parsed is not None:
+        secrets = [str(parsed.password or "")]
+    else:  # the user part as written, and its pieces between '@' and ':'
+        user = url.split("://", 1)[-1].rpartition("@")[0]
+        secrets = [user, *user.replace(":", "@").split("@")]
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= MIN_MASKED:
+            text = text.replace(secret, "***")
     return text
 
 
@@ -108,8 +131,12 @@ def heartbeat_settings() -> tuple[int, int, float]:
     return interval, grace, float(bound)
 
 
-class StorageUnavailable(RuntimeError):
+class StorageUnavailable(RuntimeFailure):
     """The database stayed unreachable past the retry bound (exit 1)."""
+
+
+class NoStudies(UsageError):
+    """A command that only reads was pointed at a storage that does not exist yet (no file, no schema)."""
 
 
 def connection_error(exc: BaseException | None) -> BaseException | None:
@@ -274,16 +301,23 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
     if scheme not in RDB_SCHEMES:
         raise UsageError(f"storage {mask(url)} has an unknown scheme {scheme!r}; use postgresql+psycopg://..., "
                          "sqlite:///FILE or journal:FILE.")
+    if parse_url(url) is None:  # never quote SQLAlchemy's or the driver's words on it: they hold the password
+        raise UsageError(f"cannot open the storage {mask(url)}: the URL cannot be split into user, password and "
+                         "host (a password with '@' in it?); percent-encode '@' in the password as %40 (and ':' as "
+                         "%3A, '/' as %2F).")
     interval, grace, bound = heartbeat_settings()
     db_file = sqlite_path(url) if scheme == "sqlite" else None
     if db_file is not None and not create and not Path(db_file).is_file():
-        raise UsageError(f"the storage {mask(url)} holds no studies ({db_file} does not exist); create one with "
-                         "`nkat-search start --study <name or file>` or pass the right --storage.")
+        raise NoStudies(f"the storage {mask(url)} holds no studies ({db_file} does not exist); create one with "
+                        "`nkat-search start --study <name or file>` or pass the right --storage.")
     engine_kwargs: dict = {"pool_pre_ping": True}
     if scheme == "postgresql":
         # A small pool keeps tens of workers under the server's max_connections (see README).
         engine_kwargs.update(pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, connect_args={"connect_timeout": 5})
     try:
+        # Before anything is created (the schema lock's file among them), and for the driver's own
+        # reason where Optuna would give only "An exception is raised during the commit".
+        _probe(url)
         # Workers starting at once would race to create the schema: serialise that step.
         lock = budget_lock(url, "nkat-search schema", retry_seconds=0) if create else contextlib.nullcontext()
         with lock, warnings.catch_warnings():
@@ -298,13 +332,42 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
     except UsageError:
         raise
     except Exception as exc:  # sqlalchemy/driver errors: say what and where, never the password
-        first = str(exc).strip().splitlines()
-        reason = mask_text(first[0], url) if first else type(exc).__name__
+        reason = _reason(exc, url)
         if not create and "does not exist" in reason and "relation" in reason:
-            raise UsageError(f"the storage {mask(url)} holds no studies (it has no Optuna tables); create one with "
-                             "`nkat-search start` or pass the right --storage.") from None
-        raise UsageError(f"cannot open the storage {mask(url)} ({reason[:200]}); check the host, port, user and "
-                         "password, and that the server is running.") from None
+            raise NoStudies(f"the storage {mask(url)} holds no studies (it has no Optuna tables); create one with "
+                            "`nkat-search start` or pass the right --storage.") from None
+        advice = ("check that the file is an SQLite database that you can read and write, or pass another --storage"
+                  if scheme == "sqlite" else
+                  "check the host, port, user and password, and that the server is running")
+        raise UsageError(f"cannot open the storage {mask(url)} ({reason[:200]}); {advice}.") from None
+
+
+def _probe(url: str) -> None:
+    """Connect once and read the catalogue: an unreachable server, a wrong password or a file that is
+    not a database fails here, with the driver's error. A new SQLite file is created empty."""
+    import sqlalchemy
+
+    connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
+    try:
+        with engine.connect() as conn:
+            # SQLite opens any file lazily; reading its catalogue reads the header.
+            conn.execute(sqlalchemy.text("SELECT count(*) FROM sqlite_master" if url.startswith("sqlite")
+                                         else "SELECT 1"))
+    finally:
+        engine.dispose()
+
+
+def _reason(exc: BaseException, url: str) -> str:
+    """The first line of the database's own error behind exc (Optuna wraps it in StorageInternalError
+    with a text of its own), masked."""
+    import sqlalchemy.exc
+
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, sqlalchemy.exc.SQLAlchemyError):
+        cause = cause.__cause__ or cause.__context__
+    first = str(cause if cause is not None else exc).strip().splitlines()
+    return mask_text(first[0], url) if first else type(exc).__name__
 
 
 def _open_journal(url: str, path: str, create: bool) -> JournalStorage:
@@ -312,8 +375,8 @@ def _open_journal(url: str, path: str, create: bool) -> JournalStorage:
         raise UsageError("a journal storage needs a file: journal:PATH.")
     file = Path(path)
     if not create and not file.exists():
-        raise UsageError(f"the storage {url} holds no studies ({path} does not exist); create one with "
-                         "`nkat-search start --study <name or file>` or pass the right --storage.")
+        raise NoStudies(f"the storage {url} holds no studies ({path} does not exist); create one with "
+                        "`nkat-search start --study <name or file>` or pass the right --storage.")
     if file.is_dir():
         raise UsageError(f"the journal {path} is a folder; pass --storage journal:<file path>.")
     directory = file.resolve().parent
@@ -512,13 +575,27 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _warm_start_trials(storage, url: str, study: StudyConfig, name: str, existing: dict) -> list:
+def check_warm_start_source(url: str, study: StudyConfig, name: str) -> None:
+    """--warm-start-from names another study that the storage holds: checked before `start` creates
+    the storage or the study, so that a mistake there writes nothing."""
+    try:
+        names = optuna.get_all_study_names(open_storage(url, create=False))
+    except NoStudies:
+        names = []
+    _check_source(url, study, name, names)
+
+
+def _check_source(url: str, study: StudyConfig, name: str, names) -> None:
     if name == study.name:
         raise UsageError("--warm-start-from names the study itself; name an earlier study in the same storage.")
-    if name not in existing:
-        listed = ", ".join(n for n in existing if n != study.name) or "none"
+    if name not in names:
+        listed = ", ".join(n for n in names if n != study.name) or "none"
         raise UsageError(f"--warm-start-from {name!r}: no such study in {mask(url)} (it holds: {listed}); "
                          "name one of those.")
+
+
+def _warm_start_trials(storage, url: str, study: StudyConfig, name: str, existing: dict) -> list:
+    _check_source(url, study, name, existing)
     trials = optuna.load_study(study_name=name, storage=storage).get_trials(states=(TrialState.COMPLETE,))
     if not trials:
         raise UsageError(f"--warm-start-from {name!r}: that study has no completed trials to learn from.")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ModelConfig, TrainConfig
+from .config import ModelConfig, RuntimeFailure, TrainConfig
 from .data import BatchLoader, Splits
 from .metrics import local_tpe, theory_size
 from .model import NKATViT, count_params
@@ -31,8 +31,20 @@ from .model import NKATViT, count_params
 EpochCallback = Callable[[int, float, float], None]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RuntimeFailure):
     """The training loss became NaN or infinite; the run cannot go on."""
+
+
+class OutOfMemory(RuntimeFailure):
+    """The model or the data did not fit in the memory of the device (or of the host)."""
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether exc is an allocation failure: MemoryError, torch's OutOfMemoryError, or the CPU
+    allocator's RuntimeError ("DefaultCPUAllocator: not enough memory")."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "not enough memory" in text or "failed to allocate" in text)
 
 
 @dataclass

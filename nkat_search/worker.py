@@ -31,7 +31,7 @@ import optuna
 from optuna.trial import TrialState
 
 from . import storage as st
-from .config import UsageError
+from .config import RuntimeFailure, UsageError
 from .space import sampler
 
 log = logging.getLogger("nkat_search")
@@ -40,7 +40,7 @@ WAIT, DONE = "wait", "done"
 Objective = Callable[[optuna.Trial], float]
 
 
-class WorkerStopped(RuntimeError):
+class WorkerStopped(RuntimeFailure):
     """The worker gave up (too many consecutive failures): exit 1 with this message."""
 
 
@@ -321,7 +321,7 @@ def _child(url: str, study_name: str, device: str, verbose: bool, data_root: str
         code = run_worker(url, study_name, device, data_root=data_root, max_failures=max_failures)
     except KeyboardInterrupt:
         code = 130
-    except (UsageError, WorkerStopped, st.StorageUnavailable) as exc:
+    except (UsageError, RuntimeFailure) as exc:
         log.error("%s", exc)
         code = 2 if isinstance(exc, UsageError) else 1
     raise SystemExit(code)
@@ -329,7 +329,12 @@ def _child(url: str, study_name: str, device: str, verbose: bool, data_root: str
 
 def run_processes(url: str, study_name: str, devices: list[str], count: int, verbose: bool = False,
                   data_root: str | None = None, max_failures: int = 3) -> int:
-    """count worker processes, device i % len(devices) each; the worst exit code of them."""
+    """count worker processes, device i % len(devices) each; the worst exit code of them.
+
+    A terminal's Ctrl-C reaches the parent as well as its workers: the parent handles it like a
+    worker does (once; later signals are logged), so that a burst cannot interrupt the clean-up
+    below, and SIGTERM cannot end the parent before its workers have ended."""
+    install_signal_handlers()
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_child, args=(url, study_name, devices[i % len(devices)], verbose, data_root,
                                               max_failures))

@@ -364,3 +364,81 @@ def test_48_workers_fit_a_server_with_100_connections_and_finish_the_budget_exac
           f"{len({t.user_attrs['worker'] for t in trials})} workers ran trials")
     assert peaks["workers_connected"] == count
     assert peaks["per_worker"] <= st.POOL_SIZE + st.POOL_OVERFLOW + st.LOCK_CONNECTIONS  # the bound storage.py states
+
+
+# ---------------------------------------------------------------------------------------------
+# URLs and messages: no piece of a password, nothing created by a mistake
+
+
+AMBIGUOUS = [  # passwords holding '@' (and ':' or '/') that are not percent-encoded
+    "postgresql+psycopg://nkat:SECRET@SECRET@127.0.0.1:1/x",
+    "postgresql+psycopg://nkat:SECRET@SECRET:SECRET@127.0.0.1:1/x",
+    "postgresql+psycopg://nkat:SECRET@SECRET/SECRET@127.0.0.1/x",
+    "postgresql+psycopg://nkat:SECRET@SECRET@SECRET@localhost/x?sslmode=disable",
+    "mysql+pymysql://nkat:SECRET?SECRET@SECRET@127.0.0.1/x",
+    "sqlite://nkat:SECRET@SECRET@host/x.db",
+]
+
+
+@pytest.mark.parametrize("url", AMBIGUOUS)
+def test_a_url_whose_password_holds_an_at_sign_is_masked_whole_and_refused(url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scheme = url.split("://")[0]
+    assert st.mask(url) == f"{scheme}://***"
+    with pytest.raises(st.UsageError) as err:
+        st.open_storage(url, create=True)
+    message = str(err.value)
+    assert "SECRET" not in message and f"{scheme}://***" in message and "%40" in message, message
+    assert "SECRET" not in st.mask_text(f"could not connect to {url} as nkat:SECRET@SECRET", url)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql+psycopg://nkat:pw@127.0.0.1:5432/x", "postgresql+psycopg://nkat:***@127.0.0.1:5432/x"),
+    ("postgresql+psycopg://nkat:SE%40CRET@127.0.0.1/x", "postgresql+psycopg://nkat:***@127.0.0.1/x"),
+    ("postgresql+psycopg://user@server:SECRET@host/x", "postgresql+psycopg://user%40server:***@host/x"),
+    ("sqlite:///folder@home/study@1.db", "sqlite:///folder@home/study@1.db"),
+])
+def test_a_url_that_reads_one_way_is_shown_with_its_password_masked(url, shown):
+    assert st.mask(url) == shown
+    assert st.parse_url(url) is not None
+
+
+def test_masking_a_message_leaves_its_words_alone_when_the_password_is_short():
+    text = "connection to server at 127.0.0.1 failed: password authentication failed for user nkat"
+    assert st.mask_text(text, "postgresql+psycopg://nkat:e@127.0.0.1/x") == text
+    assert st.mask_text("rejected hunter22 as a password", "postgresql://nkat:hunter22@h/x") == \
+        "rejected *** as a password"
+
+
+@pytest.mark.parametrize("create", [True, False])
+def test_a_sqlite_file_that_is_not_a_database_is_named_and_left_alone(tmp_path, create):
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(st.UsageError) as err:
+        st.open_storage(f"sqlite:///{garbage}", create=create)
+    message = str(err.value)
+    assert "file is not a database" in message and "host" not in message and message.endswith("."), message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.db"]  # no lock file beside it
+
+
+def test_a_read_only_open_of_an_unreachable_server_gives_the_drivers_reason():
+    with pytest.raises(st.UsageError) as err:
+        st.open_storage("postgresql+psycopg://nkat:SECRET-pw@127.0.0.1:1/x", create=False)
+    message = str(err.value)
+    assert "Connection refused" in message and "An exception is raised" not in message, message
+    assert "SECRET" not in message
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_warm_start_from_an_unknown_study_is_refused_before_anything_is_created(tmp_path, existing):
+    config = load_study(str(ROOT / "nkat_search" / "studies" / "smoke.toml"))
+    url = f"journal:{tmp_path / 's.journal'}"
+    if existing:
+        st.create_or_resume(st.open_storage(url), url, config, 1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(st.UsageError, match=r"--warm-start-from 'nope': no such study in .* \(it holds: none\)"):
+        st.check_warm_start_source(url, config, "nope")
+    with pytest.raises(st.UsageError, match="names the study itself"):
+        st.check_warm_start_source(url, config, config.name)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
