@@ -9,17 +9,20 @@ Errors reach the user as one sentence: UsageError (exit 2), runtime failures (ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
 import os
 import re
+import signal
 import sys
 import typing
 from pathlib import Path
 
-from .config import DataConfig, ModelConfig, TrainConfig, UsageError, adapt_patch_size
+from .config import DataConfig, ModelConfig, RuntimeFailure, TrainConfig, UsageError, adapt_patch_size
 
 log = logging.getLogger("nkat_search")
 MODEL_DEFAULTS, TRAIN_DEFAULTS = ModelConfig(), TrainConfig()
@@ -27,9 +30,26 @@ DATASET_FIELDS = ("in_chans", "img_size", "num_classes")
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse with our error line, and with flags that a builder adds when the parser is first
+    used (the bench command's flags come from bench.py, which imports torch)."""
+
+    build: typing.Callable[[argparse.ArgumentParser], None] | None = None
+
     def error(self, message: str) -> None:  # argparse's own errors: one sentence, exit 2
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"nkat-search: error: {message}; see `{self.prog} --help`.\n")
+
+    def _built(self) -> None:
+        build, self.build = self.build, None
+        if build is not None:
+            build(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._built()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._built()
+        return super().format_help()
 
 
 def _flag(group, name: str, dest: str | None = None, **kwargs) -> None:
@@ -107,7 +127,7 @@ def cmd_train(args) -> int:
     from .data import get_spec, load_splits
     from .devices import resolve_device
     from .progress import TrainProgress
-    from .train import fit
+    from .train import OutOfMemory, fit, out_of_memory
 
     spec = get_spec(args.dataset)
     model_kwargs = _given(ModelConfig, args, DATASET_FIELDS)
@@ -118,10 +138,15 @@ def cmd_train(args) -> int:
     train_cfg = TrainConfig(**_given(TrainConfig, args))
     data_cfg = DataConfig(**{**_given(DataConfig, args), "root": args.root or data_root_default()})
     device = resolve_device(args.device)
-    splits = load_splits(args.dataset, data_cfg, device)
-
-    with TrainProgress(args.dataset, train_cfg.epochs) as on_epoch:  # a bar on a terminal, else a line per epoch
-        result = fit(model_cfg, train_cfg, splits, on_epoch=on_epoch, eval_test=args.eval_test)
+    try:
+        splits = load_splits(args.dataset, data_cfg, device)
+        with TrainProgress(args.dataset, train_cfg.epochs) as on_epoch:  # a bar on a terminal, else a line per epoch
+            result = fit(model_cfg, train_cfg, splits, on_epoch=on_epoch, eval_test=args.eval_test)
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        raise OutOfMemory(f"the model or the data does not fit in the memory of {device} ({type(exc).__name__}); "
+                          "lower embed_dim, depth, batch_size or the number of images.") from None
     summary = result.summary()
     summary["data_source"] = data_cfg.source
     if args.json:
@@ -191,6 +216,8 @@ def cmd_start(args) -> int:
     data = dataclasses.replace(config.data, root=_data_root(args) or config.data.root)
     for dataset in config.datasets:
         ensure_available(dataset, data)
+    if args.warm_start_from is not None:  # before the storage is created: a mistake there writes nothing
+        storage.check_warm_start_source(storage.resolve_url(args.storage), config, args.warm_start_from)
     url, store = _open(args)
     log.info("storage: %s", storage.mask(url))
     study = storage.create_or_resume(store, url, config, budget, warm_start_from=args.warm_start_from)
@@ -264,9 +291,28 @@ def cmd_dashboard(args) -> int:
 
     if args.port > 65535:
         raise UsageError(f"--port {args.port} is not a TCP port; use 1-65535 (0 picks a free one).")
+    _listen_address(args.host, args.port)
     _, store = _open(args, create=False)
-    serve(store, host=args.host, port=args.port, artifacts=args.artifacts)
+    try:
+        serve(store, host=args.host, port=args.port, artifacts=args.artifacts)
+    except OSError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(f"--host {args.host!r} is not an address of this machine ({exc.strerror}); pass one of "
+                             "its addresses, 127.0.0.1 (this machine only) or 0.0.0.0 (every network).") from None
+        raise
     return 0
+
+
+def _listen_address(host: str, port: int) -> None:
+    """--host names an address (or a name that resolves to one), or a UsageError says which is wrong."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, ValueError) as exc:  # gaierror; UnicodeError for a name idna cannot encode
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise UsageError(f"--host {host!r} is not an address or a host name that resolves ({reason}); pass an "
+                         "address of this machine, 127.0.0.1 (this machine only) or 0.0.0.0 (every network).") from None
 
 
 def cmd_report(args) -> int:
@@ -388,9 +434,8 @@ def _add_run_flags(p: argparse.ArgumentParser, workers_help: str) -> None:
 
 
 def _add_bench_parser(sub) -> None:
-    """`bench`: one flag per field of bench.BenchOptions (its type and help metadata)."""
-    from .bench import BenchOptions, measure, table
-
+    """`bench`: one flag per field of bench.BenchOptions (its type and help metadata), added when the
+    command is used, so that other commands do not import torch."""
     p = sub.add_parser(
         "bench", help="measure training, augmentation, evaluation and search speed, storage latency and memory",
         description="Images per second of the real training step (TrainStep over BatchLoader) beside the bare "
@@ -399,6 +444,12 @@ def _add_bench_parser(sub) -> None:
                     "sections by name: search (where each trial's time goes), share (concurrent CPU workers with "
                     "and without host sharing), procs (concurrent processes on one device). Figures are medians "
                     "over --repeats rounds on synthetic CIFAR-10-shaped data; the precision used is printed with why.")
+    p.build = _bench_flags
+
+
+def _bench_flags(p: argparse.ArgumentParser) -> None:
+    from .bench import BenchOptions, measure, table
+
     hints, defaults = typing.get_type_hints(BenchOptions), BenchOptions()
     for f in dataclasses.fields(BenchOptions):
         kind, default = hints[f.name], getattr(defaults, f.name)
@@ -575,16 +626,17 @@ def _os_error(exc: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout is None:  # `nkat-search status >&-`: every line printed would be lost without a word
+        if sys.stderr is not None:
+            print("nkat-search: error: the standard output is closed (>&-?); run the command with an open "
+                  "output, or redirect it to /dev/null to drop what it prints.", file=sys.stderr)
+        return 1
     from .devices import enable_mps_fallback
 
     enable_mps_fallback()  # before torch is imported: torch reads it once
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    from .storage import StorageUnavailable
-    from .train import NonFiniteLossError
-    from .worker import WorkerStopped
-
     try:
         code = args.func(args)
         sys.stdout.flush()
@@ -592,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"nkat-search: error: {exc}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, WorkerStopped, StorageUnavailable) as exc:
+    except RuntimeFailure as exc:  # a diverging loss, a worker that gave up, a database gone, no memory
         print(f"nkat-search: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
@@ -605,6 +657,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nkat-search: error: {_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # From here on further Ctrl-C (and SIGTERM) are ignored, through the interpreter's shutdown
+        # too: Python keeps an ignored signal ignored, where it would restore the default handler of
+        # one it handled, and a late Ctrl-C would then kill the process or end in a traceback.
+        for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+            if sig is not None:
+                with contextlib.suppress(ValueError):  # not the main thread: no signal reaches it anyway
+                    signal.signal(sig, signal.SIG_IGN)
         print("nkat-search: interrupted", file=sys.stderr)
         return 130
 

@@ -24,6 +24,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -40,30 +41,7 @@ MAX_SECONDS = 60  # a bad input fails fast; an unreachable database must not han
 
 # Rows whose promise the program does not keep yet: each is expected to fail (strictly, so a fix
 # shows up as a failure until its line here is removed). docs/bad-input.md lists them too.
-ARGPARSE = ("argparse's own errors print `nkat-search <command>: error: ...` after the usage, without the "
-            "final '.' (cli._Parser.error)")
-KNOWN_DEFECTS = {
-    "password-with-at-and-colon": "storage.mask/open_storage: an unparsable URL's driver error quotes the password",
-    "password-with-at-in-variable": "storage.mask: SQLAlchemy splits user:pw@rest@host at the first '@', so the "
-                                    "rest of the password is shown as the host",
-    "status-unreachable-database": "storage.open_storage(create=False): the reason shown is Optuna's "
-                                   "StorageInternalError text, not the driver's connection error",
-    "sampler-kind-list": "study._kind_table: `kind not in kinds` raises TypeError for a list",
-    "param-type-list": "study._param_spec: `spec.get('type') not in kinds` raises TypeError for a list",
-    "log-range-interior": "study.ParamSpec.values: a log int range is checked at its ends and powers of two only",
-    "mlp-ratio-with-narrow-width": "study._check_space: mlp_ratio is checked with the default embed_dim, not the "
-                                   "searched one",
-    "flag-nan": ARGPARSE,
-    "flag-fraction-for-int": ARGPARSE,
-    "leaderboard-top-negative": ARGPARSE,
-    "embed-dim-zero": "config.ModelConfig: embed_dim 0 is reported as 'not divisible by num_heads'",
-    "seed-too-large": "config.check_types: ints beyond 64 bits reach torch.manual_seed (ValueError traceback)",
-    "sqlite-random-bytes-start": "storage.open_storage: the schema lock file is created beside a file that is "
-                                 "not a database",
-    "sqlite-random-bytes-status": "storage.open_storage(create=False): Optuna's StorageInternalError text instead "
-                                  "of 'file is not a database'",
-    "warm-start-unknown": "storage.create_or_resume: --warm-start-from is checked after the journal was created",
-}
+KNOWN_DEFECTS: dict[str, str] = {}
 
 @dataclass(frozen=True)
 class Row:
@@ -282,7 +260,7 @@ STDOUT_CASES = {  # id: (how stdout is broken, the command, exit status, part of
     "status-into-closed-pipe": ("closed-pipe", ["status"], 141, "the output was closed before everything was written"),
     "leaderboard-into-closed-pipe": ("closed-pipe", ["leaderboard", "--format", "csv"], 141,
                                      "the output was closed before everything was written"),
-    "status-with-stdout-closed": ("closed-fd", ["status"], 1, "nkat-search: "),
+    "status-with-stdout-closed": ("closed-fd", ["status"], 1, "the standard output is closed"),
     "status-into-full-disk": ("full", ["status"], 1, "No space left on device"),
 }
 
@@ -300,10 +278,7 @@ def stdout_outcomes(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=[pytest.mark.xfail(strict=True, reason="cli.main calls sys.stdout.flush() on None "
-                                                                 "(AttributeError traceback)")]
-                 if c == "status-with-stdout-closed" else []) for c in STDOUT_CASES])
+@pytest.mark.parametrize("case", STDOUT_CASES)
 def test_a_closed_or_full_output_ends_with_one_sentence(stdout_outcomes, case):
     # `nkat-search status | head -c0`, `status >&-`, `status > /dev/full`: no traceback, no
     # "Exception ignored" from the interpreter's last flush, one line saying what happened.
@@ -336,6 +311,50 @@ def test_dashboard_on_a_port_in_use_says_so_in_one_sentence(tmp_path):
     errors = _error_lines(err)
     assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
     assert errors[0].startswith("nkat-search: error: the address is already in use") and errors[0].endswith("."), err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("host", ["999.1.1.1", "256.0.0.1", "192.0.2.1"])  # no address; nor one of this machine
+def test_dashboard_on_a_wrong_host_names_it_in_one_sentence(tmp_path, host):
+    url = f"journal:{tmp_path}/study.journal"
+    _create_study(tmp_path / "setup.toml", url)
+    run = subprocess.run([sys.executable, "-m", "nkat_search.cli", "dashboard", "--host", host, "--port", "0",
+                          "--storage", url], capture_output=True, text=True, timeout=2 * MAX_SECONDS, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "Traceback" not in run.stdout + run.stderr and run.returncode == 2, run.stderr
+    errors = _error_lines(run.stderr)
+    assert len(errors) == 1 and run.stderr.rstrip().endswith(errors[0]), run.stderr
+    assert errors[0].startswith(f"nkat-search: error: --host {host!r} is not") and errors[0].endswith("."), errors
+
+
+def test_a_model_too_large_for_memory_ends_train_with_one_sentence_and_exit_1(monkeypatch):
+    from nkat_search import cli
+
+    oom = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you "
+                       "tried to allocate 1099511627776 bytes.")
+    monkeypatch.setattr("nkat_search.data.load_splits", lambda *a, **k: None)
+    monkeypatch.setattr("nkat_search.train.fit", mock.Mock(side_effect=oom))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(["train", "--data-source", "synthetic", "--embed_dim", "16384", "--device", "cpu"])
+    assert code == 1 and "Traceback" not in err.getvalue(), err.getvalue()
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nkat-search: the model or the data does not fit"), lines
+
+
+@pytest.mark.slow
+def test_read_only_commands_answer_without_loading_torch(tmp_path):
+    """status, leaderboard, studies and --help answer (or refuse) in a second: they do not import torch."""
+    url = f"journal:{tmp_path}/study.journal"
+    _create_study(tmp_path / "setup.toml", url)
+    script = ("import contextlib, io, sys\nfrom nkat_search import cli\nfor argv in sys.argv[1:]:\n"
+              "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+              "        cli.main(argv.split())\nprint('torch' in sys.modules)")
+    commands = [f"status --storage {url}", f"leaderboard --storage {url}", f"status --storage {url}x", "studies",
+                "--help", "status --help"]
+    run = subprocess.run([sys.executable, "-c", script, *commands], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=2 * MAX_SECONDS)
+    assert run.stdout.strip() == "False", run.stdout + run.stderr
 
 
 FOREIGN_NAMES = ["../../escape", "/tmp/nkat-absolute", "..", "a/../../b"]

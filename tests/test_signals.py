@@ -164,16 +164,7 @@ def test_a_burst_of_ctrl_c_fails_the_running_trials_once_and_queues_them_again(b
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [
-    pytest.param(1, id="one-worker", marks=pytest.mark.xfail(strict=True, reason=(
-        "cli.main returns 130 with the worker's Python signal handlers still installed: Python restores the default "
-        "handlers while it shuts down, so a Ctrl-C then kills the process (exit -2 or -15 instead of 130), and "
-        "'SIGINT again' lines follow 'nkat-search: interrupted'"))),
-    pytest.param(2, id="two-worker-processes", marks=pytest.mark.xfail(strict=True, reason=(
-        "worker.run_processes: the parent process installs no handler, so a second Ctrl-C interrupts its clean-up "
-        "(a KeyboardInterrupt traceback from multiprocessing's atexit), SIGTERM kills it, and the worker processes "
-        "outlive it"))),
-])
+@pytest.mark.parametrize("workers", WORKERS)
 def test_a_burst_of_ctrl_c_ends_the_command_with_exit_130_and_one_line(burst, workers):
     b = burst(workers)
     assert "Traceback" not in b.output and "Exception ignored" not in b.output, b.output
