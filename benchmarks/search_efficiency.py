@@ -29,6 +29,7 @@ PRUNERS = {
     "successive_halving": SuccessiveHalvingPrunerConfig(min_resource=1, reduction_factor=3),
     "hyperband": HyperbandPrunerConfig(min_resource=1, reduction_factor=3),
     "none": NopPrunerConfig(),
+    "study": None,  # the study file's own pruner
 }
 
 
@@ -44,12 +45,14 @@ def run(study: str, pruners: list[str], seeds: list[int], trials: int) -> list[d
     out = []
     for seed in seeds:
         for name in pruners:
-            config = dataclasses.replace(base, name=f"{base.name}-{name}-{seed}", pruner=PRUNERS[name],
+            config = dataclasses.replace(base, name=f"{base.name}-{name}-{seed}", pruner=PRUNERS[name] or base.pruner,
                                          sampler=dataclasses.replace(base.sampler, seed=seed))
             result = bench_search(config, trials, torch.device("cpu"), share=False)
-            out.append({"pruner": name, "seed": seed, "study": base.name, "trials": [
-                {k: r[k] for k in ("trial", "state", "value", "cpu_seconds", "seconds")} for r in result["per_trial"]]})
-            print(f"{name} seed {seed}: best {best(out[-1]):.4f} after {sum(t['cpu_seconds'] for t in out[-1]['trials']):.0f} "
+            label = name if PRUNERS[name] else f"{base.pruner.KIND} (the study's)"
+            out.append({"pruner": label, "seed": seed, "study": base.name, "trials": [
+                {k: r[k] for k in ("trial", "state", "value", "prune_reason", "cpu_seconds", "seconds")}
+                for r in result["per_trial"]]})
+            print(f"{label} seed {seed}: best {best(out[-1]):.4f} after {sum(t['cpu_seconds'] for t in out[-1]['trials']):.0f} "
                   "CPU s", flush=True)
     return out
 
@@ -109,6 +112,7 @@ def plot(runs: list[dict], png: str) -> None:
     import matplotlib.pyplot as plt
 
     colours = {"median": "tab:blue", "successive_halving": "tab:orange", "hyperband": "tab:green", "none": "tab:gray"}
+    colours.update({r["pruner"]: "tab:red" for r in runs if r["pruner"] not in colours})
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     end = max(sum(t["cpu_seconds"] for t in r["trials"]) for r in runs)
     grid = [end * i / 200 for i in range(201)]
@@ -135,7 +139,8 @@ def plot(runs: list[dict], png: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default="smoke", help="packaged study or file [%(default)s]")
-    parser.add_argument("--pruners", nargs="+", default=list(PRUNERS), choices=list(PRUNERS))
+    parser.add_argument("--pruners", nargs="+", default=[p for p in PRUNERS if p != "study"], choices=list(PRUNERS),
+                        help="study: the study file's own pruner [all but study]")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="sampler seeds [0 1 2]")
     parser.add_argument("--trials", type=int, default=24, help="trials per run [%(default)s]")
     parser.add_argument("--out", help="JSON file for the runs")

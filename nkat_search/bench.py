@@ -647,6 +647,7 @@ def run_concurrent(jobs: list[Job], count: int, *, device: str, sharing: str, da
                 p.terminate()
     cpu = sum(r["cpu_seconds"] for r in done)
     return {"processes": count, "sharing": sharing, "jobs": len(jobs), "seconds": seconds, "cpu_seconds": cpu,
+            "load_average": psutil.getloadavg()[0],
             "jobs_per_minute": 60 * len(jobs) / seconds, "jobs_per_cpu_minute": 60 * len(jobs) / cpu,
             "img_per_s": sum(r["images"] for r in done) / seconds, "threads": sorted({r["threads"] for r in done}),
             "job_seconds": statistics.median(r["seconds"] for r in done)}
@@ -852,10 +853,11 @@ def _share_table(s: dict) -> list[str]:
     lines = [f"share: {s['jobs']} unpruned {s['study']} trials per row on {s['cores']} cores ({s['precision']['dtype']}); "
              "on = hostshare, off = every process takes every core",
              f"  {'processes':>9} {'sharing':<8} {'trials/min':>10} {'vs 1 shared':>11} {'threads':>8} {'s/trial':>8} "
-             f"{'trials/CPU-min':>14}"]
+             f"{'trials/CPU-min':>14} {'load':>5}"]
     for r in s["rows"]:
         lines.append(f"  {r['processes']:>9} {r['sharing']:<8} {r['jobs_per_minute']:>10.2f} {r['vs_one_shared']:>10.2f}x "
-                     f"{','.join(map(str, r['threads'])):>8} {r['job_seconds']:>8.1f} {r['jobs_per_cpu_minute']:>14.2f}")
+                     f"{','.join(map(str, r['threads'])):>8} {r['job_seconds']:>8.1f} {r['jobs_per_cpu_minute']:>14.2f} "
+                     f"{r['load_average']:>5.1f}")
     return lines
 
 

@@ -196,6 +196,15 @@ def test_concurrent_processes_share_the_cores_through_the_registry(tmp_path):
     assert shared["threads"] in ([1], [2]) and alone["threads"] == [4]
     assert shared["jobs"] == alone["jobs"] == 4 and shared["img_per_s"] > 0
     assert not list(tmp_path.glob("*.lock"))  # the workers left the registry
+    assert shared["load_average"] >= 0  # the share table prints the load beside the wall-time figures
+
+
+def test_share_table_prints_the_load_average_beside_each_row():
+    row = {"processes": 2, "sharing": "on", "jobs_per_minute": 3.0, "vs_one_shared": 1.5, "threads": [1],
+           "job_seconds": 40.0, "jobs_per_cpu_minute": 1.6, "load_average": 3.25}
+    lines = bench._share_table({"jobs": 6, "study": "nkat-smoke", "cores": 2, "precision": {"dtype": "bfloat16"},
+                                "rows": [row]})
+    assert lines[1].split()[-1] == "load" and lines[2].split()[-1] == "3.2"
 
 
 @pytest.mark.slow
