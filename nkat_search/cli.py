@@ -204,8 +204,6 @@ def _run(url: str, study_name: str, args, plan: tuple[list[str], int]) -> int:
 
 
 def cmd_start(args) -> int:
-    from . import dashboard, storage
-    from .data import ensure_available
     from .study import load_study
 
     config = load_study(args.study)
@@ -213,6 +211,11 @@ def cmd_start(args) -> int:
     if budget < 1:
         raise UsageError(f"--trials must be at least 1, got {budget}.")
     plan = _plan(args)
+    # Imported after the study file and flags are checked: a mistake there is told in a fraction of
+    # a second, not after the seconds torch takes to import.
+    from . import dashboard, storage
+    from .data import ensure_available
+
     data = dataclasses.replace(config.data, root=_data_root(args) or config.data.root)
     for dataset in config.datasets:
         ensure_available(dataset, data)
