@@ -163,3 +163,15 @@ def test_accuracy_vs_size_is_left_out_without_completed_trials():
 ])
 def test_iso_levels_are_round_numbers_around_the_trials(values, expected):
     assert plots.iso_levels(values, count=4) == pytest.approx(expected)
+
+
+def test_plots_need_no_scikit_learn(tiny, tmp_path, monkeypatch):
+    # scikit-learn is a test dependency only (test_recipe's digits): the importance figure must not
+    # need it, as Optuna's fANOVA evaluator would. None in sys.modules makes its import fail.
+    import sys
+
+    _, url, _ = tiny
+    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")] + ["sklearn"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    result = plots.write_plots(*_attach(url), tmp_path, png=False, dashboard=False)
+    assert (tmp_path / "param_importances.html").exists() and "param_importances" not in result["skipped"]
