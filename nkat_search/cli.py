@@ -322,10 +322,17 @@ def cmd_report(args) -> int:
     from .devices import resolve_device
     from .retrain import build_report, format_markdown
 
+    from .hostshare import HostShare
+
     url, study, config = _attach(args)
     out = args.out or os.path.join("reports", safe_name(study.study_name))
-    report = build_report(study, config, top=args.top, epochs=args.epochs, out=out,
-                          device=resolve_device(args.device), artifacts=args.artifacts, storage_url=url)
+    device = resolve_device(args.device)
+    # The report retrains like a worker: it takes its share of the host's cores, as workers do
+    # (with workers or other programs busy, every core's worth of threads would stall each other).
+    with HostShare(str(device)) as share:
+        share.threads_for_next_trial()
+        report = build_report(study, config, top=args.top, epochs=args.epochs, out=out, device=device,
+                              artifacts=args.artifacts, storage_url=url)
     print(format_markdown(report), end="")
     print(f"wrote {os.path.join(out, 'report.json')} and {os.path.join(out, 'report.md')}")
     return 0
