@@ -105,6 +105,25 @@ def summary(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def budget_table(runs: list[dict], fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)) -> str:
+    """Markdown: per pruner, the median over its seeds of the best Global TPE reached within a few CPU
+    budgets (fractions of the cheapest run's total, so every run is still searching at each); "-" where
+    the median run had no completed trial yet."""
+    cheapest = min(sum(t["cpu_seconds"] for t in r["trials"]) for r in runs)
+    budgets = [cheapest * f for f in fractions]
+    lines = ["| pruner | " + " | ".join(f"best within {b:.0f} CPU s" for b in budgets) + " |",
+             "|---" * (len(budgets) + 1) + "|"]
+    for name in dict.fromkeys(r["pruner"] for r in runs):
+        group = [r for r in runs if r["pruner"] == name]
+        cells = []
+        for b in budgets:
+            reached = sorted((best_at(r, b) for r in group), key=lambda v: float("-inf") if v is None else v)
+            middle = reached[(len(reached) - 1) // 2]  # the median run (the lower one of an even count)
+            cells.append("-" if middle is None else f"{middle:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(runs: list[dict], png: str) -> None:
     import matplotlib
 
@@ -121,10 +140,13 @@ def plot(runs: list[dict], png: str) -> None:
         for r in group:
             xs, ys = curve(r)
             ax.step(xs, ys, where="post", color=colours.get(name), alpha=0.3, linewidth=1)
+        # The median line ends where the median run ended: past it, fewer than half the runs still search.
+        stop = statistics.median(sum(t["cpu_seconds"] for t in r["trials"]) for r in group)
         median = []
         for x in grid:
             values = [best_at(r, x) for r in group]
-            median.append(statistics.median(values) if all(v is not None for v in values) else float("nan"))
+            ok = x <= stop and all(v is not None for v in values)
+            median.append(statistics.median(values) if ok else float("nan"))
         ax.plot(grid, median, color=colours.get(name), linewidth=2.5, label=f"{name} (median of {len(group)} seeds)")
     ax.set_xlabel("CPU seconds spent (one torch thread)")
     ax.set_ylabel("best Global TPE so far")
@@ -149,14 +171,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.plot:
         runs = [r for path in args.plot for r in json.loads(Path(path).read_text())]
-        print(summary(runs))
+        print(summary(runs), budget_table(runs), sep="\n\n")
         plot(runs, args.png)
         return
     runs = run(args.study, args.pruners, args.seeds, args.trials)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(runs, indent=1))
-    print(summary(runs))
+    print(summary(runs), budget_table(runs), sep="\n\n")
 
 
 if __name__ == "__main__":
