@@ -214,3 +214,25 @@ def test_procs_section_runs_k_processes_on_one_device():
     assert [(r["processes"], r["variant"]) for r in out["rows"]] == [(1, "eager"), (2, "eager")]  # no compile on CPU
     assert all(r["img_per_s"] > 0 and r["jobs_per_hour"] > 0 for r in out["rows"])
     assert "img/s" in "\n".join(bench._procs_table(out))
+
+
+def _efficiency_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "search_efficiency.py"
+    spec = importlib.util.spec_from_file_location("search_efficiency", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_efficiency_budgets_take_the_median_seed_and_say_when_it_has_no_result():
+    se = _efficiency_script()
+    run = lambda name, *trials: {"pruner": name, "seed": 0, "study": "s", "trials": [  # noqa: E731
+        {"state": state, "value": value, "cpu_seconds": cpu, "prune_reason": None} for state, value, cpu in trials]}
+    runs = [run("a", ("COMPLETE", 5.0, 10), ("COMPLETE", 6.0, 30)), run("a", ("PRUNED", 1.0, 20), ("COMPLETE", 4.0, 20)),
+            run("a", ("COMPLETE", 7.0, 40)), run("b", ("PRUNED", 1.0, 40))]
+    lines = se.budget_table(runs, fractions=(0.25, 1.0)).splitlines()
+    assert lines[0] == "| pruner | best within 10 CPU s | best within 40 CPU s |"
+    # a at 10 s: 5.0, none yet, none yet -> the median seed has nothing; at 40 s: 6.0, 4.0, 7.0 -> 6.0
+    assert lines[2:] == ["| a | - | 6.00 |", "| b | - | - |"]
