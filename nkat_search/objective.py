@@ -2,7 +2,8 @@
 
 Stage 1 trains on the gate dataset (CIFAR-10) and reports the Local TPE after every epoch, so
 Optuna's pruner can stop a poor learning curve; at the end, a Local TPE below the study's gate
-prunes the trial. Stage 2 trains the survivors on the other datasets; the trial's value is the
+prunes the trial (the gate judges before the pruner after the last epoch, so its decisions are
+recorded as its own; a pruner may still stop a trial that passed the gate before Stage 2). Stage 2 trains the survivors on the other datasets; the trial's value is the
 Global TPE over all of them. Everything recorded on the trial is measured.
 """
 
@@ -66,21 +67,28 @@ def make_objective(study: StudyConfig, load: Callable[[str], Splits], progress: 
         started = time.perf_counter()
         progress.stage(trial.number, 1, stage1, study.stage1_epochs)
 
-        def on_epoch(epoch: int, accuracy: float, tpe: float) -> None:
-            trial.report(tpe, epoch)
-            progress.epoch(trial.number, epoch, study.stage1_epochs, accuracy, tpe)
+        def ask_pruner(epoch: int, tpe: float) -> None:
             if trial.should_prune():
                 reason = f"pruner ({study.pruner.KIND}): local TPE {tpe:.4f} at epoch {epoch}"
                 trial.set_user_attr("prune_reason", reason)
                 trial.set_user_attr("pruned_at_epoch", epoch)
                 raise optuna.TrialPruned(reason)
 
+        def on_epoch(epoch: int, accuracy: float, tpe: float) -> None:
+            trial.report(tpe, epoch)
+            progress.epoch(trial.number, epoch, study.stage1_epochs, accuracy, tpe)
+            if epoch < study.stage1_epochs:
+                ask_pruner(epoch, tpe)
+
         try:
             result = train(trial, params, stage1, study.stage1_epochs, on_epoch)
         finally:
             trial.set_user_attr("stage1_seconds", time.perf_counter() - started)
         record(trial, result)
+        # After the last Stage-1 epoch the gate judges first (a trial below it is the gate's, whatever
+        # a pruner would say); one that passes may still be stopped by the pruner before Stage 2.
         check_gate(result.local_tpe, study.gate, result.epochs, trial)
+        ask_pruner(result.epochs, result.local_tpe)
 
         started = time.perf_counter()
         results = [result]

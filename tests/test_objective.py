@@ -1,5 +1,7 @@
 """The two-stage objective: the gate at its boundary, pruning as Optuna's PRUNED state, measured attributes."""
 
+import dataclasses
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -56,3 +58,45 @@ def test_trials_below_the_gate_are_pruned_with_the_reason_and_no_stage2(tiny_stu
         assert t.user_attrs["prune_reason"].startswith("gate: local TPE")
         assert t.user_attrs["cifar10_local_tpe"] < 1e9
         assert "mnist_accuracy" not in t.user_attrs and "stage2_seconds" not in t.user_attrs
+
+
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("gate, reason", [(1e9, "gate: "), (0.01, "pruner (none): local TPE 2.0000 at epoch 3")])
+def test_after_the_last_stage1_epoch_the_gate_judges_before_the_pruner(tiny_study, monkeypatch, gate, reason):
+    # A pruner that would stop every trial: in the middle of Stage 1 it stops the trial; after the
+    # last epoch the gate speaks first, and the pruner may still stop a trial that passed it.
+    from nkat_search import objective
+    from nkat_search.train import FitResult
+
+    def fake_fit(model_cfg, train_cfg, splits, on_epoch=None, timer=None):
+        for epoch in range(1, train_cfg.epochs + 1):
+            on_epoch(epoch, 0.2, 2.0)
+        return FitResult("cifar10", 0.2, None, 1000, 0.001, 2.0, train_cfg.epochs, 0.1, 1.0, "float32", "cpu", 0)
+
+    monkeypatch.setattr(objective, "fit", fake_fit)
+    config = load_study(tiny_study(gate=gate))
+    config = dataclasses.replace(config, stage1_epochs=3)
+    run = objective.make_objective(config, load=lambda name: None)
+    asked = []
+
+    class CountingPruner(_AlwaysPrune):
+        def prune(self, study, trial) -> bool:
+            asked.append(max(trial.intermediate_values))
+            return asked[-1] == 3  # only after the last epoch
+
+    study = optuna.create_study(direction="maximize", pruner=CountingPruner())
+    trial = study.ask()
+    with pytest.raises(optuna.TrialPruned):
+        run(trial)
+    assert trial.user_attrs["prune_reason"].startswith(reason)
+    assert asked == ([1, 2] if gate > 1 else [1, 2, 3])
+    # Mid-Stage-1, the pruner is asked and obeyed.
+    study = optuna.create_study(direction="maximize", pruner=_AlwaysPrune())
+    trial = study.ask()
+    with pytest.raises(optuna.TrialPruned):
+        run(trial)
+    assert trial.user_attrs["pruned_at_epoch"] == 1 and trial.user_attrs["prune_reason"].startswith("pruner")
