@@ -1,5 +1,5 @@
 """Accuracy parity of bf16 autocast against fp32 on the CPU: the check behind `precision = "auto"`
-choosing bf16 on CPUs with native bf16 (docs/readme-drafts/speed.md, "precision auto").
+choosing bf16 on CPUs with native bf16 (README.md, "precision auto").
 
 For each model, the same short training run with several seeds at fp32 and at bf16 (seed: weight
 initialisation, batch order and augmentation), validation accuracy of the EMA weights at the end.

@@ -1,6 +1,6 @@
 """Search efficiency of the pruners on a study: the best Global TPE reached against the CPU seconds
 spent, over several sampler seeds, for each pruner (the gate applies in every case). Behind the
-default pruner of the packaged studies (docs/readme-drafts/speed.md, "Search efficiency").
+default pruner of the packaged studies (README.md, "Search efficiency of the pruners").
 
 Each run is a search of --trials trials through the worker's own loop (nkat_search.bench.
 bench_search: worker.run_loop on a temporary journal), one process, one torch thread, so that the
