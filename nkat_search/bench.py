@@ -29,10 +29,12 @@ import os
 import platform
 import queue
 import random
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -633,15 +635,35 @@ def run_concurrent(jobs: list[Job], count: int, *, device: str, sharing: str, da
     procs = [ctx.Process(target=_child, args=(device, sharing, folder, cores, data, datasets, jobs[0] if warm else None,
                                               todo, barrier, results))
              for _ in range(count)]
-    for p in procs:
-        p.start()
+    # The children start with SIGINT ignored (an ignored signal stays ignored across exec, and Python
+    # then installs no handler of its own): Ctrl-C reaches the whole process group, and the parent
+    # alone should handle it, not every child with a traceback from wherever its import was.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    finished = False
     try:
         barrier.wait(timeout=900)
         start = time.perf_counter()
         done = _collect(results, len(jobs), procs, timeout=3600)
         seconds = time.perf_counter() - start
+        finished = True
+    except Exception as exc:
+        # Ctrl-C inside multiprocessing's barrier can surface as the AssertionError of its lock's
+        # release ("attempt to release recursive lock not owned by thread"), raised while handling
+        # the KeyboardInterrupt: report the interrupt it is (one line from the CLI, exit 130).
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
     finally:
         for p in procs:
+            if not finished:
+                p.terminate()
             p.join(timeout=60)
             if p.is_alive():
                 p.terminate()

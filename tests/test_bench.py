@@ -4,6 +4,11 @@ the options are one typed object whose fields are the command's flags."""
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -236,3 +241,19 @@ def test_efficiency_budgets_take_the_median_seed_and_say_when_it_has_no_result()
     assert lines[0] == "| pruner | best within 10 CPU s | best within 40 CPU s |"
     # a at 10 s: 5.0, none yet, none yet -> the median seed has nothing; at 40 s: 6.0, 4.0, 7.0 -> 6.0
     assert lines[2:] == ["| a | - | 6.00 |", "| b | - | - |"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def test_ctrl_c_while_bench_processes_start_ends_with_one_line(tmp_path):
+    # Ctrl-C reaches the whole process group: the bench and its spawned processes, which may be
+    # importing torch or waiting at the start barrier. The command ends as any interrupted one does.
+    proc = subprocess.Popen([sys.executable, "-m", "nkat_search.cli", "bench", "--only", "procs", "--processes", "2",
+                             "--jobs", "2", "--images", "64", "--eval-images", "32", "--embed-dim", "32", "--depth", "1",
+                             "--batch-size", "16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, cwd=tmp_path)
+    time.sleep(6)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "nkat-search: interrupted", err[-3000:]
