@@ -140,15 +140,15 @@ def test_workers_keep_the_budget_while_connections_drop_every_few_seconds_and_on
         wait_for(lambda: owners_of_running_trials(pg_url), "a running trial", timeout=180)
         with Chaos(pg_server, pg_url.rsplit("/", 1)[1], period=3, duration=60) as chaos:
             time.sleep(10)
-            # The drops pause while the victim is chosen (on a loaded machine both workers can spend
-            # a minute of drops waiting for the database, outside any trial) and while the
-            # replacement starts and attaches: opening a storage fails fast by design (a worker that
-            # cannot connect at its start says so and exits 2).
-            chaos.running.clear()
+            # On a loaded machine both workers can spend a minute of drops waiting for the database,
+            # outside any trial: up to three minutes to catch one inside a trial.
             victim = wait_for(lambda: [p for p in procs if p.pid in owners_of_running_trials(pg_url).values()],
                               "a worker inside a trial", timeout=180)[0]
             victim.send_signal(signal.SIGKILL)
             victim.wait()
+            # Opening a storage fails fast by design (a worker that cannot connect at its start says
+            # so and exits 2), so the drops pause while the replacement starts and attaches.
+            chaos.running.clear()
             procs.append(worker_process(pg_url, logs[2]))
             wait_for(lambda: " on cpu: study " in logs[2].read_text() or procs[2].poll() is not None,
                      "the replacement to attach", timeout=180)
