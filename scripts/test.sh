@@ -40,7 +40,10 @@ echo "oldest supported: $(.venv-min/bin/python -c 'import optuna, optuna_dashboa
 # What depends on the Optuna version: the journal storage and trial ends (test_worker), RDBStorage
 # with heartbeat_stale_trial_callback (test_postgres) and its retry of a dead worker's trial (one
 # test of test_reliability), notes, figures and serving in optuna-dashboard (test_dashboard, test_plots).
-.venv-min/bin/python -m pytest -p no:cacheprovider -k "not test_reliability or killed_worker" \
+# Signals and two journal workers are left to the main run (their code does not touch the version's
+# API beyond what the other worker tests use): the whole suite stays under 15 minutes.
+.venv-min/bin/python -m pytest -p no:cacheprovider \
+  -k "(not test_reliability or killed_worker) and not signal_fails and not two_workers_share" \
   tests/test_worker.py tests/test_postgres.py tests/test_reliability.py tests/test_dashboard.py \
   tests/test_plots.py || status=$?
 exit $status
