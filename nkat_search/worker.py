@@ -327,6 +327,11 @@ def _child(url: str, study_name: str, device: str, verbose: bool, data_root: str
     raise SystemExit(code)
 
 
+# How long the parent of `--workers N` waits, after an interrupt, for a worker process to fail and
+# queue its trial (a few storage writes) before it kills that process.
+CHILD_GRACE_SECONDS = 30
+
+
 def run_processes(url: str, study_name: str, devices: list[str], count: int, verbose: bool = False,
                   data_root: str | None = None, max_failures: int = 3) -> int:
     """count worker processes, device i % len(devices) each; the worst exit code of them.
@@ -350,7 +355,19 @@ def run_processes(url: str, study_name: str, devices: list[str], count: int, ver
                 if p.is_alive():
                     p.terminate()  # SIGTERM on POSIX: the child fails and requeues its trial
             for p in procs:
+                p.join(timeout=CHILD_GRACE_SECONDS)
+            stuck = [p for p in procs if p.is_alive()]
+            for p in stuck:  # never wait for ever on a child that does not end
+                log.warning("worker process %d did not end within %d s of the interrupt; killed", p.pid,
+                            CHILD_GRACE_SECONDS)
+                p.kill()
                 p.join()
+            if stuck:  # its RUNNING trial: failed with the reason and queued again, as any dead worker's
+                store = st.open_storage(url, create=False)
+                study, config = st.attach(store, url, study_name)
+                w = Worker(study, store, url, config)
+                with st.budget_lock(url, study_name):
+                    fail_dead_trials(w)
         raise
     codes = [p.exitcode or 0 for p in procs]
     if any(c == 130 for c in codes):
