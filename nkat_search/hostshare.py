@@ -94,6 +94,15 @@ def kind_of(device: str) -> str:
     return "cpu" if device.split(":", 1)[0] == "cpu" else "gpu"
 
 
+def user_limit() -> int | None:
+    """The user's explicit thread limit, OMP_NUM_THREADS (a positive whole number), else None."""
+    try:
+        value = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return value if value >= 1 else None
+
+
 class HostShare:
     """One worker's membership of the host's registry; a context manager (join, then leave).
 
@@ -110,7 +119,7 @@ class HostShare:
         self.kind = kind_of(device)
         self.folder = Path(folder) if folder is not None else default_folder()
         self.cores = cores or host_cores()
-        self.limit, self.load = limit, load
+        self.limit, self.load = (limit if limit is not None else user_limit()), load
         self._lock: filelock.BaseFileLock | None = None
 
     def join(self) -> None:

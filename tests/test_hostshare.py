@@ -55,6 +55,12 @@ def test_demand_elsewhere_is_the_load_less_our_threads_in_whole_cores(load, own,
     assert busy_elsewhere(load, own) == elsewhere
 
 
+@pytest.fixture(autouse=True)
+def _no_user_limit(monkeypatch):
+    """The shares below are computed without a user's OMP_NUM_THREADS (the suite may run under one)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
 def test_a_busy_machine_gets_one_thread_and_a_quiet_one_its_share(tmp_path):
     load = [0.5]
     before = torch.get_num_threads()
@@ -137,3 +143,13 @@ def test_the_default_registry_is_per_user_under_the_temp_folder():
     folder = hostshare.default_folder()
     assert folder.name == "workers" and folder.parent.name.startswith("nkat-search-")
     assert hostshare.host_cores() >= 1
+
+
+def test_omp_num_threads_caps_the_share(tmp_path, monkeypatch):
+    # A user's OMP_NUM_THREADS is an explicit limit: the share never raises torch above it.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert HostShare("cpu", folder=tmp_path, cores=4, load=QUIET).limit == 1
+    with HostShare("cpu", folder=tmp_path, cores=4, load=QUIET) as share:
+        assert share._share(share.live(), 1)[0] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert HostShare("cpu", folder=tmp_path, cores=4, load=QUIET).limit is None
