@@ -10,11 +10,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 import optuna_dashboard
 import pytest
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 from optuna.trial import TrialState, create_trial
@@ -128,19 +131,17 @@ def get(url: str):
         return json.load(response)
 
 
-@pytest.fixture(scope="module")
-def dashboard(tmp_path_factory):
-    """(base URL, study id) of optuna-dashboard serving a journal-file study, run through serve()."""
-    path = tmp_path_factory.mktemp("dashboard") / "study.journal"
-    study = make_study(path)
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = ("import sys; from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage; "
-            "from nkat_search.dashboard import serve; p = sys.argv[1]; "
-            "serve(JournalStorage(JournalFileBackend(p, lock_obj=JournalFileOpenLock(p))), port=int(sys.argv[2]))")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(port)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(argv: list[str], port: int) -> Iterator[str]:
+    """The base URL of the optuna-dashboard that argv starts on port, once it answers; stopped afterwards."""
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 15
@@ -153,10 +154,23 @@ def dashboard(tmp_path_factory):
                     proc.kill()
                     pytest.fail(f"optuna-dashboard did not answer on {base}: {proc.communicate()[0]}")
                 time.sleep(0.2)
-        yield base, study._study_id
+        yield base
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    """(base URL, study id) of optuna-dashboard serving a journal-file study, run through serve()."""
+    path = tmp_path_factory.mktemp("dashboard") / "study.journal"
+    study = make_study(path)
+    port = free_port()
+    code = ("import sys; from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage; "
+            "from nkat_search.dashboard import serve; p = sys.argv[1]; "
+            "serve(JournalStorage(JournalFileBackend(p, lock_obj=JournalFileOpenLock(p))), port=int(sys.argv[2]))")
+    with running(["-c", code, str(path), str(port)], port) as base:
+        yield base, study._study_id
 
 
 def test_dashboard_serves_the_study_trials_attrs_and_notes(dashboard) -> None:
@@ -181,6 +195,39 @@ def test_dashboard_serves_the_study_trials_attrs_and_notes(dashboard) -> None:
     assert "Pruned (epoch 4): gate: local TPE 0.4050 < 0.6 after epoch 4" in notes[2]
     assert "Failed: CUDA out of memory" in notes[3]
     assert [b["number"] for b in detail["best_trials"]] == [0]
+
+
+# Stands in for the safetensors weights `nkat-search report` uploads: 16 KiB of every byte value.
+WEIGHTS = bytes(range(256)) * 64
+
+
+def test_dashboard_started_by_the_cli_serves_the_artifacts_in_its_artifact_store(tmp_path: Path) -> None:
+    path, folder, weights = tmp_path / "study.journal", tmp_path / "artifacts", tmp_path / "weights.safetensors"
+    folder.mkdir()
+    weights.write_bytes(WEIGHTS)
+    store = FileSystemArtifactStore(str(folder))
+    storage = JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    study = optuna.create_study(storage=storage, study_name="artifact-study", direction="maximize")
+    trial = study.ask()
+    on_trial = upload_artifact(artifact_store=store, file_path=str(weights), study_or_trial=trial)
+    study.tell(trial, 0.5)
+    # `nkat-search report` uploads onto the study: a finished trial takes no new attributes.
+    on_study = upload_artifact(artifact_store=store, file_path=str(weights), study_or_trial=study)
+
+    port = free_port()
+    argv = ["-m", "nkat_search.cli", "dashboard", "--storage", f"journal:{path}", "--port", str(port),
+            "--artifacts", str(folder)]
+    with running(argv, port) as base:
+        detail = get(f"{base}/api/studies/{study._study_id}")
+        assert [a["artifact_id"] for a in detail["artifacts"]] == [on_study]
+        (listed,) = detail["trials"][0]["artifacts"]
+        assert (listed["artifact_id"], listed["filename"]) == (on_trial, "weights.safetensors")
+        # optuna-dashboard's download routes; without an artifact store they answer 400
+        trial_id = detail["trials"][0]["trial_id"]
+        for url in (f"{base}/artifacts/{study._study_id}/{trial_id}/{on_trial}",
+                    f"{base}/artifacts/{study._study_id}/{on_study}"):
+            with urllib.request.urlopen(url, timeout=5) as response:
+                assert response.read() == WEIGHTS, url
 
 
 def chromium() -> str:
