@@ -173,8 +173,11 @@ def next_trial(w: Worker):
     """A new trial, WAIT (others' running trials may still fail) or DONE (the budget is finished).
 
     Under the budget lock: dead trials are failed first, the trial is asked with a sampler seeded
-    for its position in the study, and its owner and first heartbeat are recorded before the lock
-    is released, so no other worker can take it for an orphan."""
+    for its position in the study, and its first heartbeat and then its owner are recorded before
+    the lock is released. In that order a worker that dies at any point leaves a trial that
+    fail_dead_trials recognises: asked only (no heartbeat, no owner: an orphan), or with a
+    heartbeat that goes stale. An owner without a heartbeat would be neither, and on another host
+    nobody could tell that its worker is gone."""
     with st.budget_lock(w.url, w.study.study_name) as held:
         fail_dead_trials(w)
         budget, done, started = budget_counts(w)
@@ -186,9 +189,9 @@ def next_trial(w: Worker):
         # Optuna warns (UserWarning) that heartbeats are meant for Study.optimize; this loop runs them itself.
         with warnings.catch_warnings(action="ignore", category=UserWarning):
             trial = w.study.ask()
-        trial.set_user_attr("worker", worker_id())
         if hasattr(w.storage, "record_heartbeat") and w.storage.get_heartbeat_interval():
             w.storage.record_heartbeat(w.trial_id(trial.number))
+        trial.set_user_attr("worker", worker_id())
         if not held():  # the server dropped the lock's connection: another worker may have asked too
             fail_trial(w, trial.number, "not run: the budget lock was lost while asking", retry=False)
             log.warning("trial %d: the budget lock was lost while asking; not running it", trial.number)

@@ -213,6 +213,41 @@ def test_a_lost_reply_after_a_committed_new_trial_leaves_an_orphan_that_is_faile
         ({}, {"fail_reason": "no owner and no heartbeat for 6 s (a worker lost the reply that created it)"})]
 
 
+class WorkerDied(BaseException):
+    """A worker process gone at one line (SIGKILL, a lost host): nothing after it runs."""
+
+
+@pytest.mark.parametrize("dies_at, reason", [
+    ("record_heartbeat", "no owner and no heartbeat for 6 s (a worker lost the reply that created it)"),
+    ("worker_id", "no heartbeat from worker (unknown) for 6 s"),
+])
+def test_a_worker_that_dies_while_claiming_its_trial_leaves_no_trial_running_for_ever(
+        pg_url, tiny_study, monkeypatch, dies_at, reason):
+    # A worker dies after `ask` and before it recorded its trial's first heartbeat, or after the
+    # heartbeat and before its owner: another worker, on any host (so no process check helps), must
+    # still fail that trial after the grace period and finish the budget.
+    config = load_study(tiny_study())
+    store = st.open_storage(pg_url)
+    study = st.create_or_resume(store, pg_url, config, 2)
+
+    def die(*args, **kwargs):
+        raise WorkerDied(dies_at)
+
+    with monkeypatch.context() as m:
+        if dies_at == "record_heartbeat":
+            m.setattr(store, "record_heartbeat", die)
+        else:
+            m.setattr("nkat_search.worker.worker_id", die)
+        with pytest.raises(WorkerDied):
+            next_trial(Worker(study, store, pg_url, config))
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
+    other_store = st.open_storage(pg_url)
+    other = Worker(st.attach(other_store, pg_url, "tiny")[0], other_store, pg_url, config)
+    assert run_in_thread(lambda: run_loop(other, lambda t: sum(suggest(t, config).values()), poll_seconds=0.2), 90) == 0
+    trials = assert_exact_budget(study, 2)
+    assert [(t.number, t.user_attrs.get("fail_reason")) for t in trials if t.state == TrialState.FAIL] == [(0, reason)]
+
+
 def test_a_dropped_lock_connection_while_asking_does_not_overrun_the_budget(pg_server, pg_url, tiny_study):
     # Worker A holds the budget lock and is about to create the last trial when its lock
     # connection drops (idle while held, so A cannot notice). Worker B takes the lock and asks
