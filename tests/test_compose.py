@@ -87,6 +87,21 @@ def test_worker_and_dashboard_wait_for_a_healthy_postgres():
         assert services[name]["environment"]["NKAT_SEARCH_STORAGE"].startswith("postgresql+psycopg://")
 
 
+def test_dashboard_serves_the_artifact_volume_that_report_writes_to(monkeypatch):
+    from nkat_search.cli import build_parser
+
+    services = compose()["services"]
+    assert "artifacts" in compose()["volumes"]
+    # the dashboard reads the store where `docker compose run --rm worker nkat-search report` writes
+    for name, argv in (("dashboard", services["dashboard"]["command"][1:]), ("worker", ["report"])):
+        monkeypatch.delenv("NKAT_SEARCH_ARTIFACTS", raising=False)
+        if "NKAT_SEARCH_ARTIFACTS" in services[name]["environment"]:
+            monkeypatch.setenv("NKAT_SEARCH_ARTIFACTS", services[name]["environment"]["NKAT_SEARCH_ARTIFACTS"])
+        store = build_parser().parse_args(argv).artifacts  # --artifacts, else its default from the environment
+        mounts = {target: volume for volume, target in (v.split(":")[:2] for v in services[name]["volumes"])}
+        assert mounts.get(store) == "artifacts", f"{name} keeps its artifact store at {store}, not on the artifacts volume"
+
+
 def test_published_ports_bind_localhost_only():
     published = [(name, port) for name, svc in compose()["services"].items() for port in svc.get("ports", [])]
     assert published, "postgres and dashboard should publish a port"
