@@ -58,10 +58,15 @@ def test_nan_loss_stops_the_run_with_a_catchable_error(splits):
         fit(TINY, TrainConfig(epochs=2, warmup=0, batch_size=64, lr=1e20, clip_grad=0, precision="fp32"), splits)
 
 
-def test_limit_train_is_explicit_and_recorded(splits):
-    result = fit(TINY, TrainConfig(epochs=1, warmup=0, batch_size=64, limit_train=2, precision="fp32"), splits)
-    assert result.limit_train == 2
-    assert result.summary()["limit_train"] == 2
+@pytest.mark.parametrize("limit, steps_per_epoch", [(2, 2), (0, 4)])  # 256 training images, batch 64
+def test_limit_train_stops_each_epoch_after_that_many_batches_and_says_so(splits, monkeypatch, limit, steps_per_epoch):
+    steps = []
+    original = train.TrainStep.__call__
+    monkeypatch.setattr(train.TrainStep, "__call__", lambda self, x, y: steps.append(len(x)) or original(self, x, y))
+    cfg = TrainConfig(epochs=2, warmup=0, batch_size=64, limit_train=limit, precision="fp32")
+    result = fit(TINY, cfg, splits)
+    assert steps == [64] * (2 * steps_per_epoch)
+    assert result.summary()["limit_train"] == limit  # a truncated run is never mistaken for a full one
 
 
 def test_test_split_is_used_only_when_asked(splits):
