@@ -275,7 +275,8 @@ def run_loop(w: Worker, objective: Objective, *, max_failures: int = 3, poll_sec
             raise
         failures = failures + 1 if state == TrialState.FAIL else 0
         if failures >= max_failures:
-            raise WorkerStopped(f"{failures} trials in a row failed on this worker (see fail_reason on the trials); "
+            trials = "1 trial" if failures == 1 else f"{failures} trials"
+            raise WorkerStopped(f"{trials} in a row failed on this worker (see fail_reason on the trials); "
                                 "stopping instead of burning the budget: fix the cause and start the worker again.")
 
 

@@ -121,6 +121,24 @@ def test_consecutive_failures_stop_the_worker_with_a_clear_message(tiny_study, t
     assert all(t.user_attrs["fail_reason"] == "RuntimeError: CUDA out of memory (simulated)" for t in failed)
 
 
+def test_max_failures_reaches_every_worker_process_of_start(tiny_study, tmp_path):
+    # Every trial crashes (an out-of-memory error, injected into each process, the spawned ones
+    # too, through sitecustomize): with --max-failures 1 each of the two worker processes stops
+    # after its first failed trial; the default of 3 would have failed six.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import nkat_search.objective\n"
+        "def fit(*args, **kwargs):\n"
+        "    raise RuntimeError('CUDA out of memory (simulated)')\n"
+        "nkat_search.objective.fit = fit\n")
+    url = f"journal:{tmp_path / 's.journal'}"
+    run = cli("start", "--study", tiny_study(trials=10), "--storage", url, "--workers", "2", "--max-failures", "1",
+              env={"PYTHONPATH": str(tmp_path)})
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "1 trial in a row failed" in run.stderr
+    failed = optuna.load_study(study_name="tiny", storage=st.open_storage(url)).get_trials(states=(TrialState.FAIL,))
+    assert [t.user_attrs["fail_reason"] for t in failed] == ["RuntimeError: CUDA out of memory (simulated)"] * 2
+
+
 def test_worker_before_the_study_exists_gets_a_clear_message(tmp_path):
     url = f"journal:{tmp_path / 's.journal'}"
     with pytest.raises(UsageError, match="does not exist.*nkat-search start"):
