@@ -4,6 +4,7 @@ wheel carries the packaged study files, and the dependency ranges agree with the
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
 import re
 import shutil
@@ -131,12 +132,46 @@ def test_pip_install_into_an_environment_with_torch_keeps_that_torch_and_ships_t
                              capture_output=True, text=True, check=True).stdout.strip()
     assert version == PYPROJECT["project"]["version"]
 
-    # From an empty folder (no checkout, no study files beside it) the packaged studies are there.
+    # From an empty folder (no checkout, no study files beside it) the packaged studies are there,
+    # as a new user meets them: no settings of ours in the environment, one torch thread.
     empty = tmp_path / "empty"
     empty.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NKAT_SEARCH_STORAGE")}
-    listed = subprocess.run([str(env_dir / "bin" / "nkat-search"), "studies"], cwd=empty, capture_output=True,
-                            text=True, env=env, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("NKAT_SEARCH_")}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def nkat(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(env_dir / "bin" / "nkat-search"), *args], cwd=empty, capture_output=True,
+                              text=True, env={**env, **extra}, timeout=300)
+
+    def one_sentence(done: subprocess.CompletedProcess) -> str:
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        return done.stderr
+
+    listed = nkat("studies")
     assert listed.returncode == 0, listed.stderr
     assert {line.split()[0] for line in listed.stdout.splitlines() if line.strip()} >= {"round2", "smoke"}
     assert list(empty.iterdir()) == []
+
+    copied = nkat("studies", "--copy", "round2", "my.toml")
+    assert copied.returncode == 0, copied.stderr
+    assert (empty / "my.toml").read_bytes() == (own_site / "nkat_search" / "studies" / "round2.toml").read_bytes()
+    assert "my.toml already exists" in one_sentence(nkat("studies", "--copy", "round2", "my.toml"))
+
+    # A packaged study by name runs (smoke: synthetic data, nothing to download).
+    journal = tmp_path / "smoke.journal"
+    ran = nkat("start", "--study", "smoke", "--trials", "2", "--storage", f"journal:{journal}")
+    assert ran.returncode == 0, ran.stderr
+    shown = nkat("status", "--json", "--storage", f"journal:{journal}")
+    assert shown.returncode == 0, shown.stderr
+    counts = json.loads(shown.stdout)
+    assert (counts["budget"], counts["finished"], counts["states"]["RUNNING"]) == (2, 2, 0), counts
+
+    # No --study means Round 2, whose Stage 1 needs CIFAR-10 from torchvision. With every download
+    # sent to a closed port, start stops before it writes the default journal into the folder.
+    closed = "http://127.0.0.1:9"
+    refused = nkat("start", "--trials", "50", "--workers", "0",
+                   HTTP_PROXY=closed, HTTPS_PROXY=closed, http_proxy=closed, https_proxy=closed, NO_PROXY="",
+                   no_proxy="")
+    assert "cifar10" in one_sentence(refused)
+    assert not list(empty.glob("*.journal*")), sorted(p.name for p in empty.iterdir())
