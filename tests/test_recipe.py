@@ -7,6 +7,7 @@ digits left this model at 0.32 validation accuracy (0.96 with the recipe below);
 stops a model from learning fails here.
 """
 
+import dataclasses
 import struct
 from pathlib import Path
 
@@ -14,13 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nkat_search.config import DataConfig, ModelConfig, TrainConfig
+from nkat_search.config import DataConfig, ModelConfig
 from nkat_search.data import load_splits
+from nkat_search.study import load_study
 from nkat_search.train import fit
 
-# The recipe of the MNIST family (mnist, fashion_mnist, emnist_letters): the [train.mnist] tables
-# of nkat_search/studies/round2.toml and smoke.toml; docs/recipes.md has the figures.
-MNIST_FAMILY = dict(randaugment=(0, 9), cutout=0, cutmix=0.0, mixup=0.0, crop_padding=0, label_smoothing=0.1)
+MNIST_FAMILY = ("mnist", "fashion_mnist", "emnist_letters")
+AUGMENTATION = ("randaugment", "cutout", "cutmix", "mixup", "crop_padding", "label_smoothing")
+
 MODEL = ModelConfig(in_chans=1, img_size=28, num_classes=10, conv_stem="tiny", patch_size=1, embed_dim=64, depth=2,
                     num_heads=4)
 VAL_SIZE, TEST_SIZE = 300, 500
@@ -61,8 +63,23 @@ def test_digits_arrive_as_mnist_does(digits):
     assert digits.train_x[:, :, :4].max() == 0 and digits.train_x.max() == 255  # black margin, white ink
 
 
+def _augmentation(study: str, dataset: str) -> dict:
+    recipe = load_study(study).recipe(dataset)
+    return {k: getattr(recipe, k) for k in AUGMENTATION}
+
+
+def test_every_packaged_study_gives_the_mnist_family_one_recipe():
+    # the test below trains under round2's recipe of mnist; it stands for every MNIST-family dataset
+    # of both packaged studies only while they all get that same recipe
+    recipes = {(s, ds): _augmentation(s, ds) for s in ("round2", "smoke") for ds in MNIST_FAMILY}
+    assert len({tuple(r.values()) for r in recipes.values()}) == 1, recipes
+
+
 @pytest.mark.slow
 def test_a_small_vit_learns_real_digits_under_the_mnist_family_recipe(digits):
-    cfg = TrainConfig(epochs=30, warmup=3, batch_size=64, lr=1e-3, precision="fp32", **MNIST_FAMILY)
+    # Round 2's own recipe of mnist (its [train] and [stage2.train] as the study file resolves them);
+    # only the budget is this test's: 30 epochs of a small model, fp32 so that every CPU agrees.
+    recipe = load_study("round2").recipe("mnist")
+    cfg = dataclasses.replace(recipe, epochs=30, warmup=3, batch_size=64, lr=1e-3, precision="fp32")
     result = fit(MODEL, cfg, digits)
     assert result.accuracy >= 0.9, [round(h["val_accuracy"], 2) for h in result.history]
