@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,9 +129,12 @@ def _torchvision(spec: DatasetSpec, data: DataConfig) -> tuple[torch.Tensor, ...
             raise UsageError(_missing(spec.name, root, "download is off")) from None
         if not _writable(root):
             raise UsageError(_missing(spec.name, root, f"{root} is not writable")) from None
+        existed = Path(root).exists()
         try:
             train, test = build(True, True), build(False, True)
         except Exception as err:  # any network, HTTP, checksum or archive error
+            if not existed:
+                _remove_if_only_folders(Path(root))
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             reason = (lines[-1] if lines else type(err).__name__)[:120]
             raise UsageError(_missing(spec.name, root, reason)) from None
@@ -167,6 +171,14 @@ def _missing(name: str, root: str, reason: str) -> str:
         f"{name} is not under {root}/ and could not be downloaded ({reason}); "
         f"place {_FILES[name]} under {root}/ or pass --data-root."
     )
+
+
+def _remove_if_only_folders(root: Path) -> None:
+    """Remove root when a failed download left nothing in it but the folders torchvision made, so
+    that a refused start leaves the user's working folder as it found it. A folder with any file
+    in it (another process's download, a partial archive worth resuming) is left alone."""
+    if root.is_dir() and all(p.is_dir() for p in root.rglob("*")):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _writable(root: str) -> bool:

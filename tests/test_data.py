@@ -1,5 +1,6 @@
 import pickle
 import struct
+import urllib.request
 from pathlib import Path
 from urllib.error import URLError
 
@@ -156,6 +157,21 @@ def test_failed_download_gives_the_short_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_network)
     with pytest.raises(UsageError, match=r"could not be downloaded \(<urlopen error \[Errno -2\] Name or service not known>\)"):
         load_splits("mnist", DataConfig(root=str(tmp_path / "new"), download=True))
+
+
+def test_a_failed_download_leaves_no_folder_it_made_behind(tmp_path, monkeypatch):
+    # torchvision's own download path (it makes the folders, then opens the URL), offline
+    def refused(*args, **kwargs):
+        raise URLError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refused)
+    with pytest.raises(UsageError, match="could not be downloaded"):
+        load_splits("cifar10", DataConfig(root=str(tmp_path / "data"), download=True))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()  # a folder that was there before is the user's: kept
+    with pytest.raises(UsageError, match="could not be downloaded"):
+        load_splits("mnist", DataConfig(root=str(tmp_path / "mine"), download=True))
+    assert (tmp_path / "mine").is_dir()
 
 
 def test_unwritable_root_is_named(tmp_path, monkeypatch):
