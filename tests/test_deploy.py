@@ -22,6 +22,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
+# the search (`kubectl apply -k deploy/kubernetes`) and its official result, applied on its own once
+# the search is done (`kubectl apply -k deploy/kubernetes/report`)
+REPORT = K8S / "report"
+KUSTOMIZATIONS = (K8S, REPORT)
 K8S_README = K8S / "README.md"
 SBATCH = ROOT / "deploy" / "slurm" / "nkat-search-workers.sbatch"
 COMPOSE = ROOT / "docker-compose.yml"
@@ -39,14 +43,15 @@ def ci() -> bool:
 # Kubernetes
 
 
-def kustomization() -> dict:
-    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+def kustomization(folder: Path = K8S) -> dict:
+    return yaml.safe_load((folder / "kustomization.yaml").read_text())
 
 
-def manifests() -> list[tuple[str, dict]]:
-    """(file, resource) for every document of every file the kustomization lists."""
-    return [(name, doc) for name in kustomization()["resources"]
-            for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]
+def manifests(folders: tuple[Path, ...] = KUSTOMIZATIONS) -> list[tuple[str, dict]]:
+    """(file, resource) for every document of every file the kustomizations in folders list."""
+    return [(str((folder / name).relative_to(K8S)), doc) for folder in folders
+            for name in kustomization(folder)["resources"]
+            for doc in yaml.safe_load_all((folder / name).read_text()) if doc]
 
 
 def resource(kind: str, name: str) -> dict:
@@ -73,6 +78,12 @@ def container(spec: dict, name: str) -> dict:
 
 def env(c: dict) -> dict[str, dict]:
     return {e["name"]: e for e in c.get("env", [])}
+
+
+def mount(spec: dict, c: dict, claim: str) -> dict:
+    """Where container c of pod spec mounts the PersistentVolumeClaim named claim."""
+    volume = next(v["name"] for v in spec["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == claim)
+    return next(m for m in c["volumeMounts"] if m["name"] == volume)
 
 
 def compose_service(name: str) -> dict:
@@ -103,11 +114,14 @@ def kubernetes_validate():
     return kubernetes_validate
 
 
-def test_kustomization_lists_every_manifest_in_the_folder():
-    listed = kustomization()["resources"]
-    on_disk = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS, ids=lambda f: f.name)
+def test_kustomization_lists_every_manifest_in_the_folder(folder):
+    listed = kustomization(folder)["resources"]
+    on_disk = sorted(p.name for p in folder.glob("*.yaml") if p.name != "kustomization.yaml")
     assert sorted(listed) == on_disk
-    assert [i["name"] for i in kustomization()["images"]] == ["nkat-search"]
+    # the report runs the image the search ran, as shipped and after `kustomize edit set image` in both
+    assert [i["name"] for i in kustomization(folder)["images"]] == ["nkat-search"]
+    assert kustomization(folder)["images"] == kustomization()["images"]
 
 
 @pytest.mark.parametrize("version", [K8S_OLDEST, "newest"])
@@ -124,14 +138,15 @@ def test_every_manifest_is_valid_against_the_kubernetes_schemas(kubernetes_valid
     assert not errors, "\n".join(errors)
 
 
-def test_kustomize_build_renders_valid_manifests(kubernetes_validate, tmp_path):
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS, ids=lambda f: f.name)
+def test_kustomize_build_renders_valid_manifests(kubernetes_validate, folder):
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl not installed; `kubectl kustomize` renders the kustomization offline")
-    done = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     rendered = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
-    assert len(rendered) == len(manifests())
+    assert len(rendered) == len(manifests((folder,)))
     for doc in rendered:
         kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
 
@@ -210,15 +225,19 @@ def test_workers_are_an_indexed_job_of_one_gpu_pods():
     job = resource("Job", "nkat-search-workers")["spec"]
     assert job["completionMode"] == "Indexed"
     assert job["parallelism"] == job["completions"] >= 1
-    assert job["backoffLimit"] >= 1
-    spec = job["template"]["spec"]
-    assert spec["restartPolicy"] == "Never"  # podFailurePolicy needs it
-    worker = container(spec, "worker")
+    worker = container(job["template"]["spec"], "worker")
     assert worker["command"] == compose_service("worker")["command"] == ["nkat-search", "worker"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+@pytest.mark.parametrize("job_name, container_name", [("nkat-search-workers", "worker"), ("nkat-search-report", "report")])
+def test_gpu_jobs_retry_failures_but_fail_at_once_on_a_configuration_mistake(job_name, container_name):
+    job = resource("Job", job_name)["spec"]
+    assert job["backoffLimit"] >= 1
+    assert job["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy needs it
     # a configuration mistake (exit 2) fails the Job instead of burning its retries
     fail_job = [r for r in job["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
-    assert fail_job[0]["onExitCodes"] == {"containerName": "worker", "operator": "In", "values": [2]}
+    assert fail_job[0]["onExitCodes"] == {"containerName": container_name, "operator": "In", "values": [2]}
 
 
 def test_workers_get_time_to_fail_and_requeue_their_trial_on_sigterm():
@@ -252,27 +271,54 @@ def test_every_nkat_search_container_shares_the_image_storage_and_study():
 def test_datasets_are_downloaded_once_onto_a_shared_volume_the_workers_read():
     claim = resource("PersistentVolumeClaim", "nkat-search-datasets")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # one volume, worker pods on many nodes
-
-    def mount(spec: dict, c: dict) -> dict:
-        volume = next(v["name"] for v in spec["volumes"]
-                      if v.get("persistentVolumeClaim", {}).get("claimName") == "nkat-search-datasets")
-        return next(m for m in c["volumeMounts"] if m["name"] == volume)
-
     start = pod_specs()["nkat-search-start"]
     download = start["initContainers"][0]
     assert download["command"][:3] == ["nkat-search", "download", "--data-root"]
     root = download["command"][3]
-    assert mount(start, download)["mountPath"] == root
-    for owner, name in (("nkat-search-start", "start"), ("nkat-search-workers", "worker")):
+    assert mount(start, download, "nkat-search-datasets")["mountPath"] == root
+    for owner, name in (("nkat-search-start", "start"), ("nkat-search-workers", "worker"),
+                        ("nkat-search-report", "report")):
         spec = pod_specs()[owner]
         c = container(spec, name)
         assert env(c)["NKAT_SEARCH_DATA_ROOT"]["value"] == root, owner
-        assert mount(spec, c)["mountPath"] == root, owner
+        assert mount(spec, c, "nkat-search-datasets")["mountPath"] == root, owner
+        if owner != "nkat-search-start":
+            assert mount(spec, c, "nkat-search-datasets").get("readOnly") is True, owner
     workers = pod_specs()["nkat-search-workers"]
-    assert mount(workers, container(workers, "worker")).get("readOnly") is True
     # the workers start only once the study exists, and `start` creates it after fetching the data
     wait = workers["initContainers"][0]
     assert "nkat-search status" in " ".join(wait["command"])
+
+
+def test_report_is_a_kustomization_of_its_own_on_what_the_search_created():
+    # `kubectl apply -k deploy/kubernetes` starts the search only; the report comes once it is done
+    assert REPORT.name not in [r.strip("./") for r in kustomization()["resources"]]
+    search = {(doc["kind"], doc["metadata"]["name"]) for _, doc in manifests((K8S,))}
+    report = {(doc["kind"], doc["metadata"]["name"]) for _, doc in manifests((REPORT,))}
+    assert report == {("Job", "nkat-search-report")}
+    assert not search & report
+    # and it reuses the search's claims instead of creating (or, on `delete -k`, removing) its own
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod_specs()["nkat-search-report"]["volumes"]}
+    assert claims == {"nkat-search-datasets", "nkat-search-artifacts"}
+    assert {("PersistentVolumeClaim", c) for c in claims} <= search
+
+
+def test_report_writes_the_artifact_store_that_the_dashboard_serves():
+    claim = resource("PersistentVolumeClaim", "nkat-search-artifacts")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # the report pod and the dashboard pod, any nodes
+    store = compose_service("dashboard")["environment"]["NKAT_SEARCH_ARTIFACTS"]
+    report_spec, dashboard_spec = pod_specs()["nkat-search-report"], pod_specs()["nkat-search-dashboard"]
+    report, dashboard = container(report_spec, "report"), container(dashboard_spec, "dashboard")
+    for spec, c in ((report_spec, report), (dashboard_spec, dashboard)):
+        assert mount(spec, c, "nkat-search-artifacts")["mountPath"] == store, c["name"]
+        assert env(c)["NKAT_SEARCH_ARTIFACTS"]["value"] == store, c["name"]
+    assert mount(report_spec, report, "nkat-search-artifacts").get("readOnly") is not True
+    assert mount(dashboard_spec, dashboard, "nkat-search-artifacts").get("readOnly") is True
+    command = report["command"]
+    assert command[:2] == ["nkat-search", "report"] and "--artifacts" not in command  # the store from the env
+    assert report["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # the report's folder holds the state a retried pod resumes from: on the volume, not in the pod
+    assert command[command.index("--out") + 1].startswith(store + "/")
 
 
 def test_postgres_keeps_its_data_on_a_claim_behind_a_headless_service():
