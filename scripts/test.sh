@@ -39,11 +39,14 @@ purelib .venv/bin/python > "$(purelib .venv-min/bin/python)/nkat-search-base.pth
 echo "oldest supported: $(.venv-min/bin/python -c 'import optuna, optuna_dashboard as d; print("optuna", optuna.__version__, "optuna-dashboard", d.__version__)')"
 # What depends on the Optuna version: the journal storage and trial ends (test_worker), RDBStorage
 # with heartbeat_stale_trial_callback (test_postgres) and its retry of a dead worker's trial (one
-# test of test_reliability), notes, figures and serving in optuna-dashboard (test_dashboard, test_plots).
-# Signals and two journal workers are left to the main run (their code does not touch the version's
-# API beyond what the other worker tests use): the whole suite stays under 15 minutes.
+# test of test_reliability), the storage calls our retrying storage overrides, the budget lock on
+# every storage and orphaned trials (test_storage, test_chaos), notes, figures and serving in
+# optuna-dashboard (test_dashboard, test_plots). Left to the main run, so that the whole suite stays
+# under 15 minutes: signals, two journal workers, 48 workers, the two minute-long chaos runs and two
+# command-line runs of `start` (their code uses no Optuna API that the tests here leave out).
 .venv-min/bin/python -m pytest -p no:cacheprovider \
-  -k "(not test_reliability or killed_worker) and not signal_fails and not two_workers_share" \
-  tests/test_worker.py tests/test_postgres.py tests/test_reliability.py tests/test_dashboard.py \
-  tests/test_plots.py || status=$?
+  -k "(not test_reliability or killed_worker) and not signal_fails and not two_workers_share and not 48_workers \
+      and not drop_every_few_seconds and not outage_longer and not max_failures_reaches and not start_resumes" \
+  tests/test_worker.py tests/test_postgres.py tests/test_reliability.py tests/test_storage.py tests/test_chaos.py \
+  tests/test_dashboard.py tests/test_plots.py || status=$?
 exit $status
