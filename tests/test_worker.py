@@ -1,6 +1,9 @@
 """Workers: one budget shared exactly, signals and dead workers end trials in defined states."""
 
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import optuna
@@ -11,7 +14,7 @@ from conftest import cli, spawn
 from nkat_search import storage as st
 from nkat_search.config import UsageError
 from nkat_search.study import load_study
-from nkat_search.worker import WorkerStopped, run_worker
+from nkat_search.worker import WorkerStopped, alive, run_worker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -208,3 +211,22 @@ def dataclasses_replace_space(config, name: str, **changes):
 
     space = tuple(dataclasses.replace(p, **changes) if p.name == name else p for p in config.space)
     return dataclasses.replace(config, space=space)
+
+
+def test_process_liveness_judges_only_processes_that_are_gone_as_dead(monkeypatch):
+    # psutil, not os.kill(pid, 0), which would end the probed process on Windows
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: that pid is gone
+    assert alive(os.getpid()) and not alive(child.pid)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    _wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE, what="an unreaped child")
+    assert not alive(zombie.pid)  # exited, not yet reaped by its parent: dead, its trial can be failed
+    zombie.wait()
+
+    def denied(pid):
+        raise psutil.AccessDenied(pid)
+
+    monkeypatch.setattr(psutil, "Process", denied)
+    assert alive(12345)  # another user's process that we may not inspect is still running
