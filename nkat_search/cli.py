@@ -644,10 +644,11 @@ def main(argv: list[str] | None = None) -> int:
     from .devices import enable_mps_fallback
 
     enable_mps_fallback()  # before torch is imported: torch reads it once
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     try:
+        # Inside the try: parsing `bench` imports torch for its flags, a few seconds a Ctrl-C can land in.
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
         code = args.func(args)
         sys.stdout.flush()
         return code

@@ -245,14 +245,16 @@ def test_efficiency_budgets_take_the_median_seed_and_say_when_it_has_no_result()
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
-def test_ctrl_c_while_bench_processes_start_ends_with_one_line(tmp_path):
-    # Ctrl-C reaches the whole process group: the bench and its spawned processes, which may be
-    # importing torch or waiting at the start barrier. The command ends as any interrupted one does.
+@pytest.mark.parametrize("after", [1.5, 6.0])
+def test_ctrl_c_while_bench_processes_start_ends_with_one_line(tmp_path, after):
+    # Ctrl-C reaches the whole process group: the bench, while it imports torch to parse its flags
+    # (1.5 s) or while its spawned processes import, wait at the start barrier or train (6 s; 40 jobs
+    # last well past that, 2 let the bench end just then). The command ends as any interrupted one does.
     proc = subprocess.Popen([sys.executable, "-m", "nkat_search.cli", "bench", "--only", "procs", "--processes", "2",
-                             "--jobs", "2", "--images", "64", "--eval-images", "32", "--embed-dim", "32", "--depth", "1",
+                             "--jobs", "40", "--images", "64", "--eval-images", "32", "--embed-dim", "32", "--depth", "1",
                              "--batch-size", "16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, cwd=tmp_path)
-    time.sleep(6)
+    time.sleep(after)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
