@@ -129,12 +129,12 @@ def _torchvision(spec: DatasetSpec, data: DataConfig) -> tuple[torch.Tensor, ...
             raise UsageError(_missing(spec.name, root, "download is off")) from None
         if not _writable(root):
             raise UsageError(_missing(spec.name, root, f"{root} is not writable")) from None
-        existed = Path(root).exists()
+        made = _first_missing(Path(root))
         try:
             train, test = build(True, True), build(False, True)
         except Exception as err:  # any network, HTTP, checksum or archive error
-            if not existed:
-                _remove_if_only_folders(Path(root))
+            if made is not None:
+                _remove_if_only_folders(made)
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             reason = (lines[-1] if lines else type(err).__name__)[:120]
             raise UsageError(_missing(spec.name, root, reason)) from None
@@ -173,12 +173,22 @@ def _missing(name: str, root: str, reason: str) -> str:
     )
 
 
-def _remove_if_only_folders(root: Path) -> None:
-    """Remove root when a failed download left nothing in it but the folders torchvision made, so
-    that a refused start leaves the user's working folder as it found it. A folder with any file
-    in it (another process's download, a partial archive worth resuming) is left alone."""
-    if root.is_dir() and all(p.is_dir() for p in root.rglob("*")):
-        shutil.rmtree(root, ignore_errors=True)
+def _first_missing(root: Path) -> Path | None:
+    """The outermost folder of root that does not exist yet (root itself, or one above it), or None."""
+    path, missing = root.resolve(), None
+    while not path.exists():
+        path, missing = path.parent, path
+    return missing
+
+
+def _remove_if_only_folders(top: Path) -> None:
+    """Remove top, a folder the failed download made, when it holds nothing but folders, so that a
+    refused start leaves the user's working folder as it found it. Any file in it (another
+    process's download into the same new root, a partial archive) keeps the whole folder; a
+    process that has made a folder there but not yet a file can lose it, and then fails its own
+    download with the reason, as on any other error."""
+    if top.is_dir() and all(p.is_dir() for p in top.rglob("*")):
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def _writable(root: str) -> bool:

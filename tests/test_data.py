@@ -166,8 +166,8 @@ def test_a_failed_download_leaves_no_folder_it_made_behind(tmp_path, monkeypatch
 
     monkeypatch.setattr(urllib.request, "urlopen", refused)
     with pytest.raises(UsageError, match="could not be downloaded"):
-        load_splits("cifar10", DataConfig(root=str(tmp_path / "data"), download=True))
-    assert list(tmp_path.iterdir()) == []
+        load_splits("cifar10", DataConfig(root=str(tmp_path / "data" / "torchvision"), download=True))
+    assert list(tmp_path.iterdir()) == []  # data/ too: the download made both folders
     (tmp_path / "mine").mkdir()  # a folder that was there before is the user's: kept
     with pytest.raises(UsageError, match="could not be downloaded"):
         load_splits("mnist", DataConfig(root=str(tmp_path / "mine"), download=True))
