@@ -93,10 +93,13 @@ def test_dashboard_serves_the_artifact_volume_that_report_writes_to(monkeypatch)
     services = compose()["services"]
     assert "artifacts" in compose()["volumes"]
     # the dashboard reads the store where `docker compose run --rm worker nkat-search report` writes
+    # the image's own ENV, which the service's environment overrides
+    image_env = dict(re.findall(r"\b(NKAT_SEARCH_\w+)=(\S+)", (ROOT / "Dockerfile").read_text()))
     for name, argv in (("dashboard", services["dashboard"]["command"][1:]), ("worker", ["report"])):
         monkeypatch.delenv("NKAT_SEARCH_ARTIFACTS", raising=False)
-        if "NKAT_SEARCH_ARTIFACTS" in services[name]["environment"]:
-            monkeypatch.setenv("NKAT_SEARCH_ARTIFACTS", services[name]["environment"]["NKAT_SEARCH_ARTIFACTS"])
+        value = services[name]["environment"].get("NKAT_SEARCH_ARTIFACTS", image_env.get("NKAT_SEARCH_ARTIFACTS"))
+        if value is not None:
+            monkeypatch.setenv("NKAT_SEARCH_ARTIFACTS", value)
         store = build_parser().parse_args(argv).artifacts  # --artifacts, else its default from the environment
         mounts = {target: volume for volume, target in (v.split(":")[:2] for v in services[name]["volumes"])}
         assert mounts.get(store) == "artifacts", f"{name} keeps its artifact store at {store}, not on the artifacts volume"
