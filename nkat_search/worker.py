@@ -125,13 +125,18 @@ def fail_trial(w: Worker, number: int, reason: str, retry: bool) -> None:
 def fail_dead_trials(w: Worker) -> None:
     """Fail RUNNING trials whose worker is gone, with the reason, and queue them again: trials whose
     heartbeat is stale (RDB storages), trials of a process on this host that no longer exists, and
-    orphans (no owner and no heartbeat past the grace period: a worker lost the reply of the call
-    that created or claimed them). Called under the budget lock, where owners are recorded.
+    orphans (no owner past the grace period plus one heartbeat interval: a worker lost the reply of
+    the call that created or claimed them, or died before it recorded the trial's heartbeat). The
+    extra interval lets a trial whose worker died after its first heartbeat, before its owner, be
+    judged by that heartbeat, which is written a moment after the trial's start time. Called under
+    the budget lock, where owners are recorded.
 
     A worker that has just come back from a database outage judges no heartbeat until it has seen
     the database up for a grace period itself: the other workers' heartbeats were stopped by the
     same outage."""
     host, grace = socket.gethostname(), grace_seconds(w.storage)
+    interval = w.storage.get_heartbeat_interval() if hasattr(w.storage, "get_heartbeat_interval") else None
+    orphan_after = grace + (interval or 0)
     quarantined = time.monotonic() - getattr(w.storage, "recovered_at", float("-inf")) < grace
     stale = set() if quarantined else st.stale_trial_ids(w.storage, w.study_id)
     now = datetime.datetime.now()
@@ -142,8 +147,10 @@ def fail_dead_trials(w: Worker) -> None:
             reason = f"no heartbeat from worker {owner or '(unknown)'} for {grace:.0f} s"
         elif name == host and pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
             reason = f"worker {owner} died"
-        elif not owner and not quarantined and trial.datetime_start and (now - trial.datetime_start).total_seconds() > grace:
-            reason = f"no owner and no heartbeat for {grace:.0f} s (a worker lost the reply that created it)"
+        elif not owner and not quarantined and trial.datetime_start and \
+                (now - trial.datetime_start).total_seconds() > orphan_after:
+            reason = (f"no owner and no heartbeat for {grace:.0f} s (its worker died or lost the reply while "
+                      "claiming it)")
         else:
             continue
         log.warning("trial %d: %s; failing it and queueing a retry", trial.number, reason)

@@ -210,7 +210,7 @@ def test_a_lost_reply_after_a_committed_new_trial_leaves_an_orphan_that_is_faile
     trials = assert_exact_budget(study, 3)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert [(t.params, t.user_attrs) for t in failed] == [
-        ({}, {"fail_reason": "no owner and no heartbeat for 6 s (a worker lost the reply that created it)"})]
+        ({}, {"fail_reason": "no owner and no heartbeat for 6 s (its worker died or lost the reply while claiming it)"})]
 
 
 class WorkerDied(BaseException):
@@ -218,7 +218,7 @@ class WorkerDied(BaseException):
 
 
 @pytest.mark.parametrize("dies_at, reason", [
-    ("record_heartbeat", "no owner and no heartbeat for 6 s (a worker lost the reply that created it)"),
+    ("record_heartbeat", "no owner and no heartbeat for 6 s (its worker died or lost the reply while claiming it)"),
     ("worker_id", "no heartbeat from worker (unknown) for 6 s"),
 ])
 def test_a_worker_that_dies_while_claiming_its_trial_leaves_no_trial_running_for_ever(
