@@ -320,9 +320,8 @@ def _listen_address(host: str, port: int) -> None:
 
 def cmd_report(args) -> int:
     from .devices import resolve_device
-    from .retrain import build_report, format_markdown
-
     from .hostshare import HostShare
+    from .retrain import build_report, format_markdown
 
     url, study, config = _attach(args)
     out = args.out or os.path.join("reports", safe_name(study.study_name))

@@ -3,8 +3,9 @@
 Stage 1 trains on the gate dataset (CIFAR-10) and reports the Local TPE after every epoch, so
 Optuna's pruner can stop a poor learning curve; at the end, a Local TPE below the study's gate
 prunes the trial (the gate judges before the pruner after the last epoch, so its decisions are
-recorded as its own; a pruner may still stop a trial that passed the gate before Stage 2). Stage 2 trains the survivors on the other datasets; the trial's value is the
-Global TPE over all of them. Everything recorded on the trial is measured.
+recorded as its own; a pruner may still stop a trial that passed the gate before Stage 2). Stage 2
+trains the survivors on the other datasets; the trial's value is the Global TPE over all of them.
+Everything recorded on the trial is measured.
 """
 
 from __future__ import annotations
