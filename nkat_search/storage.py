@@ -242,7 +242,8 @@ class RetryingRDBStorage(RDBStorage):
     get_best_trial = _repeatable("get_best_trial")
     get_trial_id_from_study_id_trial_number = _repeatable("get_trial_id_from_study_id_trial_number")
     get_trial_param = _repeatable("get_trial_param")
-    _get_stale_trial_ids = _repeatable("_get_stale_trial_ids")
+    if hasattr(RDBStorage, "_get_stale_trial_ids"):  # else stale_trial_ids says so and the worker falls back
+        _get_stale_trial_ids = _repeatable("_get_stale_trial_ids")
     # Optuna's _CachedStorage (which wraps every RDBStorage a Study uses) calls these private
     # reads instead of the public ones; they must wait for the database too.
     _get_trials = _repeatable("_get_trials")
@@ -409,18 +410,20 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         system_attrs={"failed_trial": original, "retry_history": history}))
 
 
-def stale_trial_ids(storage: optuna.storages.BaseStorage, study_id: int) -> set[int]:
-    """RUNNING trials of the study whose heartbeat is older than the grace period (RDB storages).
+def stale_trial_ids(storage: optuna.storages.BaseStorage, study_id: int) -> set[int] | None:
+    """RUNNING trials of the study whose heartbeat is older than the grace period (RDB storages);
+    None where the storage has heartbeats but no such query (see below).
 
     Why our own: Optuna's public optuna.storages.fail_stale_trials fails such trials first and
     only then calls back, when a finished trial's attributes can no longer be written, so the
-    reason would be lost. This asks the storage for the ids only; should a later Optuna rename
-    the method, it falls back to no heartbeat check (dead local workers and orphans are still
-    failed by worker.fail_dead_trials)."""
-    ids = getattr(storage, "_get_stale_trial_ids", None)
-    if ids is None or not storage.get_heartbeat_interval():
+    reason would be lost. This asks the storage for the ids only, through the private method that
+    fail_stale_trials itself calls. Should a later Optuna rename it, the caller falls back to
+    fail_stale_trials: the trials are still failed and retried (heartbeat_stale_trial_callback),
+    only without the reason."""
+    if not getattr(storage, "get_heartbeat_interval", lambda: None)():
         return set()
-    return set(ids(study_id))
+    ids = getattr(storage, "_get_stale_trial_ids", None)
+    return None if ids is None else set(ids(study_id))
 
 
 # ---------------------------------------------------------------------------------------------

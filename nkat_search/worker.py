@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import logging
 import multiprocessing
 import os
@@ -139,6 +140,11 @@ def fail_dead_trials(w: Worker) -> None:
     orphan_after = grace + (interval or 0)
     quarantined = time.monotonic() - getattr(w.storage, "recovered_at", float("-inf")) < grace
     stale = set() if quarantined else st.stale_trial_ids(w.storage, w.study_id)
+    if stale is None:  # an Optuna without the query: its public sweep fails and retries them, reason unsaid
+        _warn_once("this Optuna cannot list stale trials; optuna.storages.fail_stale_trials fails and retries "
+                   "them, without a fail_reason")
+        optuna.storages.fail_stale_trials(w.study)
+        stale = set()
     now = datetime.datetime.now()
     for trial in w.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get("worker", "")
@@ -155,6 +161,11 @@ def fail_dead_trials(w: Worker) -> None:
             continue
         log.warning("trial %d: %s; failing it and queueing a retry", trial.number, reason)
         fail_trial(w, trial.number, reason, retry=True)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def alive(pid: int) -> bool:

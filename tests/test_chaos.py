@@ -248,6 +248,25 @@ def test_a_worker_that_dies_while_claiming_its_trial_leaves_no_trial_running_for
     assert [(t.number, t.user_attrs.get("fail_reason")) for t in trials if t.state == TrialState.FAIL] == [(0, reason)]
 
 
+def test_without_optunas_stale_trial_query_a_dead_workers_trial_is_still_failed_and_retried(
+        pg_url, tiny_study, monkeypatch):
+    # Should an Optuna release rename the private query of stale trials, the worker falls back to
+    # the public optuna.storages.fail_stale_trials: the trial is failed and queued again, without
+    # its reason. Its worker (this process: no process check applies) claims it and is gone.
+    config = load_study(tiny_study())
+    store = st.open_storage(pg_url)
+    study = st.create_or_resume(store, pg_url, config, 2)
+    abandoned = next_trial(Worker(study, store, pg_url, config))
+    params = suggest(abandoned, config)
+    monkeypatch.setattr(st, "stale_trial_ids", lambda storage, study_id: None)
+    other_store = st.open_storage(pg_url)
+    other = Worker(st.attach(other_store, pg_url, "tiny")[0], other_store, pg_url, config)
+    assert run_in_thread(lambda: run_loop(other, lambda t: sum(suggest(t, config).values()), poll_seconds=0.2), 90) == 0
+    trials = assert_exact_budget(study, 2)
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == [abandoned.number]
+    assert [t.params for t in trials if t.user_attrs.get("retry_of") == abandoned.number] == [params]
+
+
 def test_a_dropped_lock_connection_while_asking_does_not_overrun_the_budget(pg_server, pg_url, tiny_study):
     # Worker A holds the budget lock and is about to create the last trial when its lock
     # connection drops (idle while held, so A cannot notice). Worker B takes the lock and asks
