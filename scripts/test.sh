@@ -44,12 +44,13 @@ echo "oldest supported: $(.venv-min/bin/python -c 'import optuna, optuna_dashboa
 # optuna-dashboard (test_dashboard, test_plots). Left to the main run, so that the whole suite stays
 # under 15 minutes: signals, two and three workers of `start` on one budget (test_storage's two
 # processes per storage stay), 48 workers, the two minute-long chaos runs, resuming, a killed journal
-# worker, and two command-line runs of `start` (their code uses no Optuna API that the tests here
-# leave out).
+# worker, the worker that dies while claiming (the lost reply and the killed worker here use the same
+# stale and orphan checks), and two command-line runs of `start` (their code uses no Optuna API that
+# the tests here leave out).
 .venv-min/bin/python -m pytest -p no:cacheprovider \
   -k "(not test_reliability or killed_worker) and not signal_fails and not workers_share and not 48_workers \
       and not drop_every_few_seconds and not outage_longer and not max_failures_reaches and not start_resumes \
-      and not resume_after_all_workers and not killed_worker_is_detected" \
+      and not resume_after_all_workers and not killed_worker_is_detected and not dies_while_claiming" \
   tests/test_worker.py tests/test_postgres.py tests/test_reliability.py tests/test_storage.py tests/test_chaos.py \
   tests/test_dashboard.py tests/test_plots.py || status=$?
 exit $status
