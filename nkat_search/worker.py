@@ -143,7 +143,9 @@ def fail_dead_trials(w: Worker) -> None:
     if stale is None:  # an Optuna without the query: its public sweep fails and retries them, reason unsaid
         _warn_once("this Optuna cannot list stale trials; optuna.storages.fail_stale_trials fails and retries "
                    "them, without a fail_reason")
-        optuna.storages.fail_stale_trials(w.study)
+        # "experimental" since Optuna 2.9, like the heartbeats themselves (see storage.open_storage)
+        with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
+            optuna.storages.fail_stale_trials(w.study)
         stale = set()
     now = datetime.datetime.now()
     for trial in w.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
