@@ -21,8 +21,9 @@ import time
 import torch
 
 from nkat_search.config import DataConfig, ModelConfig, TrainConfig
-from nkat_search.data import load_splits
-from nkat_search.train import cpu_bf16_flags, fit
+from nkat_search.data.loader import load_splits
+from nkat_search.devices import cpu_bf16_flags
+from nkat_search.train import fit
 
 # (name, model, recipe): a smoke-sized model with the smoke study's Stage-1 recipe, and the
 # research's baseline model for a short run of the research's recipe (lr 2e-4).

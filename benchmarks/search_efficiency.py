@@ -19,8 +19,12 @@ import json
 import statistics
 from pathlib import Path
 
-from nkat_search.config import (HyperbandPrunerConfig, MedianPrunerConfig, NopPrunerConfig,
-                                SuccessiveHalvingPrunerConfig)
+from nkat_search.search.kinds import (
+    HyperbandPrunerConfig,
+    MedianPrunerConfig,
+    NopPrunerConfig,
+    SuccessiveHalvingPrunerConfig,
+)
 
 # The pruners compared, with the keys the packaged studies would use. max_resource of Hyperband is
 # the study's Stage-1 epochs (nkat_search.space).
@@ -37,8 +41,8 @@ def run(study: str, pruners: list[str], seeds: list[int], trials: int) -> list[d
     """One search per (pruner, seed): per trial its state, value and CPU seconds."""
     import torch
 
-    from nkat_search.bench import bench_search
-    from nkat_search.study import load_study
+    from nkat_search.bench.search import bench_search
+    from nkat_search.search.study_file import load_study
 
     torch.set_num_threads(1)
     base = load_study(study)

@@ -16,7 +16,6 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 
 class UsageError(ValueError):
@@ -32,11 +31,21 @@ class RuntimeFailure(RuntimeError):
 # Sizes far beyond any model or recipe this search is for: refused with a sentence instead of a
 # traceback from torch (or a run that never ends). Whole numbers must fit in 64 bits.
 INT64 = (-2**63, 2**63 - 1)
-MAX_EMBED_DIM, MAX_DEPTH, MAX_HEADS, MAX_MLP_RATIO = 16384, 1024, 1024, 64.0
+
+
 MAX_PIXELS = 256  # cutout side and crop padding; the images are 28 or 32 pixels wide
+
+
 MAX_RANDAUGMENT_OPS = 16
+
+
 MAX_IMAGES = 10_000_000  # synthetic images, validation images
+
+
 MAX_SAMPLER_SEED = 2**32 - 1  # Optuna's samplers seed numpy, which takes 32 bits
+
+
+MAX_EMBED_DIM, MAX_DEPTH, MAX_HEADS, MAX_MLP_RATIO = 16384, 1024, 1024, 64.0
 
 
 def opt(default, help: str, **meta):
@@ -134,10 +143,6 @@ def check_at_most(obj, limits: dict[str, float]) -> None:
                              f"use at most {shown}.")
 
 
-# ---------------------------------------------------------------------------------------------
-# Datasets: the shapes a model must accept (data.py adds the statistics and the loading)
-
-
 @dataclass(frozen=True)
 class DatasetShape:
     channels: int
@@ -151,10 +156,18 @@ DATASET_SHAPES = {
     "fashion_mnist": DatasetShape(1, 28, 10),
     "emnist_letters": DatasetShape(1, 28, 26),
 }
+
+
 DATASET_NAMES = tuple(DATASET_SHAPES)
+
+
 CONV_STEMS = ("off", "tiny", "small")
+
+
 # Total downsampling of each stem: tiny and small both halve the image twice.
 STEM_STRIDE = {"off": 1, "tiny": 4, "small": 4}
+
+
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -352,112 +365,3 @@ def adapt_patch_size(img_size: int, conv_stem: str, patch_size: int) -> int:
     """
     feature = img_size // STEM_STRIDE[conv_stem]
     return max(d for d in range(1, patch_size + 1) if feature % d == 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Samplers and pruners of a study: one dataclass per kind, so one kind's keys never reach another.
-
-
-def check_sampler_seed(seed: int | None) -> None:
-    if seed is not None and not 0 <= seed <= MAX_SAMPLER_SEED:
-        raise UsageError(f"seed must be in 0..{MAX_SAMPLER_SEED} (Optuna's samplers take 32 bits) or absent, "
-                         f"got {seed}.")
-
-
-@dataclass(frozen=True)
-class TPESamplerConfig:
-    """Multivariate TPE with a constant liar, so parallel workers spread out."""
-
-    KIND: ClassVar[str] = "tpe"
-    seed: int | None = None
-    multivariate: bool = True
-    constant_liar: bool = True
-    n_startup_trials: int = 10
-
-    def __post_init__(self) -> None:
-        check_types(self)
-        check_sampler_seed(self.seed)
-        if self.n_startup_trials < 0:
-            raise UsageError(f"n_startup_trials must be >= 0, got {self.n_startup_trials}.")
-
-
-@dataclass(frozen=True)
-class RandomSamplerConfig:
-    KIND: ClassVar[str] = "random"
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        check_types(self)
-        check_sampler_seed(self.seed)
-
-
-@dataclass(frozen=True)
-class NopPrunerConfig:
-    KIND: ClassVar[str] = "none"
-
-
-@dataclass(frozen=True)
-class MedianPrunerConfig:
-    KIND: ClassVar[str] = "median"
-    n_startup_trials: int = 5
-    n_warmup_steps: int = 1
-
-    def __post_init__(self) -> None:
-        check_types(self)
-        if self.n_startup_trials < 0 or self.n_warmup_steps < 0:
-            raise UsageError("n_startup_trials and n_warmup_steps must be >= 0.")
-
-
-@dataclass(frozen=True)
-class PercentilePrunerConfig:
-    KIND: ClassVar[str] = "percentile"
-    percentile: float = 25.0
-    n_startup_trials: int = 5
-    n_warmup_steps: int = 1
-
-    def __post_init__(self) -> None:
-        check_types(self)
-        if not 0 < self.percentile < 100:
-            raise UsageError(f"percentile must be in (0, 100), got {self.percentile}.")
-        if self.n_startup_trials < 0 or self.n_warmup_steps < 0:
-            raise UsageError("n_startup_trials and n_warmup_steps must be >= 0.")
-
-
-@dataclass(frozen=True)
-class HyperbandPrunerConfig:
-    """Hyperband over Stage 1's epochs (max_resource is the study's stage1.epochs)."""
-
-    KIND: ClassVar[str] = "hyperband"
-    min_resource: int = 1
-    reduction_factor: int = 3
-
-    def __post_init__(self) -> None:
-        check_types(self)
-        if self.min_resource < 1 or self.reduction_factor < 2:
-            raise UsageError("min_resource must be >= 1 and reduction_factor >= 2.")
-
-
-@dataclass(frozen=True)
-class SuccessiveHalvingPrunerConfig:
-    KIND: ClassVar[str] = "successive_halving"
-    min_resource: int = 1
-    reduction_factor: int = 3
-    min_early_stopping_rate: int = 0
-
-    def __post_init__(self) -> None:
-        check_types(self)
-        if self.min_resource < 1 or self.reduction_factor < 2 or self.min_early_stopping_rate < 0:
-            raise UsageError("min_resource must be >= 1, reduction_factor >= 2 and min_early_stopping_rate >= 0.")
-
-
-SAMPLERS = {c.KIND: c for c in (TPESamplerConfig, RandomSamplerConfig)}
-PRUNERS = {c.KIND: c for c in (NopPrunerConfig, MedianPrunerConfig, PercentilePrunerConfig, HyperbandPrunerConfig,
-                                SuccessiveHalvingPrunerConfig)}
-SamplerConfig = TPESamplerConfig | RandomSamplerConfig
-PrunerConfig = (NopPrunerConfig | MedianPrunerConfig | PercentilePrunerConfig | HyperbandPrunerConfig
-                | SuccessiveHalvingPrunerConfig)
-
-
-def kind_dict(cfg) -> dict:
-    """A sampler or pruner config as its study-file table: kind first, then its keys."""
-    return {"kind": cfg.KIND, **dataclasses.asdict(cfg)}

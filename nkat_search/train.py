@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import ModelConfig, RuntimeFailure, TrainConfig
-from .data import BatchLoader, Splits
+from .data.loader import BatchLoader, Splits
+from .devices import resolve_precision
 from .metrics import local_tpe, theory_size
 from .model import NKATViT, count_params
 
@@ -69,48 +68,6 @@ class FitResult:
         out = asdict(self, dict_factory=lambda items: {k: v for k, v in items if k != "model"})
         out["lambda"] = out.pop("lambda_")
         return out
-
-
-# CPU flags (Linux /proc/cpuinfo) that mean native bf16 arithmetic: AVX-512 BF16 and AMX-BF16.
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-@functools.cache
-def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...] | None:
-    """The native-bf16 flags this CPU reports; None where the flags cannot be read (not Linux)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return tuple(flag for flag in NATIVE_BF16_FLAGS if flag in flags)
-
-
-def choose_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, str]:
-    """(autocast dtype or None for fp32, why). auto: bf16 on CUDA and on CPUs with native bf16
-    (avx512_bf16 or amx_bf16 in /proc/cpuinfo), fp32 elsewhere (other CPUs, MPS, non-Linux).
-
-    Without native support the CPU emulates bf16 and gains nothing; with it the step runs about
-    twice as fast at an accuracy within the seed spread of fp32 (docs: "precision auto")."""
-    if precision == "fp32":
-        return None, "fp32 asked for"
-    if precision == "bf16":
-        return torch.bfloat16, "bf16 asked for"
-    if device.type == "cuda":
-        return torch.bfloat16, "auto: bf16 autocast on CUDA"
-    if device.type != "cpu":
-        return None, f"auto: fp32 on {device.type}"
-    flags = cpu_bf16_flags()
-    if flags is None:
-        return None, "auto: fp32 (this OS does not show the CPU's flags, so native bf16 is not assumed)"
-    if flags:
-        return torch.bfloat16, f"auto: bf16 autocast, the CPU has native bf16 ({', '.join(flags)})"
-    return None, "auto: fp32, the CPU has no native bf16 (neither avx512_bf16 nor amx_bf16)"
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32 (see choose_precision)."""
-    return choose_precision(precision, device)[0]
 
 
 class Timings:

@@ -27,7 +27,6 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-
 from conftest import ROOT, TINY_STUDY
 from pg_server import PASSWORD
 
@@ -92,11 +91,12 @@ def _study_text(row: Row) -> str:
 
 def _create_study(study_file: Path, url: str) -> None:
     """The storage holds the study made from the unchanged tiny study (setup `existing`)."""
-    from nkat_search import storage
-    from nkat_search.study import load_study
+    from nkat_search.search import studies
+    from nkat_search.search.study_file import load_study
+    from nkat_search.storage import backends
 
     study_file.write_text(TINY_STUDY.format(name=STUDY_NAME, trials=4, gate=0.01))
-    storage.create_or_resume(storage.open_storage(url), url, load_study(str(study_file)), 4)
+    studies.create_or_resume(backends.open_storage(url), url, load_study(str(study_file)), 4)
 
 
 def _files(tmp: Path) -> dict[str, bytes]:
@@ -328,11 +328,11 @@ def test_dashboard_on_a_wrong_host_names_it_in_one_sentence(tmp_path, host):
 
 
 def test_a_model_too_large_for_memory_ends_train_with_one_sentence_and_exit_1(monkeypatch):
-    from nkat_search import cli
+    from nkat_search.cli import main as cli
 
     oom = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you "
                        "tried to allocate 1099511627776 bytes.")
-    monkeypatch.setattr("nkat_search.data.load_splits", lambda *a, **k: None)
+    monkeypatch.setattr("nkat_search.data.loader.load_splits", lambda *a, **k: None)
     monkeypatch.setattr("nkat_search.train.fit", mock.Mock(side_effect=oom))
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -347,7 +347,7 @@ def test_read_only_commands_answer_without_loading_torch(tmp_path):
     """status, leaderboard, studies and --help answer (or refuse) in a second: they do not import torch."""
     url = f"journal:{tmp_path}/study.journal"
     _create_study(tmp_path / "setup.toml", url)
-    script = ("import contextlib, io, sys\nfrom nkat_search import cli\nfor argv in sys.argv[1:]:\n"
+    script = ("import contextlib, io, sys\nfrom nkat_search.cli import main as cli\nfor argv in sys.argv[1:]:\n"
               "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
               "        cli.main(argv.split())\nprint('torch' in sys.modules)")
     commands = [f"status --storage {url}", f"leaderboard --storage {url}", f"status --storage {url}x", "studies",
@@ -366,20 +366,20 @@ def test_a_foreign_study_name_cannot_lead_outputs_out_of_their_folder(tmp_path, 
     plots, report and attention put their default outputs under ./reports all the same."""
     import optuna
 
-    from nkat_search import cli
-    from nkat_search import storage as st
+    from nkat_search.cli import main as cli
+    from nkat_search.storage import backends
 
     url = f"journal:{tmp_path}/study.journal"
     _create_study(tmp_path / "setup.toml", url)
-    optuna.copy_study(from_study_name=STUDY_NAME, from_storage=st.open_storage(url), to_storage=st.open_storage(url),
+    optuna.copy_study(from_study_name=STUDY_NAME, from_storage=backends.open_storage(url), to_storage=backends.open_storage(url),
                       to_study_name=name)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     outs = []  # report and attention retrain or load weights; here they only say where they would write
-    monkeypatch.setattr("nkat_search.retrain.build_report", lambda *a, out, **k: outs.append(out) or {})
-    monkeypatch.setattr("nkat_search.retrain.format_markdown", lambda report: "")
-    monkeypatch.setattr("nkat_search.plots.attention", lambda *a: outs.append(a[5]) or [None])
+    monkeypatch.setattr("nkat_search.outputs.official.build_report", lambda *a, out, **k: outs.append(out) or {})
+    monkeypatch.setattr("nkat_search.outputs.official.format_markdown", lambda report: "")
+    monkeypatch.setattr("nkat_search.outputs.attention.attention", lambda *a: outs.append(a[5]) or [None])
     before = set(tmp_path.rglob("*"))
     for args in (["plots", "--no-png", "--no-dashboard"], ["report", "--device", "cpu"], ["attention", "--trial", "0"]):
         err = io.StringIO()

@@ -14,9 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from nkat_search import bench, cli, train
+from nkat_search import devices, train
+from nkat_search.bench import (
+    concurrent,
+    options,
+    search,
+    steps,
+    storage,
+    tables,
+    timing,
+)
+from nkat_search.cli import main as cli
 from nkat_search.config import DataConfig, ModelConfig, TrainConfig, UsageError
-from nkat_search.data import load_splits
+from nkat_search.data.loader import load_splits
 from nkat_search.model import NKATViT, nucleus_mask
 
 TINY = ModelConfig(embed_dim=32, depth=2, num_heads=4)
@@ -24,13 +34,13 @@ TINY = ModelConfig(embed_dim=32, depth=2, num_heads=4)
 
 @pytest.fixture(scope="module")
 def splits():
-    return bench.synthetic_splits("cifar10", 64, 32, torch.device("cpu"))
+    return timing.synthetic_splits("cifar10", 64, 32, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
 def reference():
     # The checkout's copy, also where the tests run against an installed package (the GPU check).
-    module = bench.research_pipeline(str(Path(__file__).resolve().parents[1] / "benchmarks" / "research_pipeline.py"))
+    module = timing.research_pipeline(str(Path(__file__).resolve().parents[1] / "benchmarks" / "research_pipeline.py"))
     return module
 
 
@@ -59,15 +69,15 @@ def test_research_model_computes_the_same_function(reference, kwargs):
 
 
 def test_without_a_checkout_the_reference_is_reported_missing(monkeypatch, tmp_path):
-    bench.research_pipeline.cache_clear()
-    monkeypatch.setattr(bench, "__file__", str(tmp_path / "site-packages" / "nkat_search" / "bench.py"))
+    timing.research_pipeline.cache_clear()
+    monkeypatch.setattr(timing, "__file__", str(tmp_path / "site-packages" / "nkat_search" / "bench" / "timing.py"))
     monkeypatch.chdir(tmp_path)
     try:
-        assert bench.research_pipeline() is None
+        assert timing.research_pipeline() is None
         with pytest.raises(UsageError, match="--reference"):
-            bench.research_pipeline(str(tmp_path / "nowhere.py"))
+            timing.research_pipeline(str(tmp_path / "nowhere.py"))
     finally:
-        bench.research_pipeline.cache_clear()
+        timing.research_pipeline.cache_clear()
 
 
 def test_fit_trains_through_train_step(monkeypatch):
@@ -86,8 +96,8 @@ def test_fit_trains_through_train_step(monkeypatch):
 
 @pytest.mark.parametrize("native", [(), ("avx512_bf16",)])
 def test_train_figures_side_by_side_with_their_precision(splits, reference, monkeypatch, native):
-    monkeypatch.setattr(bench, "cpu_bf16_flags", lambda: native)
-    out = bench.bench_train(TINY, TrainConfig(batch_size=16, precision="fp32"), splits, steps=1, warmup=1, repeats=1,
+    monkeypatch.setattr(devices, "cpu_bf16_flags", lambda: native)
+    out = steps.bench_train(TINY, TrainConfig(batch_size=16, precision="fp32"), splits, steps=1, warmup=1, repeats=1,
                             reference=reference)
     expected = {"real", "bare", "research"} | ({"real_bf16"} if native else set())
     assert set(out["variants"]) == expected
@@ -100,7 +110,7 @@ def test_train_figures_side_by_side_with_their_precision(splits, reference, monk
 
 
 def test_a_bf16_real_step_is_also_shown_at_fp32_beside_the_fp32_research(splits, reference):
-    out = bench.bench_train(TINY, TrainConfig(batch_size=16, precision="bf16"), splits, steps=1, warmup=0, repeats=1,
+    out = steps.bench_train(TINY, TrainConfig(batch_size=16, precision="bf16"), splits, steps=1, warmup=0, repeats=1,
                             reference=reference)
     v = out["variants"]
     assert (v["real"]["precision"], v["real_fp32"]["precision"], v["research"]["precision"]) == (
@@ -109,12 +119,12 @@ def test_a_bf16_real_step_is_also_shown_at_fp32_beside_the_fp32_research(splits,
 
 
 def test_without_the_reference_the_train_and_augment_figures_say_so(splits):
-    out = bench.bench_train(TINY, TrainConfig(batch_size=16, precision="fp32"), splits, steps=1, warmup=0, repeats=1)
+    out = steps.bench_train(TINY, TrainConfig(batch_size=16, precision="fp32"), splits, steps=1, warmup=0, repeats=1)
     assert "research" not in out["variants"] and "real_over_research_speed" not in out
-    assert out["research"] == bench.NO_REFERENCE
-    aug = bench.bench_augment(splits, TrainConfig(), batch=32, images=64, repeats=1)
-    assert aug["pil"] == bench.NO_REFERENCE and "speedup" not in aug
-    assert "reference pipeline not available" in bench.table(
+    assert out["research"] == timing.NO_REFERENCE
+    aug = steps.bench_augment(splits, TrainConfig(), batch=32, images=64, repeats=1)
+    assert aug["pil"] == timing.NO_REFERENCE and "speedup" not in aug
+    assert "reference pipeline not available" in tables.table(
         {"device": "cpu", "torch": "x", "threads": 1, "cpu": {"name": "x", "cores": 2},
          "precision": {"dtype": "float32", "reason": "fp32 asked for"},
          "config": {"model": dataclasses.asdict(TINY), "batch_size": 16, "warmup": 0, "repeats": 1, "steps": 1,
@@ -123,19 +133,19 @@ def test_without_the_reference_the_train_and_augment_figures_say_so(splits):
 
 
 def test_augment_and_eval_figures(splits, reference):
-    aug = bench.bench_augment(splits, TrainConfig(), batch=32, images=64, repeats=1, reference=reference)
+    aug = steps.bench_augment(splits, TrainConfig(), batch=32, images=64, repeats=1, reference=reference)
     assert aug["batched"]["img_per_s"] > 0 and aug["pil"]["img_per_s"] > 0 and aug["speedup"] > 0
-    ev = bench.bench_eval(TINY, splits, batch=16, repeats=1, precision="fp32")
+    ev = steps.bench_eval(TINY, splits, batch=16, repeats=1, precision="fp32")
     assert ev["img_per_s"] > 0 and ev["precision"] == "float32"
 
 
 def test_storage_latency_on_a_journal(tmp_path):
-    out = bench.bench_storage(f"journal:{tmp_path / 'b.journal'}", procs=2, ops=2)
+    out = storage.bench_storage(f"journal:{tmp_path / 'b.journal'}", procs=2, ops=2)
     assert 0 < out["p50_ms"] <= out["p95_ms"] and out["procs"] == 2
 
 
 def test_peak_memory_is_read_portably():
-    assert bench.peak_rss_mib() > 10  # a Python process with torch loaded
+    assert timing.peak_rss_mib() > 10  # a Python process with torch loaded
 
 
 @pytest.mark.parametrize("change, message", [
@@ -148,18 +158,18 @@ def test_peak_memory_is_read_portably():
 ])
 def test_options_refuse_bad_values_with_a_sentence(change, message):
     with pytest.raises(UsageError, match=message):
-        bench.BenchOptions(**change)
+        options.BenchOptions(**change)
 
 
 def test_every_option_is_a_flag_and_the_flags_make_the_options():
     parser = cli.build_parser()
     args = parser.parse_args(["bench", "--steps", "2", "--only", "train", "eval", "--processes", "1", "4",
                               "--batch-size", "8", "--compile", "--reference", "ref.py"])
-    options = bench.BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(bench.BenchOptions)})
-    assert options == bench.BenchOptions(steps=2, only=("train", "eval"), processes=(1, 4), batch_size=8,
+    opts = options.BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options.BenchOptions)})
+    assert opts == options.BenchOptions(steps=2, only=("train", "eval"), processes=(1, 4), batch_size=8,
                                          compile=True, reference="ref.py")
-    assert parser.parse_args(["bench"]).only == bench.SECTIONS
-    assert bench.BenchOptions(search=True).sections == ("search",)
+    assert parser.parse_args(["bench"]).only == options.SECTIONS
+    assert options.BenchOptions(search=True).sections == ("search",)
 
 
 def test_command_prints_one_json_object_with_the_precision_and_why(capsys):
@@ -169,7 +179,7 @@ def test_command_prints_one_json_object_with_the_precision_and_why(capsys):
     assert args.func(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["eval"]["img_per_s"] > 0 and result["config"]["batch_size"] == 16
-    dtype, reason = train.choose_precision("auto", torch.device("cpu"))
+    dtype, reason = devices.choose_precision("auto", torch.device("cpu"))
     assert result["precision"] == {"asked": "auto", "dtype": str(dtype or torch.float32).removeprefix("torch."),
                                    "reason": reason}
     assert result["eval"]["precision"] == result["precision"]["dtype"]
@@ -177,7 +187,7 @@ def test_command_prints_one_json_object_with_the_precision_and_why(capsys):
 
 @pytest.mark.slow
 def test_search_section_splits_every_trial_into_phases_that_add_up(tiny_study):
-    out = bench.bench_search(tiny_study(trials=2), 2, torch.device("cpu"))
+    out = search.bench_search(tiny_study(trials=2), 2, torch.device("cpu"))
     assert out["trials"] == 2 and len(out["per_trial"]) == 2 and out["trials_per_minute"] > 0
     assert sum(out["phases"].values()) == pytest.approx(out["seconds"], rel=1e-6)
     assert sum(out["cpu_phases"].values()) == pytest.approx(out["cpu_seconds"], rel=1e-6)
@@ -187,16 +197,16 @@ def test_search_section_splits_every_trial_into_phases_that_add_up(tiny_study):
         assert sum(row["phases"].values()) == pytest.approx(row["seconds"], rel=1e-6)
         assert 0 <= row["not_training"] <= 1 and 0 <= row["not_training_cpu"] <= 1
     assert out["storage_calls"] and out["startup"]["import_seconds"] > 0
-    assert "trials/min" in bench._search_table(out)[0]
+    assert "trials/min" in tables._search_table(out)[0]
 
 
 @pytest.mark.slow
 def test_concurrent_processes_share_the_cores_through_the_registry(tmp_path):
     data = DataConfig(source="synthetic", val_size=16, synthetic_train=80, synthetic_test=8)
-    job = bench.Job((("cifar10", ModelConfig(embed_dim=8, depth=1, num_heads=2),
+    job = concurrent.Job((("cifar10", ModelConfig(embed_dim=8, depth=1, num_heads=2),
                       TrainConfig(epochs=1, warmup=0, batch_size=32, precision="fp32")),))
-    shared = bench.run_concurrent([job] * 4, 2, device="cpu", sharing="on", data=data, cores=4, folder=str(tmp_path))
-    alone = bench.run_concurrent([job] * 4, 2, device="cpu", sharing="off", data=data, cores=4, folder=str(tmp_path))
+    shared = concurrent.run_concurrent([job] * 4, 2, device="cpu", sharing="on", data=data, cores=4, folder=str(tmp_path))
+    alone = concurrent.run_concurrent([job] * 4, 2, device="cpu", sharing="off", data=data, cores=4, folder=str(tmp_path))
     # 4 cores over 2 workers: 2 each, or 1 where this machine is busy with other programs; every core each
     assert shared["threads"] in ([1], [2]) and alone["threads"] == [4]
     assert shared["jobs"] == alone["jobs"] == 4 and shared["img_per_s"] > 0
@@ -207,18 +217,18 @@ def test_concurrent_processes_share_the_cores_through_the_registry(tmp_path):
 def test_share_table_prints_the_load_average_beside_each_row():
     row = {"processes": 2, "sharing": "on", "jobs_per_minute": 3.0, "vs_one_shared": 1.5, "threads": [1],
            "job_seconds": 40.0, "jobs_per_cpu_minute": 1.6, "load_average": 3.25}
-    lines = bench._share_table({"jobs": 6, "study": "nkat-smoke", "cores": 2, "precision": {"dtype": "bfloat16"},
+    lines = tables._share_table({"jobs": 6, "study": "nkat-smoke", "cores": 2, "precision": {"dtype": "bfloat16"},
                                 "rows": [row]})
     assert lines[1].split()[-1] == "load" and lines[2].split()[-1] == "3.2"
 
 
 @pytest.mark.slow
 def test_procs_section_runs_k_processes_on_one_device():
-    out = bench.bench_procs(ModelConfig(embed_dim=8, depth=1, num_heads=2), torch.device("cpu"), counts=(1, 2), jobs=2,
+    out = concurrent.bench_procs(ModelConfig(embed_dim=8, depth=1, num_heads=2), torch.device("cpu"), counts=(1, 2), jobs=2,
                             images=64, eval_images=16, batch=32, precision="fp32")
     assert [(r["processes"], r["variant"]) for r in out["rows"]] == [(1, "eager"), (2, "eager")]  # no compile on CPU
     assert all(r["img_per_s"] > 0 and r["jobs_per_hour"] > 0 for r in out["rows"])
-    assert "img/s" in "\n".join(bench._procs_table(out))
+    assert "img/s" in "\n".join(tables._procs_table(out))
 
 
 def _efficiency_script():

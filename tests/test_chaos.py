@@ -18,14 +18,21 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy.exc
-from optuna.trial import TrialState
-
 from conftest import ROOT, cli
-from nkat_search import storage as st
-from nkat_search.space import suggest
-from nkat_search.study import load_study
-from nkat_search.worker import Worker, next_trial, run_loop, run_trial
-from test_storage import assert_exact_budget, create_study, dropped_connection, storage_call, worker_groups
+from optuna.trial import TrialState
+from test_storage import (
+    assert_exact_budget,
+    create_study,
+    dropped_connection,
+    storage_call,
+    worker_groups,
+)
+
+from nkat_search.search import studies
+from nkat_search.search.space import suggest
+from nkat_search.search.study_file import load_study
+from nkat_search.search.worker import Worker, next_trial, run_loop, run_trial
+from nkat_search.storage import backends, retrying
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -75,7 +82,6 @@ def owners_of_running_trials(url: str) -> dict[int, int]:
     """{trial number: worker pid} of the RUNNING trials that have parameters, read with plain SQL
     (a connection of the test may be dropped too: then nothing is known this time)."""
     import psycopg
-
     from pg_server import PASSWORD, USER
 
     dbname = url.rsplit("/", 1)[1]
@@ -169,7 +175,7 @@ def test_workers_keep_the_budget_while_connections_drop_every_few_seconds_and_on
     assert list(codes.values()) == [0, 0], outputs
     assert "Traceback" not in outputs, outputs
     assert chaos.rounds >= 5, f"the chaos dropped connections only {chaos.rounds} times"
-    study = optuna.load_study(study_name="tiny", storage=st.open_storage(pg_url))
+    study = optuna.load_study(study_name="tiny", storage=backends.open_storage(pg_url))
     trials = assert_exact_budget(study, budget)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     summary = (f"chaos: {chaos.rounds} rounds dropped {chaos.dropped} connections in {chaos.active:.0f} s; FAIL: "
@@ -192,8 +198,8 @@ def test_a_lost_reply_after_a_committed_new_trial_leaves_an_orphan_that_is_faile
     # another). The first is RUNNING with no owner and no heartbeat: after the grace period a
     # worker fails it with its reason, and the budget is still exact.
     config = load_study(tiny_study())
-    store = st.open_storage(pg_url)
-    study = st.create_or_resume(store, pg_url, config, 3)
+    store = backends.open_storage(pg_url)
+    study = studies.create_or_resume(store, pg_url, config, 3)
     lost = []
 
     def commit_then_lose_the_reply(conn):
@@ -227,8 +233,8 @@ def test_a_worker_that_dies_while_claiming_its_trial_leaves_no_trial_running_for
     # heartbeat and before its owner: another worker, on any host (so no process check helps), must
     # still fail that trial after the grace period and finish the budget.
     config = load_study(tiny_study())
-    store = st.open_storage(pg_url)
-    study = st.create_or_resume(store, pg_url, config, 2)
+    store = backends.open_storage(pg_url)
+    study = studies.create_or_resume(store, pg_url, config, 2)
 
     def die(*args, **kwargs):
         raise WorkerDied(dies_at)
@@ -237,12 +243,12 @@ def test_a_worker_that_dies_while_claiming_its_trial_leaves_no_trial_running_for
         if dies_at == "record_heartbeat":
             m.setattr(store, "record_heartbeat", die)
         else:
-            m.setattr("nkat_search.worker.worker_id", die)
+            m.setattr("nkat_search.search.worker.worker_id", die)
         with pytest.raises(WorkerDied):
             next_trial(Worker(study, store, pg_url, config))
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
-    other_store = st.open_storage(pg_url)
-    other = Worker(st.attach(other_store, pg_url, "tiny")[0], other_store, pg_url, config)
+    other_store = backends.open_storage(pg_url)
+    other = Worker(studies.attach(other_store, pg_url, "tiny")[0], other_store, pg_url, config)
     assert run_in_thread(lambda: run_loop(other, lambda t: sum(suggest(t, config).values()), poll_seconds=0.2), 90) == 0
     trials = assert_exact_budget(study, 2)
     assert [(t.number, t.user_attrs.get("fail_reason")) for t in trials if t.state == TrialState.FAIL] == [(0, reason)]
@@ -254,13 +260,13 @@ def test_without_optunas_stale_trial_query_a_dead_workers_trial_is_still_failed_
     # the public optuna.storages.fail_stale_trials: the trial is failed and queued again, without
     # its reason. Its worker (this process: no process check applies) claims it and is gone.
     config = load_study(tiny_study())
-    store = st.open_storage(pg_url)
-    study = st.create_or_resume(store, pg_url, config, 2)
+    store = backends.open_storage(pg_url)
+    study = studies.create_or_resume(store, pg_url, config, 2)
     abandoned = next_trial(Worker(study, store, pg_url, config))
     params = suggest(abandoned, config)
-    monkeypatch.setattr(st, "stale_trial_ids", lambda storage, study_id: None)
-    other_store = st.open_storage(pg_url)
-    other = Worker(st.attach(other_store, pg_url, "tiny")[0], other_store, pg_url, config)
+    monkeypatch.setattr(retrying, "stale_trial_ids", lambda storage, study_id: None)
+    other_store = backends.open_storage(pg_url)
+    other = Worker(studies.attach(other_store, pg_url, "tiny")[0], other_store, pg_url, config)
     assert run_in_thread(lambda: run_loop(other, lambda t: sum(suggest(t, config).values()), poll_seconds=0.2), 90) == 0
     trials = assert_exact_budget(study, 2)
     assert [t.number for t in trials if t.state == TrialState.FAIL] == [abandoned.number]
@@ -273,11 +279,11 @@ def test_a_dropped_lock_connection_while_asking_does_not_overrun_the_budget(pg_s
     # the same last slot; then A goes on.
     config = load_study(tiny_study())
     urls = {name: f"{pg_url}?application_name={name}" for name in "ab"}  # separate lock connections
-    stores = {name: st.open_storage(url) for name, url in urls.items()}
-    st.create_or_resume(stores["a"], urls["a"], config, 1)
+    stores = {name: backends.open_storage(url) for name, url in urls.items()}
+    studies.create_or_resume(stores["a"], urls["a"], config, 1)
 
     def worker(name: str) -> Worker:
-        return Worker(st.attach(stores[name], urls[name], "tiny")[0], stores[name], urls[name], config)
+        return Worker(studies.attach(stores[name], urls[name], "tiny")[0], stores[name], urls[name], config)
 
     def objective(trial) -> float:
         return sum(suggest(trial, config).values())

@@ -3,9 +3,9 @@
 import json
 
 import pytest
-
 from conftest import cli
-from nkat_search.cli import build_parser
+
+from nkat_search.cli.main import build_parser
 
 
 @pytest.mark.slow

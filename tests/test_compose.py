@@ -88,7 +88,7 @@ def test_worker_and_dashboard_wait_for_a_healthy_postgres():
 
 
 def test_dashboard_serves_the_artifact_volume_that_report_writes_to(monkeypatch):
-    from nkat_search.cli import build_parser
+    from nkat_search.cli.main import build_parser
 
     services = compose()["services"]
     assert "artifacts" in compose()["volumes"]

@@ -4,8 +4,13 @@ import math
 
 import pytest
 
-from nkat_search.config import (DataConfig, HyperbandPrunerConfig, MedianPrunerConfig, ModelConfig,
-                                RandomSamplerConfig, TPESamplerConfig, TrainConfig, UsageError)
+from nkat_search.config import DataConfig, ModelConfig, TrainConfig, UsageError
+from nkat_search.search.kinds import (
+    HyperbandPrunerConfig,
+    MedianPrunerConfig,
+    RandomSamplerConfig,
+    TPESamplerConfig,
+)
 
 
 @pytest.mark.parametrize("cls, kwargs, words", [

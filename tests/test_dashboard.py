@@ -18,12 +18,25 @@ import optuna
 import optuna_dashboard
 import pytest
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+from optuna.distributions import (
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.storages.journal import (
+    JournalFileBackend,
+    JournalFileOpenLock,
+    JournalStorage,
+)
 from optuna.trial import TrialState, create_trial
 
 from nkat_search.config import UsageError
-from nkat_search.dashboard import annotate_study, annotate_trial, study_note, trial_note
+from nkat_search.outputs.dashboard import (
+    annotate_study,
+    annotate_trial,
+    study_note,
+    trial_note,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = ["cifar10", "mnist", "fashion_mnist", "emnist_letters"]
@@ -167,7 +180,7 @@ def dashboard(tmp_path_factory):
     study = make_study(path)
     port = free_port()
     code = ("import sys; from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage; "
-            "from nkat_search.dashboard import serve; p = sys.argv[1]; "
+            "from nkat_search.outputs.dashboard import serve; p = sys.argv[1]; "
             "serve(JournalStorage(JournalFileBackend(p, lock_obj=JournalFileOpenLock(p))), port=int(sys.argv[2]))")
     with running(["-c", code, str(path), str(port)], port) as base:
         yield base, study._study_id

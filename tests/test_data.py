@@ -9,9 +9,11 @@ import torch
 import torchvision
 from torchvision.transforms import v2
 
-from nkat_search import data
 from nkat_search.config import DataConfig, TrainConfig, UsageError, replace
-from nkat_search.data import DATASETS, RANDAUGMENT_OPS, BatchLoader, get_spec, load_splits, randaugment_magnitude
+from nkat_search.data import files, loader
+from nkat_search.data.augment import RANDAUGMENT_OPS, randaugment_magnitude
+from nkat_search.data.files import DATASETS, get_spec
+from nkat_search.data.loader import BatchLoader, load_splits
 
 SYNTH = DataConfig(source="synthetic", val_size=100, synthetic_train=600, synthetic_test=200)
 SHAPES = {"cifar10": (3, 32, 10), "mnist": (1, 28, 10), "fashion_mnist": (1, 28, 10), "emnist_letters": (1, 28, 26)}
@@ -175,7 +177,7 @@ def test_a_failed_download_leaves_no_folder_it_made_behind(tmp_path, monkeypatch
 
 
 def test_unwritable_root_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(data.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(files.os, "access", lambda path, mode: False)
     with pytest.raises(UsageError, match=f"{tmp_path} is not writable"):
         load_splits("mnist", DataConfig(root=str(tmp_path), download=True))
 
@@ -274,7 +276,7 @@ def test_randaugment_draws_per_image_not_per_batch():
     one = _images(1, 3, 32, 10)[0]
     x, y = one.expand(64, -1, -1, -1).contiguous(), torch.zeros(64, dtype=torch.int64)
     cfg = TrainConfig(mixup=0, cutmix=0, randaugment=(2, 9), cutout=0, crop_padding=0)
-    spec = data.DatasetSpec("plain", 3, 32, 10, (0.5,) * 3, (0.25,) * 3, hflip=False)
+    spec = files.DatasetSpec("plain", 3, 32, 10, (0.5,) * 3, (0.25,) * 3, hflip=False)
     images, _ = next(iter(BatchLoader(x, y, spec, 64, train=True, train_cfg=cfg)))
     assert images.shape == (64, 3, 32, 32) and images.dtype == torch.float32
     assert len({img.sum().item() for img in images}) >= 20  # one image, many different draws
@@ -345,7 +347,7 @@ def test_same_mix_for_the_images_and_the_labels():
     x = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
     x[1::2] = 255  # even: black; odd: white; label = parity
     y = torch.arange(8) % 2
-    spec = data.DatasetSpec("plain", 1, 28, 2, (0.0,), (1.0,), hflip=False)
+    spec = files.DatasetSpec("plain", 1, 28, 2, (0.0,), (1.0,), hflip=False)
     for kind in ("cutmix", "mixup"):
         cfg = TrainConfig(mixup=1.0 if kind == "mixup" else 0, cutmix=1.0 if kind == "cutmix" else 0,
                           randaugment=(0, 9), cutout=0, crop_padding=0, label_smoothing=0.0)

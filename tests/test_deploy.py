@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
 # the search (`kubectl apply -k deploy/kubernetes`) and its official result, applied on its own once
@@ -337,11 +336,11 @@ def test_postgres_keeps_its_data_on_a_claim_behind_a_headless_service():
 
 
 def test_clusters_doc_counts_the_connections_a_worker_holds():
-    from nkat_search import storage
+    from nkat_search.storage import urls
 
-    if not hasattr(storage, "LOCK_CONNECTIONS"):
-        pytest.skip("nkat_search.storage does not name its pool sizes (POOL_SIZE, POOL_OVERFLOW, LOCK_CONNECTIONS)")
-    per_worker = storage.POOL_SIZE + storage.POOL_OVERFLOW + storage.LOCK_CONNECTIONS
+    if not hasattr(urls, "LOCK_CONNECTIONS"):
+        pytest.skip("nkat_search.storage.urls does not name its pool sizes (POOL_SIZE, POOL_OVERFLOW, LOCK_CONNECTIONS)")
+    per_worker = urls.POOL_SIZE + urls.POOL_OVERFLOW + urls.LOCK_CONNECTIONS
     doc = " ".join((ROOT / "docs" / "clusters.md").read_text().split())
     assert f"at most {per_worker} connections per worker process" in doc
     max_connections = int(re.search(r"max_connections=(\d+)", " ".join(compose_service("postgres")["command"])).group(1))

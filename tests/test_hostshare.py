@@ -9,15 +9,15 @@ import time
 import pytest
 import torch
 
-from nkat_search import hostshare
-from nkat_search.hostshare import HostShare, busy_elsewhere, share_of
+from nkat_search.search import hostshare
+from nkat_search.search.hostshare import HostShare, busy_elsewhere, share_of
 
 QUIET = None  # no load average: the tests count our workers only, whatever else this machine runs
 
 # A worker in another process: joins the registry, says so, and lives until killed.
 MEMBER = """
 import sys, time
-from nkat_search.hostshare import HostShare
+from nkat_search.search.hostshare import HostShare
 share = HostShare(sys.argv[2], folder=sys.argv[1], cores=4)
 share.join()
 print("joined", flush=True)

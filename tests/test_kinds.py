@@ -9,14 +9,16 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import cli
 from optuna.trial import TrialState
 
-from conftest import cli
-from nkat_search import storage as st
-from nkat_search.config import PRUNERS, SAMPLERS, UsageError
-from nkat_search.space import suggest
-from nkat_search.study import load_study
-from nkat_search.worker import Worker, run_loop
+from nkat_search.config import UsageError
+from nkat_search.search import studies
+from nkat_search.search.kinds import PRUNERS, SAMPLERS
+from nkat_search.search.space import suggest
+from nkat_search.search.study_file import load_study
+from nkat_search.search.worker import Worker, run_loop
+from nkat_search.storage import backends
 
 EPOCHS = 4
 # Each kind with every key it takes, set so that a budget of 8 shows its effect.
@@ -59,9 +61,9 @@ def test_the_tables_cover_every_kind():
 def test_every_sampler_and_pruner_kind_runs_a_study_to_its_budget(sampler, pruner, tiny_study, tmp_path):
     path = with_tables(tiny_study(), SAMPLER_TABLES[sampler], PRUNER_TABLES[pruner], epochs=EPOCHS)
     url = f"journal:{tmp_path / 'study.journal'}"
-    store = st.open_storage(url)
-    st.create_or_resume(store, url, load_study(path), 8)
-    study, config = st.attach(store, url, "tiny")  # as a worker sees it: the kinds read back from the storage
+    store = backends.open_storage(url)
+    studies.create_or_resume(store, url, load_study(path), 8)
+    study, config = studies.attach(store, url, "tiny")  # as a worker sees it: the kinds read back from the storage
     assert isinstance(study.sampler, OPTUNA_CLASSES[sampler]) and isinstance(study.pruner, OPTUNA_CLASSES[pruner])
 
     def objective(trial):

@@ -4,7 +4,7 @@ import optuna
 import pytest
 
 from nkat_search.metrics import consistency, global_tpe, local_tpe, robustness
-from nkat_search.objective import check_gate
+from nkat_search.search.objective import check_gate
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from nkat_search import storage as st
-from nkat_search.study import load_study
 from nkat_search.metrics import global_tpe
-from nkat_search.objective import check_gate
-from nkat_search.worker import run_worker
+from nkat_search.search import studies
+from nkat_search.search.objective import check_gate
+from nkat_search.search.study_file import load_study
+from nkat_search.search.worker import run_worker
+from nkat_search.storage import backends
 
 
 @pytest.mark.parametrize("tpe, pruned", [(0.5999, True), (0.60, False), (0.61, False), (0.0, True)])
@@ -29,8 +30,8 @@ def test_gate_at_the_boundary(tpe, pruned):
 
 def _run(path, tmp_path, trials):
     url = f"journal:{tmp_path / 's.journal'}"
-    store = st.open_storage(url)
-    study = st.create_or_resume(store, url, load_study(path), trials)
+    store = backends.open_storage(url)
+    study = studies.create_or_resume(store, url, load_study(path), trials)
     assert run_worker(url, study.study_name, poll_seconds=0.1) == 0
     return study
 
@@ -69,7 +70,7 @@ class _AlwaysPrune(optuna.pruners.BasePruner):
 def test_after_the_last_stage1_epoch_the_gate_judges_before_the_pruner(tiny_study, monkeypatch, gate, reason):
     # A pruner that would stop every trial: in the middle of Stage 1 it stops the trial; after the
     # last epoch the gate speaks first, and the pruner may still stop a trial that passed it.
-    from nkat_search import objective
+    from nkat_search.search import objective
     from nkat_search.train import FitResult
 
     def fake_fit(model_cfg, train_cfg, splits, on_epoch=None, timer=None):

@@ -9,9 +9,13 @@ import optuna
 import pytest
 from test_retrain import _one_thread, reported, tiny  # noqa: F401  (one tiny study and its report per session)
 
-from nkat_search import cli, dashboard, plots, report, storage
+from nkat_search.cli import commands, main
 from nkat_search.config import UsageError
-from nkat_search.study import load_study
+from nkat_search.outputs import attention, dashboard, plots
+from nkat_search.outputs import tables as report
+from nkat_search.search import studies
+from nkat_search.search.study_file import load_study
+from nkat_search.storage import backends
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_PLOTS = ("optimization_history", "param_importances", "embed_dim_depth", "stage1_local_tpe",
@@ -26,14 +30,14 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def _attach(url):
-    return storage.attach(storage.open_storage(url), url, None)
+    return studies.attach(backends.open_storage(url), url, None)
 
 
 @pytest.mark.browser  # kaleido draws the PNGs in Chromium or Chrome
 def test_plots_writes_html_png_and_dashboard_figures(tiny, tmp_path, capsys):
     _, url, _ = tiny
     args = argparse.Namespace(storage=url, study=None, out=str(tmp_path), no_png=False, no_dashboard=False)
-    assert cli.cmd_plots(args) == 0
+    assert commands.cmd_plots(args) == 0
     for name in ALL_PLOTS:
         html = (tmp_path / f"{name}.html").read_text()
         assert "Plotly.newPlot" in html and 'src="plotly.min.js"' in html, name
@@ -41,7 +45,7 @@ def test_plots_writes_html_png_and_dashboard_figures(tiny, tmp_path, capsys):
     assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
     assert "left out" not in capsys.readouterr().out
     study, _ = _attach(url)
-    store = storage.open_storage(url)
+    store = backends.open_storage(url)
     study_id = store.get_study_id_from_name(study.study_name)
 
     def stored():
@@ -77,7 +81,7 @@ def test_attention_writes_one_png_per_image_and_a_summary(reported, tmp_path):
     trial = report["trials"][0]["trial"]
     args = argparse.Namespace(storage=url, study=None, trial=trial, dataset="cifar10", images=3,
                               out=str(tmp_path), artifacts=str(folder / "artifacts"))
-    assert cli.cmd_attention(args) == 0
+    assert commands.cmd_attention(args) == 0
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["attention_00.png", "attention_01.png", "attention_02.png", "summary.png"]
     for name in files:
@@ -90,16 +94,16 @@ def test_attention_without_a_report_says_to_run_report(tiny, tmp_path):
     study, config = _attach(url)
     never = next(t.number for t in study.trials if f"report:trial-{t.number}" not in study.user_attrs)
     with pytest.raises(UsageError, match="run `nkat-search report"):
-        plots.attention(study, config, never, "cifar10", 2, tmp_path, tmp_path / "artifacts")
+        attention.attention(study, config, never, "cifar10", 2, tmp_path, tmp_path / "artifacts")
     with pytest.raises(UsageError, match="has no trial 99"):
-        plots.attention(study, config, 99, "cifar10", 2, tmp_path, tmp_path / "artifacts")
+        attention.attention(study, config, 99, "cifar10", 2, tmp_path, tmp_path / "artifacts")
 
 
 def test_plots_and_attention_flags():
-    parser = cli.build_parser()
-    assert parser.parse_args(["plots", "--no-png"]).func is cli.cmd_plots
+    parser = main.build_parser()
+    assert parser.parse_args(["plots", "--no-png"]).func is commands.cmd_plots
     args = parser.parse_args(["attention", "--trial", "3"])
-    assert args.func is cli.cmd_attention and args.dataset == "cifar10" and args.images == 10
+    assert args.func is commands.cmd_attention and args.dataset == "cifar10" and args.images == 10
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 
 import optuna
 import pytest
-
 from conftest import cli, spawn
-from nkat_search import storage as st
 from test_worker import assert_exact_budget
+
+from nkat_search.storage import backends
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -16,7 +16,7 @@ def test_three_workers_share_one_budget_exactly(pg_url, tiny_study):
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0, 0], outputs
     assert "nkat-test-pw" not in "".join(outputs)  # the password is masked in every line
-    study = optuna.load_study(study_name="tiny", storage=st.open_storage(pg_url))
+    study = optuna.load_study(study_name="tiny", storage=backends.open_storage(pg_url))
     assert_exact_budget(study, 8)
 
 
@@ -25,7 +25,7 @@ def test_two_starts_racing_on_a_new_study_make_one_study(pg_url, tiny_study):
     racers = [spawn("start", "--study", path, "--storage", pg_url, "--workers", "0") for _ in range(2)]
     outputs = [r.communicate(timeout=120)[0] for r in racers]
     assert [r.returncode for r in racers] == [0, 0], outputs
-    assert optuna.get_all_study_names(st.open_storage(pg_url)) == ["tiny"]
+    assert optuna.get_all_study_names(backends.open_storage(pg_url)) == ["tiny"]
 
 
 def test_resume_after_all_workers_stopped_reaches_the_new_budget(pg_url, tiny_study):
@@ -34,7 +34,7 @@ def test_resume_after_all_workers_stopped_reaches_the_new_budget(pg_url, tiny_st
     assert first.returncode == 0, first.stderr
     more = cli("start", "--study", path, "--storage", pg_url, "--trials", "4")
     assert more.returncode == 0, more.stderr
-    study = optuna.load_study(study_name="tiny", storage=st.open_storage(pg_url))
+    study = optuna.load_study(study_name="tiny", storage=backends.open_storage(pg_url))
     assert_exact_budget(study, 4)
 
 

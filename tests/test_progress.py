@@ -16,8 +16,8 @@ import pytest
 from optuna.trial import TrialState, create_trial
 from rich.console import Console
 
-from nkat_search import progress
-from nkat_search.progress import StudyProgress, TrainProgress
+from nkat_search.outputs import progress
+from nkat_search.outputs.progress import StudyProgress, TrainProgress
 
 T0 = datetime.datetime(2026, 1, 1, 12, 0, 0)
 
@@ -171,7 +171,7 @@ import optuna
 from optuna.trial import TrialState
 sys.path.insert(0, {tests!r})
 from test_progress import _study
-from nkat_search.progress import StudyProgress
+from nkat_search.outputs.progress import StudyProgress
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 study = _study()

@@ -27,14 +27,14 @@ from unittest import mock
 
 import optuna
 import pytest
+from conftest import ROOT, TINY_STUDY
 from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, TINY_STUDY
-from nkat_search import cli
+from nkat_search.cli import main as cli
 from nkat_search.config import DataConfig, ModelConfig, TrainConfig, UsageError
-from nkat_search.space import suggest
-from nkat_search.study import StudyConfig, load_study
+from nkat_search.search.space import suggest
+from nkat_search.search.study_file import StudyConfig, load_study
 
 BASES = {
     "tiny": tomllib.loads(TINY_STUDY.format(name="tiny", trials=4, gate=0.01)),
@@ -369,7 +369,7 @@ def _argv(flag_set) -> list[str]:
 def test_train_flags_are_accepted_or_refused_with_exit_2_and_one_sentence(flag_set):
     argv = ["train", "--data-source", "synthetic", *_argv(flag_set)]
     err = io.StringIO()
-    with mock.patch("nkat_search.data.load_splits", side_effect=_Accepted), \
+    with mock.patch("nkat_search.data.loader.load_splits", side_effect=_Accepted), \
             contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
             code = cli.main(argv)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from nkat_search.config import DataConfig, ModelConfig
-from nkat_search.data import load_splits
-from nkat_search.study import load_study
+from nkat_search.data.loader import load_splits
+from nkat_search.search.study_file import load_study
 from nkat_search.train import fit
 
 MNIST_FAMILY = ("mnist", "fashion_mnist", "emnist_letters")

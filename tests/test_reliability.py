@@ -6,17 +6,17 @@ import time
 
 import optuna
 import pytest
-from optuna.trial import TrialState
-
 from conftest import cli, spawn
-from nkat_search import storage as st
+from optuna.trial import TrialState
 from test_worker import _wait_for, _with_stage1_epochs, assert_exact_budget
+
+from nkat_search.storage import backends
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
 def _study(url):
-    return optuna.load_study(study_name="tiny", storage=st.open_storage(url))
+    return optuna.load_study(study_name="tiny", storage=backends.open_storage(url))
 
 
 def test_killed_worker_trial_is_failed_and_retried_while_others_carry_on(pg_url, tiny_study):

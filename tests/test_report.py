@@ -9,8 +9,8 @@ import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from nkat_search import report
-from nkat_search.study import load_study
+from nkat_search.outputs import tables as report
+from nkat_search.search.study_file import load_study
 
 DATASETS = ["cifar10", "mnist", "fashion_mnist", "emnist_letters"]
 
@@ -132,10 +132,10 @@ def test_pareto_uses_the_mean_over_datasets(smoke):
     (["--pareto"], "Pareto front of mean validation accuracy against lambda (smallest first)"),
 ])
 def test_leaderboard_command_table_wide_and_pareto(flags, first_line, study, smoke, monkeypatch, capsys):
-    from nkat_search import cli
+    from nkat_search.cli import commands, main
 
-    monkeypatch.setattr(cli, "_attach", lambda args: ("journal:x", study, smoke))
-    args = cli.build_parser().parse_args(["leaderboard", *flags])
+    monkeypatch.setattr(commands, "_attach", lambda args: ("journal:x", study, smoke))
+    args = main.build_parser().parse_args(["leaderboard", *flags])
     assert args.func(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].strip().startswith(first_line)
@@ -146,10 +146,10 @@ def test_leaderboard_command_table_wide_and_pareto(flags, first_line, study, smo
 
 
 def test_leaderboard_command_pareto_as_json(study, smoke, monkeypatch, capsys):
-    from nkat_search import cli
+    from nkat_search.cli import commands, main
 
-    monkeypatch.setattr(cli, "_attach", lambda args: ("journal:x", study, smoke))
-    args = cli.build_parser().parse_args(["leaderboard", "--pareto", "--format", "json"])
+    monkeypatch.setattr(commands, "_attach", lambda args: ("journal:x", study, smoke))
+    args = main.build_parser().parse_args(["leaderboard", "--pareto", "--format", "json"])
     assert args.func(args) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows and set(rows[0]) == {"trial", "mean_accuracy", "lambda", "global_tpe"}

@@ -10,11 +10,15 @@ import pytest
 import torch
 from optuna.artifacts import FileSystemArtifactStore
 
-from nkat_search import cli, metrics, retrain, storage, train, worker
+from nkat_search import metrics, train
+from nkat_search.cli import commands, main
 from nkat_search.config import TrainConfig, UsageError
-from nkat_search.study import load_study
-from nkat_search.data import load_splits
-from nkat_search.report import datasets_of
+from nkat_search.data.loader import load_splits
+from nkat_search.outputs import official as retrain
+from nkat_search.outputs.tables import datasets_of
+from nkat_search.search import studies, worker
+from nkat_search.search.study_file import load_study
+from nkat_search.storage import backends
 
 # smoke.toml shrunk to seconds: tiny models, 300 synthetic images, no pruner, a gate every trial passes.
 TINY_STUDY = """
@@ -90,7 +94,7 @@ def build_tiny_study(folder: Path) -> tuple[str, str]:
     path.write_text(TINY_STUDY)
     config = load_study(str(path))
     url = f"journal:{folder / 'tiny.journal'}"
-    storage.create_or_resume(storage.open_storage(url), url, config, config.trials)
+    studies.create_or_resume(backends.open_storage(url), url, config, config.trials)
     assert worker.run_worker(url, config.name, "cpu") == 0
     return url, config.name
 
@@ -115,7 +119,7 @@ def _args(url: str, out: Path, artifacts: Path, **kw) -> argparse.Namespace:
 
 
 def _attach(url: str):
-    return storage.attach(storage.open_storage(url), url, None)
+    return studies.attach(backends.open_storage(url), url, None)
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +128,7 @@ def reported(tiny):
     folder, url, _ = tiny
     if "reported" not in _session:
         with one_thread():
-            assert cli.cmd_report(_args(url, folder / "report", folder / "artifacts")) == 0
+            assert commands.cmd_report(_args(url, folder / "report", folder / "artifacts")) == 0
         _session["reported"] = folder, url, json.loads((folder / "report" / "report.json").read_text())
     return _session["reported"]
 
@@ -183,7 +187,7 @@ def test_rerun_reuses_finished_datasets(reported, monkeypatch):
     calls = []
     real_fit = retrain.fit
     monkeypatch.setattr(retrain, "fit", lambda *a, **k: calls.append(a) or real_fit(*a, **k))
-    assert cli.cmd_report(_args(url, folder / "report", folder / "artifacts")) == 0
+    assert commands.cmd_report(_args(url, folder / "report", folder / "artifacts")) == 0
     again = json.loads((folder / "report" / "report.json").read_text())
     assert calls == []
     assert all(r["reused"] for r in again["trials"][0]["datasets"])
@@ -191,7 +195,7 @@ def test_rerun_reuses_finished_datasets(reported, monkeypatch):
     # An interrupted report: one dataset's weights lost, only that one is trained again.
     (folder / "report" / f"trial-{first['trials'][0]['trial']}" /
      f"trial-{first['trials'][0]['trial']}-mnist.safetensors").unlink()
-    assert cli.cmd_report(_args(url, folder / "report", folder / "artifacts")) == 0
+    assert commands.cmd_report(_args(url, folder / "report", folder / "artifacts")) == 0
     assert len(calls) == 1 and calls[0][1].epochs == 1
     # Another budget is another run: it trains again from the first dataset.
     class Trained(Exception):
@@ -202,7 +206,7 @@ def test_rerun_reuses_finished_datasets(reported, monkeypatch):
 
     monkeypatch.setattr(retrain, "fit", refuse)
     with pytest.raises(Trained) as info:
-        cli.cmd_report(_args(url, folder / "report", folder / "artifacts", epochs=2))
+        commands.cmd_report(_args(url, folder / "report", folder / "artifacts", epochs=2))
     assert info.value.args == ("cifar10", 2)
 
 
@@ -216,7 +220,7 @@ def test_artifact_round_trips(reported):
     a, b = from_file.state_dict(), from_artifact.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     splits = load_splits(row["dataset"], config.data)
-    from nkat_search.data import BatchLoader
+    from nkat_search.data.loader import BatchLoader
 
     for x, _ in BatchLoader(splits.test_x, splits.test_y, splits.spec, 64, train=False):
         assert torch.equal(from_file(x), from_artifact(x))
@@ -232,9 +236,9 @@ def test_no_completed_trials_is_a_usage_error(tmp_path):
     path.write_text(TINY_STUDY)
     config = load_study(str(path))
     url = f"journal:{tmp_path / 'empty.journal'}"
-    storage.create_or_resume(storage.open_storage(url), url, config, 1)
+    studies.create_or_resume(backends.open_storage(url), url, config, 1)
     with pytest.raises(UsageError, match="no completed trials"):
-        cli.cmd_report(_args(url, tmp_path / "out", tmp_path / "artifacts"))
+        commands.cmd_report(_args(url, tmp_path / "out", tmp_path / "artifacts"))
 
 
 def test_missing_weights_file_is_a_usage_error(tmp_path):
@@ -243,5 +247,5 @@ def test_missing_weights_file_is_a_usage_error(tmp_path):
 
 
 def test_report_flags():
-    args = cli.build_parser().parse_args(["report", "--top", "2", "--epochs", "3"])
-    assert args.func is cli.cmd_report and args.top == 2 and args.epochs == 3 and args.artifacts == "artifacts"
+    args = main.build_parser().parse_args(["report", "--top", "2", "--epochs", "3"])
+    assert args.func is commands.cmd_report and args.top == 2 and args.epochs == 3 and args.artifacts == "artifacts"

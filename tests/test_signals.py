@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import optuna
 import pytest
+from conftest import TINY_STUDY
 from optuna.trial import TrialState
 
-from conftest import TINY_STUDY
-from nkat_search import storage as st
+from nkat_search.storage import backends
 
 # The burst: 10 Ctrl-C 5 ms apart, 3 SIGTERM (docker stop, Slurm), then Ctrl-C every 20 ms until the
 # worker has exited, as a user does who keeps pressing it: the last ones land while Python shuts down.
@@ -45,7 +45,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str):
 
 
 def _study_exists(path, url: str) -> bool:
-    return path.exists() and "tiny" in optuna.get_all_study_names(st.open_storage(url, create=False))
+    return path.exists() and "tiny" in optuna.get_all_study_names(backends.open_storage(url, create=False))
 
 
 def _running_in_training(study: optuna.Study, count: int):
@@ -111,7 +111,7 @@ def run_burst(folder, workers: int) -> Burst:
                             start_new_session=True)  # its own process group, as a shell job has
     try:
         _wait_for(lambda: _study_exists(folder / "s.journal", url), proc, 240, "the study to be created")
-        study = optuna.load_study(study_name="tiny", storage=st.open_storage(url, create=False))
+        study = optuna.load_study(study_name="tiny", storage=backends.open_storage(url, create=False))
         running = _wait_for(lambda: _running_in_training(study, workers), proc, 300,
                             f"{workers} trial(s) running inside training")
         sent = time.monotonic()

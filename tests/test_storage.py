@@ -16,14 +16,15 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
-from optuna.trial import TrialState
-
 from conftest import ROOT
-from nkat_search import storage as st
-from nkat_search.space import suggest
-from nkat_search.study import load_study
-from nkat_search.worker import Worker, run_loop
+from optuna.trial import TrialState
 from pg_server import launch_or_skip
+
+from nkat_search.search import studies
+from nkat_search.search.space import suggest
+from nkat_search.search.study_file import load_study
+from nkat_search.search.worker import Worker, run_loop
+from nkat_search.storage import backends, urls
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -37,19 +38,20 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 WORKERS = """
 import json, logging, os, sys, time, traceback
 import optuna
-from nkat_search import space, storage as st, worker as wk
+from nkat_search.search import space, studies, worker as wk
+from nkat_search.storage import backends, retrying
 
 
 def work(args):
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [pid {os.getpid()}] %(message)s")
     url = args["url"]
     if "grace" in args:
-        store = st.RetryingRDBStorage(url, args["retry"], engine_kwargs={"pool_pre_ping": True},
+        store = retrying.RetryingRDBStorage(url, args["retry"], engine_kwargs={"pool_pre_ping": True},
                                       heartbeat_interval=1, grace_period=args["grace"],
-                                      heartbeat_stale_trial_callback=st.retry)
+                                      heartbeat_stale_trial_callback=retrying.retry)
     else:
-        store = st.open_storage(url, create=False)
-    study, config = st.attach(store, url, args["study"])
+        store = backends.open_storage(url, create=False)
+    study, config = studies.attach(store, url, args["study"])
     w = wk.Worker(study, store, url, config)
 
     def objective(trial):
@@ -99,7 +101,7 @@ print(json.dumps(codes), flush=True)
 
 def create_study(url: str, path: str, budget: int) -> optuna.Study:
     """The study of the tiny study file in the storage at url, with its budget recorded."""
-    return st.create_or_resume(st.open_storage(url), url, load_study(path), budget)
+    return studies.create_or_resume(backends.open_storage(url), url, load_study(path), budget)
 
 
 class Workers:
@@ -195,7 +197,7 @@ def test_two_processes_finish_exactly_the_budget_on_every_storage(kind, tmp_path
     group = workers(2, url, seconds=0.2, steps=2)
     group.release()
     assert group.wait(timeout=240) == [0, 0], group.output()
-    trials = assert_exact_budget(optuna.load_study(study_name="tiny", storage=st.open_storage(url)), 10)
+    trials = assert_exact_budget(optuna.load_study(study_name="tiny", storage=backends.open_storage(url)), 10)
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes ran trials
     assert not [t for t in trials if t.state == TrialState.FAIL]
 
@@ -245,8 +247,8 @@ def test_a_connection_dropped_in_any_storage_call_of_the_worker_loop_costs_no_tr
     # The connection drops at the first statement of that call (nothing of it landed), `drops`
     # times in a row: the worker must go on (retrying the call, or asking again) and fail no trial.
     config = load_study(tiny_study(name=f"{call.strip('_').replace('_', '-')}-{drops}"))
-    store = st.open_storage(sqlite_url)
-    study = st.create_or_resume(store, sqlite_url, config, 3)
+    store = backends.open_storage(sqlite_url)
+    study = studies.create_or_resume(store, sqlite_url, config, 3)
     dropped = []
 
     def drop(conn, cursor, statement, parameters, context, executemany):
@@ -279,12 +281,12 @@ def startup_only(path: str, budget: int) -> str:
 @pytest.mark.slow
 def test_three_workers_never_draw_the_same_start_up_point(pg_url, tiny_study, workers):
     # A seed shared by every worker's sampler would make them all draw the same start-up points;
-    # each trial gets its own seed instead (space.trial_seed).
+    # each trial gets its own seed instead (kinds.trial_seed).
     create_study(pg_url, startup_only(tiny_study(), 12), budget=12)
     group = workers(3, pg_url, seconds=0.3)
     group.release()
     assert group.wait(timeout=240) == [0, 0, 0], group.output()
-    trials = assert_exact_budget(optuna.load_study(study_name="tiny", storage=st.open_storage(pg_url)), 12)
+    trials = assert_exact_budget(optuna.load_study(study_name="tiny", storage=backends.open_storage(pg_url)), 12)
     assert len({t.user_attrs["worker"] for t in trials}) == 3
     points = [(t.params["embed_dim"], t.params["temperature"]) for t in trials]
     assert len(set(points)) == len(points), points
@@ -295,8 +297,8 @@ def test_a_seeded_study_run_twice_by_one_worker_draws_the_same_points_in_the_sam
 
     def run(journal: str) -> list[dict]:
         url = f"journal:{tmp_path / journal}"
-        store = st.open_storage(url)
-        study = st.create_or_resume(store, url, config, 6)
+        store = backends.open_storage(url)
+        study = studies.create_or_resume(store, url, config, 6)
 
         def objective(trial):
             params = suggest(trial, config)
@@ -313,7 +315,6 @@ def test_a_seeded_study_run_twice_by_one_worker_draws_the_same_points_in_the_sam
 def _peak_connections(port: int, dbname: str, stop: threading.Event, peaks: dict) -> None:
     """Sample the database's connections until stop: the peak in all, and per application_name."""
     import psycopg
-
     from pg_server import PASSWORD, USER
 
     with psycopg.connect(host="127.0.0.1", port=port, user=USER, password=PASSWORD, dbname="postgres",
@@ -342,8 +343,8 @@ def test_48_workers_fit_a_server_with_100_connections_and_finish_the_budget_exac
     count, budget = 48, 96
     url = server_100.create_database("many")
     # Start-up trials only, so that sampling stays cheap: this is the storage's test.
-    store = st.open_storage(url)
-    st.create_or_resume(store, url, load_study(startup_only(tiny_study(), budget)), budget)
+    store = backends.open_storage(url)
+    studies.create_or_resume(store, url, load_study(startup_only(tiny_study(), budget)), budget)
     store.engine.dispose()  # the workers have the server to themselves (this process keeps its lock connection)
     # Each worker names itself (application_name), so the server tells its connections apart.
     group = workers(count, [f"{url}?application_name=worker-{i}" for i in range(count)], seconds=0.005)
@@ -357,13 +358,13 @@ def test_48_workers_fit_a_server_with_100_connections_and_finish_the_budget_exac
         stop.set()
         sampler.join()
     assert codes == [0] * count, group.output(tail=1500)
-    trials = assert_exact_budget(optuna.load_study(study_name="tiny", storage=st.open_storage(url)), budget)
+    trials = assert_exact_budget(optuna.load_study(study_name="tiny", storage=backends.open_storage(url)), budget)
     assert not [t for t in trials if t.state == TrialState.FAIL]
     print(f"\n48 workers: peak {peaks['all']} connections in all, at most {peaks['per_worker']} per worker, "
           f"{peaks['workers_connected']} workers connected at once; "
           f"{len({t.user_attrs['worker'] for t in trials})} workers ran trials")
     assert peaks["workers_connected"] == count
-    assert peaks["per_worker"] <= st.POOL_SIZE + st.POOL_OVERFLOW + st.LOCK_CONNECTIONS  # the bound storage.py states
+    assert peaks["per_worker"] <= urls.POOL_SIZE + urls.POOL_OVERFLOW + urls.LOCK_CONNECTIONS  # the bound storage.py states
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,12 +385,12 @@ AMBIGUOUS = [  # passwords holding '@' (and ':' or '/') that are not percent-enc
 def test_a_url_whose_password_holds_an_at_sign_is_masked_whole_and_refused(url, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scheme = url.split("://")[0]
-    assert st.mask(url) == f"{scheme}://***"
-    with pytest.raises(st.UsageError) as err:
-        st.open_storage(url, create=True)
+    assert urls.mask(url) == f"{scheme}://***"
+    with pytest.raises(urls.UsageError) as err:
+        backends.open_storage(url, create=True)
     message = str(err.value)
     assert "SECRET" not in message and f"{scheme}://***" in message and "%40" in message, message
-    assert "SECRET" not in st.mask_text(f"could not connect to {url} as nkat:SECRET@SECRET", url)
+    assert "SECRET" not in urls.mask_text(f"could not connect to {url} as nkat:SECRET@SECRET", url)
     assert not list(tmp_path.iterdir())
 
 
@@ -400,14 +401,14 @@ def test_a_url_whose_password_holds_an_at_sign_is_masked_whole_and_refused(url, 
     ("sqlite:///folder@home/study@1.db", "sqlite:///folder@home/study@1.db"),
 ])
 def test_a_url_that_reads_one_way_is_shown_with_its_password_masked(url, shown):
-    assert st.mask(url) == shown
-    assert st.parse_url(url) is not None
+    assert urls.mask(url) == shown
+    assert urls.parse_url(url) is not None
 
 
 def test_masking_a_message_leaves_its_words_alone_when_the_password_is_short():
     text = "connection to server at 127.0.0.1 failed: password authentication failed for user nkat"
-    assert st.mask_text(text, "postgresql+psycopg://nkat:e@127.0.0.1/x") == text
-    assert st.mask_text("rejected hunter22 as a password", "postgresql://nkat:hunter22@h/x") == \
+    assert urls.mask_text(text, "postgresql+psycopg://nkat:e@127.0.0.1/x") == text
+    assert urls.mask_text("rejected hunter22 as a password", "postgresql://nkat:hunter22@h/x") == \
         "rejected *** as a password"
 
 
@@ -415,16 +416,16 @@ def test_masking_a_message_leaves_its_words_alone_when_the_password_is_short():
 def test_a_sqlite_file_that_is_not_a_database_is_named_and_left_alone(tmp_path, create):
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(bytes(range(256)) * 16)
-    with pytest.raises(st.UsageError) as err:
-        st.open_storage(f"sqlite:///{garbage}", create=create)
+    with pytest.raises(urls.UsageError) as err:
+        backends.open_storage(f"sqlite:///{garbage}", create=create)
     message = str(err.value)
     assert "file is not a database" in message and "host" not in message and message.endswith("."), message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.db"]  # no lock file beside it
 
 
 def test_a_read_only_open_of_an_unreachable_server_gives_the_drivers_reason():
-    with pytest.raises(st.UsageError) as err:
-        st.open_storage("postgresql+psycopg://nkat:SECRET-pw@127.0.0.1:1/x", create=False)
+    with pytest.raises(urls.UsageError) as err:
+        backends.open_storage("postgresql+psycopg://nkat:SECRET-pw@127.0.0.1:1/x", create=False)
     message = str(err.value)
     assert "Connection refused" in message and "An exception is raised" not in message, message
     assert "SECRET" not in message
@@ -435,10 +436,10 @@ def test_warm_start_from_an_unknown_study_is_refused_before_anything_is_created(
     config = load_study(str(ROOT / "nkat_search" / "studies" / "smoke.toml"))
     url = f"journal:{tmp_path / 's.journal'}"
     if existing:
-        st.create_or_resume(st.open_storage(url), url, config, 1)
+        studies.create_or_resume(backends.open_storage(url), url, config, 1)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(st.UsageError, match=r"--warm-start-from 'nope': no such study in .* \(it holds: none\)"):
-        st.check_warm_start_source(url, config, "nope")
-    with pytest.raises(st.UsageError, match="names the study itself"):
-        st.check_warm_start_source(url, config, config.name)
+    with pytest.raises(urls.UsageError, match=r"--warm-start-from 'nope': no such study in .* \(it holds: none\)"):
+        studies.check_warm_start_source(url, config, "nope")
+    with pytest.raises(urls.UsageError, match="names the study itself"):
+        studies.check_warm_start_source(url, config, config.name)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -1,10 +1,10 @@
 """Study files: the shipped ones load, and every kind of mistake is one sentence naming file and key."""
 
 import pytest
-
 from conftest import ROOT, TINY_STUDY, cli
+
 from nkat_search.config import TrainConfig, UsageError
-from nkat_search.study import StudyConfig, load_study
+from nkat_search.search.study_file import StudyConfig, load_study
 
 
 @pytest.mark.parametrize("name", ["round2", "smoke"])

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from nkat_search import synthetic
-from nkat_search.data import DATASETS
+from nkat_search.data import synthetic
+from nkat_search.data.files import DATASETS
 
 NAMES = list(DATASETS)
 

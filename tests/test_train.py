@@ -4,11 +4,12 @@
 import pytest
 import torch
 
-from nkat_search import train
+from nkat_search import devices, train
 from nkat_search.config import DataConfig, ModelConfig, TrainConfig
-from nkat_search.data import load_splits
+from nkat_search.data.loader import load_splits
+from nkat_search.devices import choose_precision
 from nkat_search.metrics import local_tpe
-from nkat_search.train import NonFiniteLossError, Timings, choose_precision, fit, warmup_cosine
+from nkat_search.train import NonFiniteLossError, Timings, fit, warmup_cosine
 
 TINY = ModelConfig(embed_dim=16, depth=1, num_heads=2)
 # fp32: bit-reproducible on every CPU (auto would pick bf16 where the CPU has it natively).
@@ -99,11 +100,11 @@ CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx2 avx51
 def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, extra, found):
     path = tmp_path / "cpuinfo"
     path.write_text(CPUINFO.format(extra=extra))
-    assert train.cpu_bf16_flags(str(path)) == found
+    assert devices.cpu_bf16_flags(str(path)) == found
 
 
 def test_without_a_cpuinfo_the_flags_are_unknown(tmp_path):
-    assert train.cpu_bf16_flags(str(tmp_path / "absent")) is None
+    assert devices.cpu_bf16_flags(str(tmp_path / "absent")) is None
 
 
 @pytest.mark.parametrize("precision, device, flags, dtype, why", [
@@ -117,7 +118,7 @@ def test_without_a_cpuinfo_the_flags_are_unknown(tmp_path):
     ("bf16", "cpu", (), torch.bfloat16, "bf16 asked for"),
 ])
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, precision, device, flags, dtype, why):
-    monkeypatch.setattr(train, "cpu_bf16_flags", lambda: flags)
+    monkeypatch.setattr(devices, "cpu_bf16_flags", lambda: flags)
     got, reason = choose_precision(precision, torch.device(device))
     assert got == dtype and why in reason
 

@@ -8,19 +8,20 @@ import time
 
 import optuna
 import pytest
+from conftest import cli, spawn
 from optuna.trial import TrialState
 
-from conftest import cli, spawn
-from nkat_search import storage as st
 from nkat_search.config import UsageError
-from nkat_search.study import load_study
-from nkat_search.worker import WorkerStopped, alive, run_worker
+from nkat_search.search import studies
+from nkat_search.search.study_file import load_study
+from nkat_search.search.worker import WorkerStopped, alive, run_worker
+from nkat_search.storage import backends
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def _load(url: str, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=st.open_storage(url))
+    return optuna.load_study(study_name=name, storage=backends.open_storage(url))
 
 
 def _wait_for(predicate, timeout: float = 120, what: str = "condition"):
@@ -110,13 +111,13 @@ def test_a_killed_worker_is_detected_and_its_trial_retried_on_the_embedded_stora
 
 def test_consecutive_failures_stop_the_worker_with_a_clear_message(tiny_study, tmp_path, monkeypatch):
     url = f"journal:{tmp_path / 's.journal'}"
-    store = st.open_storage(url)
-    st.create_or_resume(store, url, load_study(tiny_study(trials=5)), 5)
+    store = backends.open_storage(url)
+    studies.create_or_resume(store, url, load_study(tiny_study(trials=5)), 5)
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr("nkat_search.objective.fit", broken)
+    monkeypatch.setattr("nkat_search.search.objective.fit", broken)
     with pytest.raises(WorkerStopped, match="3 trials in a row failed"):
         run_worker(url, "tiny", max_failures=3, poll_seconds=0.1)
     failed = optuna.load_study(study_name="tiny", storage=store).get_trials()
@@ -129,16 +130,16 @@ def test_max_failures_reaches_every_worker_process_of_start(tiny_study, tmp_path
     # too, through sitecustomize): with --max-failures 1 each of the two worker processes stops
     # after its first failed trial; the default of 3 would have failed six.
     (tmp_path / "sitecustomize.py").write_text(
-        "import nkat_search.objective\n"
+        "import nkat_search.search.objective\n"
         "def fit(*args, **kwargs):\n"
         "    raise RuntimeError('CUDA out of memory (simulated)')\n"
-        "nkat_search.objective.fit = fit\n")
+        "nkat_search.search.objective.fit = fit\n")
     url = f"journal:{tmp_path / 's.journal'}"
     run = cli("start", "--study", tiny_study(trials=10), "--storage", url, "--workers", "2", "--max-failures", "1",
               env={"PYTHONPATH": str(tmp_path)})
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert "1 trial in a row failed" in run.stderr
-    failed = optuna.load_study(study_name="tiny", storage=st.open_storage(url)).get_trials(states=(TrialState.FAIL,))
+    failed = optuna.load_study(study_name="tiny", storage=backends.open_storage(url)).get_trials(states=(TrialState.FAIL,))
     assert [t.user_attrs["fail_reason"] for t in failed] == ["RuntimeError: CUDA out of memory (simulated)"] * 2
 
 
@@ -161,15 +162,15 @@ def test_start_resumes_the_same_definition_and_refuses_a_different_one(tiny_stud
     changed = cli("start", "--study", path, "--storage", url, "--workers", "0")
     assert changed.returncode == 2
     assert "already exists" in changed.stderr and "stage1.epochs" in changed.stderr
-    assert len(optuna.get_all_study_names(st.open_storage(url))) == 1
+    assert len(optuna.get_all_study_names(backends.open_storage(url))) == 1
 
 
 def _run_trivial(url: str, name: str) -> optuna.Study:
     """Run a study's budget with a torch-free objective (the storage path of a worker only)."""
-    from nkat_search import space, worker
+    from nkat_search.search import space, worker
 
-    store = st.open_storage(url, create=False)
-    study, config = st.attach(store, url, name)
+    store = backends.open_storage(url, create=False)
+    study, config = studies.attach(store, url, name)
     assert worker.run_loop(worker.Worker(study, store, url, config),
                            lambda trial: space.suggest(trial, config)["embed_dim"] / 16, poll_seconds=0.1) == 0
     return study
@@ -178,8 +179,8 @@ def _run_trivial(url: str, name: str) -> optuna.Study:
 def test_enqueued_configurations_run_first_and_once(tiny_study, tmp_path):
     url = f"journal:{tmp_path / 's.journal'}"
     config = load_study(tiny_study(trials=3, extra="\n[[enqueue]]\nembed_dim = 16\ntemperature = 0.65\n"))
-    st.create_or_resume(st.open_storage(url), url, config, 3)
-    st.create_or_resume(st.open_storage(url), url, config, 3)  # a resume enqueues nothing new
+    studies.create_or_resume(backends.open_storage(url), url, config, 3)
+    studies.create_or_resume(backends.open_storage(url), url, config, 3)  # a resume enqueues nothing new
     study = _run_trivial(url, "tiny")
     trials = study.get_trials()
     assert len(trials) == 3 and trials[0].params == {"embed_dim": 16, "temperature": 0.65}
@@ -188,22 +189,22 @@ def test_enqueued_configurations_run_first_and_once(tiny_study, tmp_path):
 
 def test_warm_start_adds_history_outside_the_budget_and_refuses_a_misfit(tiny_study, tmp_path):
     url = f"journal:{tmp_path / 's.journal'}"
-    store = st.open_storage(url)
-    st.create_or_resume(store, url, load_study(tiny_study(name="first", trials=3)), 3)
+    store = backends.open_storage(url)
+    studies.create_or_resume(store, url, load_study(tiny_study(name="first", trials=3)), 3)
     _run_trivial(url, "first")
     second = load_study(tiny_study(name="second", trials=2))
-    st.create_or_resume(st.open_storage(url), url, second, 2, warm_start_from="first")
-    st.create_or_resume(st.open_storage(url), url, second, 2, warm_start_from="first")  # no second copy
+    studies.create_or_resume(backends.open_storage(url), url, second, 2, warm_start_from="first")
+    studies.create_or_resume(backends.open_storage(url), url, second, 2, warm_start_from="first")  # no second copy
     study = _run_trivial(url, "second")
-    warm = [t for t in study.get_trials() if st.is_warm_start(t)]
+    warm = [t for t in study.get_trials() if studies.is_warm_start(t)]
     assert len(warm) == 3 and all(t.state == TrialState.COMPLETE for t in warm)
-    assert len([t for t in study.get_trials() if not st.is_warm_start(t)]) == 2  # the budget, run here
+    assert len([t for t in study.get_trials() if not studies.is_warm_start(t)]) == 2  # the budget, run here
     narrow = dataclasses_replace_space(load_study(tiny_study(name="third", trials=2)), "temperature",
                                        low=0.99, high=1.0)
     with pytest.raises(UsageError, match="outside this study's ranges"):
-        st.create_or_resume(st.open_storage(url), url, narrow, 2, warm_start_from="first")
+        studies.create_or_resume(backends.open_storage(url), url, narrow, 2, warm_start_from="first")
     with pytest.raises(UsageError, match="no such study"):
-        st.create_or_resume(st.open_storage(url), url, second, 2, warm_start_from="nope")
+        studies.create_or_resume(backends.open_storage(url), url, second, 2, warm_start_from="nope")
 
 
 def dataclasses_replace_space(config, name: str, **changes):

@@ -16,20 +16,46 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import (DATASET_NAMES, DATASET_SHAPES, INT64, PRUNERS, SAMPLERS, DataConfig, ModelConfig, PrunerConfig,
-                     SamplerConfig, TrainConfig, UsageError, adapt_patch_size, field_names, kind_dict)
+from ..config import (
+    DATASET_NAMES,
+    DATASET_SHAPES,
+    INT64,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    UsageError,
+    adapt_patch_size,
+    field_names,
+)
+from .kinds import PRUNERS, SAMPLERS, PrunerConfig, SamplerConfig, kind_dict
 
 MODEL_KEYS = field_names(ModelConfig) - {"in_chans", "img_size", "num_classes"}  # the dataset decides those
+
+
 TRAIN_KEYS = field_names(TrainConfig) - {"epochs"}  # each stage sets its epochs
+
+
 # Set by the recipe or the machine, never a hyperparameter of a trial.
 NOT_SEARCHABLE = {"epochs", "precision", "limit_train", "compile"}
+
+
 SEARCHABLE = (MODEL_KEYS | TRAIN_KEYS) - NOT_SEARCHABLE
+
+
 # Parameters whose valid values depend on each other (divisibility, feature-map size): their
 # searched values are checked in every combination.
 COUPLED = ("conv_stem", "patch_size", "embed_dim", "num_heads", "split_heads", "mlp_ratio")
+
+
 MAX_COMBINATIONS = 20000
+
+
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 PLAIN_KEY = re.compile(r"[\w.\[\]-]+")
+
+
 SECTIONS = ("study", "sampler", "pruner", "stage1", "stage2", "data", "model", "train", "report", "space", "enqueue")
 
 
@@ -174,13 +200,9 @@ def _jsonable(value):
     return value
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading a study file
-
-
 def packaged_studies() -> dict[str, Path]:
     """The study files shipped inside the package, by name (round2, smoke)."""
-    folder = Path(__file__).with_name("studies")
+    folder = Path(__file__).parent.parent / "studies"
     return {p.stem: p for p in sorted(folder.glob("*.toml"))}
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from .config import TrainConfig
-from .data import BatchLoader, Splits
+from ..config import TrainConfig
+from ..data.loader import BatchLoader, Splits
 
 CLASS_NAMES = {
     "cifar10": ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),

@@ -14,15 +14,18 @@ import optuna
 import optuna_dashboard
 from optuna.trial import FrozenTrial, TrialState
 
-from .config import UsageError
-
 if TYPE_CHECKING:
     import plotly.graph_objects as go
+from ..config import UsageError
 
 log = logging.getLogger("nkat_search")
+
+
 # (user attribute suffix, column title) of the per-dataset table; objective.record() sets these.
 DATASET_COLUMNS = (("accuracy", "accuracy"), ("local_tpe", "local TPE"), ("params", "params"),
                    ("lambda", "lambda"), ("seconds", "seconds"), ("epochs", "epochs"))
+
+
 # Study user attribute: {graph object id: sha256 of the figure's JSON} of the figures saved for
 # the dashboard. optuna-dashboard has no public reader of saved figures, so this is how a rerun
 # of `plots` on an unchanged study knows to write nothing.

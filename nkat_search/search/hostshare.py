@@ -44,7 +44,11 @@ import filelock
 import psutil
 
 log = logging.getLogger("nkat_search")
+
+
 KINDS = ("cpu", "gpu")
+
+
 # An unlocked registry file younger than this may be one whose owner is between creating and
 # locking it; older ones are left over from a dead worker and are removed.
 STALE_SECONDS = 60.0

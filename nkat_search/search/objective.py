@@ -16,12 +16,12 @@ from collections.abc import Callable
 
 import optuna
 
-from .data import Splits
-from .progress import StudyProgress
-from .metrics import consistency, global_tpe, robustness
+from ..data.loader import Splits
+from ..metrics import consistency, global_tpe, robustness
+from ..outputs.progress import StudyProgress
+from ..train import FitResult, NonFiniteLossError, Timings, fit
 from .space import suggest
-from .study import StudyConfig
-from .train import FitResult, NonFiniteLossError, Timings, fit
+from .study_file import StudyConfig
 
 log = logging.getLogger("nkat_search")
 

@@ -9,40 +9,16 @@ is always held out of the training set; the test set is never touched by model s
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
+from ..config import DataConfig, TrainConfig, UsageError
 from . import synthetic
-from .config import DataConfig, TrainConfig, UsageError
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    channels: int
-    image_size: int
-    num_classes: int
-    mean: tuple[float, ...]  # per channel, on the [0, 1] scale
-    std: tuple[float, ...]
-    hflip: bool  # only for natural images: a flipped digit or letter is another glyph
-
-
-# Standard published per-channel statistics of each real training set; synthetic images use the
-# same so that a model sees the same input scale from either source.
-DATASETS: dict[str, DatasetSpec] = {
-    "cifar10": DatasetSpec("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
-    "mnist": DatasetSpec("mnist", 1, 28, 10, (0.1307,), (0.3081,), False),
-    "fashion_mnist": DatasetSpec("fashion_mnist", 1, 28, 10, (0.2860,), (0.3530,), False),
-    "emnist_letters": DatasetSpec("emnist_letters", 1, 28, 26, (0.1722,), (0.3309,), False),
-}
+from .augment import RANDAUGMENT_OPS, randaugment_magnitude
+from .files import DatasetSpec, _torchvision, get_spec
 
 
 @dataclass
@@ -54,20 +30,6 @@ class Splits:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-
-
-def get_spec(name: str) -> DatasetSpec:
-    """The spec of a dataset by name."""
-    if name not in DATASETS:
-        raise UsageError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}.")
-    return DATASETS[name]
-
-
-def ensure_available(name: str, data: DataConfig) -> None:
-    """Download a real dataset when absent, or fail with a UsageError; synthetic data always is."""
-    spec = get_spec(name)
-    if data.source == "torchvision":
-        _torchvision(spec, data)
 
 
 def load_splits(name: str, data: DataConfig, device: str | torch.device = "cpu") -> Splits:
@@ -101,154 +63,6 @@ def load_splits(name: str, data: DataConfig, device: str | torch.device = "cpu")
         move(train_x[val]), move(train_y[val]),
         move(test_x), move(test_y),
     )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# Real files through torchvision
-
-
-def _torchvision(spec: DatasetSpec, data: DataConfig) -> tuple[torch.Tensor, ...]:
-    """Train and test images and labels of a real dataset under data.root.
-
-    The files are looked for first and a download is tried only when they are absent, so a
-    machine without network fails in one step with a sentence instead of a traceback. CIFAR-10
-    goes through torchvision too, so its files are checked against the published md5 sums; the
-    tests write tiny files in the real format and replace only that md5 check."""
-    root = data.root
-    datasets = torchvision.datasets
-    build = {
-        "cifar10": lambda train, dl: datasets.CIFAR10(root, train=train, download=dl),
-        "mnist": lambda train, dl: datasets.MNIST(root, train=train, download=dl),
-        "fashion_mnist": lambda train, dl: datasets.FashionMNIST(root, train=train, download=dl),
-        "emnist_letters": lambda train, dl: datasets.EMNIST(root, split="letters", train=train, download=dl),
-    }[spec.name]
-    try:
-        train, test = build(True, False), build(False, False)
-    except RuntimeError:  # torchvision's "Dataset not found or corrupted"
-        if not data.download:
-            raise UsageError(_missing(spec.name, root, "download is off")) from None
-        if not _writable(root):
-            raise UsageError(_missing(spec.name, root, f"{root} is not writable")) from None
-        made = _first_missing(Path(root))
-        try:
-            train, test = build(True, True), build(False, True)
-        except Exception as err:  # any network, HTTP, checksum or archive error
-            if made is not None:
-                _remove_if_only_folders(made)
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            reason = (lines[-1] if lines else type(err).__name__)[:120]
-            raise UsageError(_missing(spec.name, root, reason)) from None
-    return (*_arrays(spec.name, train), *_arrays(spec.name, test))
-
-
-def _arrays(name: str, ds) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [N, C, H, W] images and int64 labels from a torchvision dataset's arrays."""
-    if name == "cifar10":
-        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # stored HWC
-        return x.contiguous(), torch.tensor(ds.targets, dtype=torch.int64)
-    x, y = ds.data.unsqueeze(1), ds.targets.to(torch.int64)
-    if name == "emnist_letters":
-        # EMNIST's raw arrays are stored transposed (column-major); labels are 1..26.
-        x, y = x.transpose(-1, -2), y - 1
-    return x.contiguous(), y
-
-
-def _idx_files(folder: str, prefix: str, train: str, test: str) -> str:
-    names = [f"{prefix}{split}-{kind}-ubyte" for split in (train, test) for kind in ("images-idx3", "labels-idx1")]
-    return f"{folder}/ containing {', '.join(names[:-1])} and {names[-1]}"
-
-
-_FILES = {
-    "cifar10": "the extracted cifar-10-batches-py/ (or cifar-10-python.tar.gz, used when download is on)",
-    "mnist": _idx_files("MNIST/raw", "", "train", "t10k"),
-    "fashion_mnist": _idx_files("FashionMNIST/raw", "", "train", "t10k"),
-    "emnist_letters": _idx_files("EMNIST/raw", "emnist-letters-", "train", "test"),
-}
-
-
-def _missing(name: str, root: str, reason: str) -> str:
-    return (
-        f"{name} is not under {root}/ and could not be downloaded ({reason}); "
-        f"place {_FILES[name]} under {root}/ or pass --data-root."
-    )
-
-
-def _first_missing(root: Path) -> Path | None:
-    """The outermost folder of root that does not exist yet (root itself, or one above it), or None."""
-    path, missing = root.resolve(), None
-    while not path.exists():
-        path, missing = path.parent, path
-    return missing
-
-
-def _remove_if_only_folders(top: Path) -> None:
-    """Remove top, a folder the failed download made, when it holds nothing but folders, so that a
-    refused start leaves the user's working folder as it found it. Any file in it (another
-    process's download into the same new root, a partial archive) keeps the whole folder; a
-    process that has made a folder there but not yet a file can lose it, and then fails its own
-    download with the reason, as on any other error."""
-    if top.is_dir() and all(p.is_dir() for p in top.rglob("*")):
-        shutil.rmtree(top, ignore_errors=True)
-
-
-def _writable(root: str) -> bool:
-    path = Path(root).resolve()
-    while not path.exists():
-        path = path.parent
-    return os.access(path, os.W_OK)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches
-
-
-# RandAugment (Cubuk et al. 2020) as torchvision's v2.RandAugment defines it, written out here so
-# that a torchvision upgrade cannot change our augmentation silently (tests/test_data.py checks
-# that every image v2.RandAugment makes is one this table makes). Each op: its magnitude at M = 0
-# and at M = 30 (linear between, over 31 bins), whether a random sign applies, and the public
-# functional op; geometric ops use nearest interpolation and fill 0 outside the image.
-RANDAUGMENT_BINS = 31
-_NEAREST = TF.InterpolationMode.NEAREST
-
-
-def _shear(x: torch.Tensor, factor: float, axis: int) -> torch.Tensor:
-    # The papers' shear factor is tan(angle); about the top-left corner, as the reference code does.
-    angle = math.degrees(math.atan(factor))
-    return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[angle, 0.0] if axis == 0 else [0.0, angle],
-                     interpolation=_NEAREST, center=[0, 0])
-
-
-RANDAUGMENT_OPS = {
-    "Identity": (0.0, 0.0, False, lambda x, m: x),
-    "ShearX": (0.0, 0.3, True, lambda x, m: _shear(x, m, 0)),
-    "ShearY": (0.0, 0.3, True, lambda x, m: _shear(x, m, 1)),
-    # Translations in whole pixels, up to 150/331 of the side (the paper's 150 px on 331 px images).
-    "TranslateX": (0.0, 150 / 331, True, lambda x, m: TF.affine(
-        x, angle=0.0, translate=[int(m), 0], scale=1.0, shear=[0.0, 0.0], interpolation=_NEAREST)),
-    "TranslateY": (0.0, 150 / 331, True, lambda x, m: TF.affine(
-        x, angle=0.0, translate=[0, int(m)], scale=1.0, shear=[0.0, 0.0], interpolation=_NEAREST)),
-    "Rotate": (0.0, 30.0, True, lambda x, m: TF.rotate(x, angle=m, interpolation=_NEAREST)),  # degrees
-    "Brightness": (0.0, 0.9, True, lambda x, m: TF.adjust_brightness(x, 1.0 + m)),
-    "Color": (0.0, 0.9, True, lambda x, m: TF.adjust_saturation(x, 1.0 + m)),  # grayscale: unchanged
-    "Contrast": (0.0, 0.9, True, lambda x, m: TF.adjust_contrast(x, 1.0 + m)),
-    "Sharpness": (0.0, 0.9, True, lambda x, m: TF.adjust_sharpness(x, 1.0 + m)),
-    "Posterize": (8.0, 4.0, False, lambda x, m: TF.posterize(x, bits=int(m))),  # bits kept
-    # Pixels at or above the threshold (a fraction of 255) are inverted.
-    "Solarize": (1.0, 0.0, False, lambda x, m: TF.solarize(x, threshold=255 * m)),
-    "AutoContrast": (0.0, 0.0, False, lambda x, m: TF.autocontrast(x)),
-    "Equalize": (0.0, 0.0, False, lambda x, m: TF.equalize(x)),
-}
-
-
-def randaugment_magnitude(op: str, m: int, height: int, width: int) -> float:
-    """The magnitude of a RandAugment op at bin m (0-30) on height x width images.
-
-    A float32 linspace as torchvision computes it, so that thresholds agree to the bit (Solarize
-    at M = 10 is 170.000005, not 170: a pixel of 170 stays)."""
-    low, high, _, _ = RANDAUGMENT_OPS[op]
-    side = {"TranslateX": width, "TranslateY": height}.get(op, 1)
-    value = float(torch.linspace(low * side, high * side, RANDAUGMENT_BINS)[m])
-    return float(round(value)) if op == "Posterize" else value
 
 
 def _crop(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, size: int) -> torch.Tensor:

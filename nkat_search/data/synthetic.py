@@ -32,10 +32,14 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from .data import DatasetSpec
+    from .files import DatasetSpec
+
 
 FIELD = 64  # prototype resolution over the glyph coordinates [-0.5, 1.5]^2 (32 cells per unit)
+
+
 CHUNK = 1024  # images warped at once (bounds memory: CHUNK x channels x FIELD^2 floats)
+
 
 Point = tuple[float, float]
 
@@ -55,9 +59,6 @@ def seg(x0: float, y0: float, x1: float, y1: float) -> list[Point]:
     return [(x0, y0), (x1, y1)]
 
 
-# ---------------------------------------------------------------------------------------------
-# Glyphs: pen strokes (polylines) in the unit box, x right, y down.
-
 DIGITS: list[list[list[Point]]] = [
     [ring(.5, .5, .3, .42)],
     [[(.32, .25), (.52, .08), (.52, .92)]],
@@ -70,6 +71,7 @@ DIGITS: list[list[list[Point]]] = [
     [ring(.5, .28, .2, .2), ring(.5, .7, .24, .22)],
     [ring(.48, .32, .23, .24), [(.71, .35), (.62, .92)]],
 ]
+
 
 UPPER: list[list[list[Point]]] = [
     [[(.15, .92), (.5, .08), (.85, .92)], seg(.3, .6, .7, .6)],  # A
@@ -100,6 +102,7 @@ UPPER: list[list[list[Point]]] = [
     [[(.2, .08), (.5, .5), (.8, .08)], seg(.5, .5, .5, .92)],  # Y
     [[(.2, .08), (.8, .08), (.2, .92), (.8, .92)]],  # Z
 ]
+
 
 LOWER: list[list[list[Point]]] = [
     [ring(.46, .68, .21, .23), seg(.67, .42, .69, .92)],  # a
@@ -132,11 +135,6 @@ LOWER: list[list[list[Point]]] = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------
-# Silhouettes: filled polygons (and thick strokes) for the body; thin lines or a second set of
-# polygons for the details (seams, zips; wheels, windows, eyes).
-
-
 def mirror(points: list[Point]) -> list[Point]:
     return [(1 - x, y) for x, y in points]
 
@@ -146,7 +144,11 @@ def _garment(body, limbs=(), details=(), widths=0.0):
 
 
 SLEEVE_SHORT = [(.76, .08), (1.0, .3), (.9, .42), (.76, .32)]
+
+
 SLEEVE_LONG = [(.74, .06), (.97, .86), (.83, .9), (.7, .36)]
+
+
 GARMENTS = [
     _garment([(.38, .05), (.5, .13), (.62, .05), (.77, .08), (.78, .98), (.22, .98), (.23, .08)],
              [SLEEVE_SHORT, mirror(SLEEVE_SHORT)], [arc(.5, .05, .12, .08, 0, 180)]),  # T-shirt/top
@@ -173,9 +175,12 @@ GARMENTS = [
              details=[seg(.12, .82, .98, .84), seg(.18, .12, .52, .12)]),  # ankle boot
 ]
 
+
 # CIFAR-10 objects, side view facing right: body polygons, leg/tail strokes, and parts in a
 # second colour.
 LEG = 0.035
+
+
 OBJECTS = [
     {"fill": [ring(.5, .5, .46, .07), [(.44, .5), (.3, .86), (.4, .86), (.62, .5)],
               [(.46, .49), (.4, .24), (.46, .24), (.6, .49)], [(.1, .5), (.04, .26), (.14, .26), (.24, .49)]],
@@ -214,11 +219,9 @@ OBJECTS = [
 
 
 GLYPHS = {"digits": DIGITS, "letters": UPPER + LOWER}
+
+
 SHAPES = {"garments": (GARMENTS, "detail"), "objects": (OBJECTS, "part")}
-
-
-# ---------------------------------------------------------------------------------------------
-# Distance fields
 
 
 def _grid(n: int = FIELD) -> torch.Tensor:
@@ -281,10 +284,6 @@ def shape_fields(name: str) -> torch.Tensor:
     return _fields(out)
 
 
-# ---------------------------------------------------------------------------------------------
-# Sampling: one warp per image
-
-
 def _uniform(g: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, generator=g)
 
@@ -341,10 +340,6 @@ def _hsv(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return v - v * s * torch.minimum(t, 4 - t).clamp(0, 1)
 
 
-# ---------------------------------------------------------------------------------------------
-# The four datasets
-
-
 def _labels(g: torch.Generator, n: int, k: int) -> torch.Tensor:
     """Balanced labels 0..k-1 in random order."""
     return (torch.arange(n) % k)[torch.randperm(n, generator=g)]
@@ -396,7 +391,11 @@ SCENES = {  # hue, saturation, value of the ground; whether the top of the pictu
     "sky": (0.58, 0.45, 0.85, False), "grass": (0.27, 0.6, 0.55, True), "water": (0.55, 0.7, 0.5, True),
     "road": (0.08, 0.25, 0.5, True), "indoor": (0.07, 0.45, 0.65, False), "forest": (0.33, 0.65, 0.35, False),
 }
+
+
 SKY = (0.58, 0.4)
+
+
 # Per class: how often it appears on each scene (order of SCENES), object hue centre and spread,
 # saturation range. Scenes are typical, not decisive: several classes share each one.
 CLASS_LOOKS = [
@@ -472,7 +471,7 @@ def write_samples(spec: DatasetSpec, out_path, per_class: int = 6, stream: int =
 
     from matplotlib.figure import Figure
 
-    from .preview import CLASS_NAMES
+    from ..outputs.preview import CLASS_NAMES
 
     k = spec.num_classes
     x, y = images(spec, k * per_class * 3, stream)

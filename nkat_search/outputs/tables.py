@@ -10,8 +10,8 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from .config import UsageError
-from .study import StudyConfig
+from ..config import UsageError
+from ..search.study_file import StudyConfig
 
 METRICS = ("accuracy", "local_tpe", "params", "lambda")
 

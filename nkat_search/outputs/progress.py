@@ -25,10 +25,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 log = logging.getLogger("nkat_search")
 
+
 # Short names in a trial's one-line parameters; embed_dim and depth fold into d=EMBEDxDEPTH.
 SHORT = {"conv_stem": "stem", "patch_size": "p", "temperature": "T", "top_k": "top_k", "top_p": "top_p",
          "nkat_strength": "s", "nkat_decay": "r", "dropout_attn": "drop_attn", "dropout_embed": "drop_embed",
          "learning_rate": "lr"}
+
+
 # A study is re-read from the storage at most this often (each epoch and trial end asks).
 REFRESH_SECONDS = 1.0
 
@@ -284,8 +287,14 @@ class TrainProgress:
     def __enter__(self) -> TrainProgress:
         if self.live:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             console = self.console or Console(file=self.stream)
             self._progress = Progress(

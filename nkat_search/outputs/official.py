@@ -32,29 +32,34 @@ from optuna.trial import FrozenTrial, TrialState
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, UsageError
-from .study import StudyConfig
-from .data import load_splits
-from .metrics import consistency, global_tpe, local_tpe, robustness
-from .model import NKATViT
-from .report import datasets_of
-from .train import fit
+from ..config import ModelConfig, UsageError
+from ..data.loader import load_splits
+from ..metrics import consistency, global_tpe, local_tpe, robustness
+from ..model import NKATViT
+from ..search.study_file import StudyConfig
+from ..train import fit
+from .tables import datasets_of
 
 log = logging.getLogger("nkat_search")
 
+
 # seed-notes, "Where the research stood": the Stage-2 targets.
 STAGE2_TARGETS = {"global_tpe": 0.70, "consistency": 0.80, "robustness": 0.75}
+
+
 STAGE2_TITLES = {"global_tpe": "Global TPE", "consistency": "Consistency", "robustness": "Robustness"}
+
+
 # seed-notes, "Per-dataset targets for the next round": (accuracy, Local TPE).
 DATASET_TARGETS = {"mnist": (0.91, 0.69), "fashion_mnist": (0.87, 0.67), "emnist_letters": (0.75, 0.60),
                    "cifar10": (0.60, 0.45)}
+
+
 # Study user attribute that maps a retrained trial to its weights: {dataset: {"artifact_id", ...}}.
 WEIGHTS_ATTR = "report:trial-{number}"
+
+
 STATE_VERSION = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Weights
 
 
 def save_weights(model: torch.nn.Module, model_cfg: ModelConfig, path: Path) -> str:
@@ -98,10 +103,6 @@ def load_model(source: str | os.PathLike, model_cfg: ModelConfig | None = None, 
     model = NKATViT(model_cfg)
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.to(device).eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# Retraining
 
 
 def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:
@@ -223,7 +224,7 @@ def build_report(study: optuna.Study, config: StudyConfig, *, top: int = 1, epoc
                  out: str | Path, device: torch.device, artifacts: str | Path, storage_url: str = "",
                  say: Callable[[str], None] = log.info) -> dict:
     """Retrain the best `top` trials, score them on test, write report.json and report.md to out."""
-    from .storage import mask
+    from ..storage.urls import mask
 
     if epochs is not None and epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {epochs}.")
@@ -255,10 +256,6 @@ def build_report(study: optuna.Study, config: StudyConfig, *, top: int = 1, epoc
     _write_json(out / "report.json", report)
     (out / "report.md").write_text(format_markdown(report))
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables
 
 
 def _verdict(check: dict | None) -> str:

@@ -19,7 +19,6 @@ import dataclasses
 import datetime
 import functools
 import logging
-import multiprocessing
 import os
 import signal
 import socket
@@ -31,13 +30,20 @@ from collections.abc import Callable, Iterator
 import optuna
 from optuna.trial import TrialState
 
-from . import storage as st
-from .config import RuntimeFailure, UsageError
-from .space import sampler
+from ..config import RuntimeFailure, UsageError
+from ..storage import backends, lock, retrying, urls
+from . import studies
+from .kinds import sampler
 
 log = logging.getLogger("nkat_search")
+
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
 WAIT, DONE = "wait", "done"
+
+
 Objective = Callable[[optuna.Trial], float]
 
 
@@ -75,7 +81,7 @@ class Worker:
 
 def grace_seconds(storage) -> float:
     """How long a RUNNING trial may go without a sign of life before it is taken for dead."""
-    return float(getattr(storage, "grace_period", None) or st.heartbeat_settings()[1])
+    return float(getattr(storage, "grace_period", None) or urls.heartbeat_settings()[1])
 
 
 @contextlib.contextmanager
@@ -120,7 +126,7 @@ def fail_trial(w: Worker, number: int, reason: str, retry: bool) -> None:
             return
         raise
     if retry:
-        st.retry(w.study, w.storage.get_trial(tid))
+        retrying.retry(w.study, w.storage.get_trial(tid))
 
 
 def fail_dead_trials(w: Worker) -> None:
@@ -139,7 +145,7 @@ def fail_dead_trials(w: Worker) -> None:
     interval = w.storage.get_heartbeat_interval() if hasattr(w.storage, "get_heartbeat_interval") else None
     orphan_after = grace + (interval or 0)
     quarantined = time.monotonic() - getattr(w.storage, "recovered_at", float("-inf")) < grace
-    stale = set() if quarantined else st.stale_trial_ids(w.storage, w.study_id)
+    stale = set() if quarantined else retrying.stale_trial_ids(w.storage, w.study_id)
     if stale is None:  # an Optuna without the query: its public sweep fails and retries them, reason unsaid
         _warn_once("this Optuna cannot list stale trials; optuna.storages.fail_stale_trials fails and retries "
                    "them, without a fail_reason")
@@ -185,7 +191,7 @@ def alive(pid: int) -> bool:
 def budget_counts(w: Worker) -> tuple[int, int, int]:
     """(budget, finished, started) of the study; warm-start copies are history, not budget."""
     trials = [t for t in w.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-              if not st.is_warm_start(t)]
+              if not studies.is_warm_start(t)]
     return w.study.user_attrs["budget"], sum(t.state in FINISHED for t in trials), len(trials)
 
 
@@ -198,7 +204,7 @@ def next_trial(w: Worker):
     fail_dead_trials recognises: asked only (no heartbeat, no owner: an orphan), or with a
     heartbeat that goes stale. An owner without a heartbeat would be neither, and on another host
     nobody could tell that its worker is gone."""
-    with st.budget_lock(w.url, w.study.study_name) as held:
+    with lock.budget_lock(w.url, w.study.study_name) as held:
         fail_dead_trials(w)
         budget, done, started = budget_counts(w)
         if done >= budget:
@@ -232,10 +238,10 @@ def run_trial(w: Worker, trial: optuna.Trial, objective: Objective,
                 w.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
                 log.debug("trial %d pruned after %.1f s: %s", trial.number, time.perf_counter() - started, exc)
                 return TrialState.PRUNED
-            except (KeyboardInterrupt, st.StorageUnavailable):
+            except (KeyboardInterrupt, retrying.StorageUnavailable):
                 raise
             except Exception as exc:  # a crash, an OOM, a bug: FAILED with the error on the trial
-                reason = f"{type(exc).__name__}: {st.mask_text(str(exc), w.url)}"[:2000]
+                reason = f"{type(exc).__name__}: {urls.mask_text(str(exc), w.url)}"[:2000]
                 fail_trial(w, trial.number, reason, retry=False)
                 log.debug("trial %d failed: %s", trial.number, reason)
                 return TrialState.FAIL
@@ -244,7 +250,7 @@ def run_trial(w: Worker, trial: optuna.Trial, objective: Objective,
         return TrialState.COMPLETE
     finally:
         if on_end is not None:
-            with contextlib.suppress(st.StorageUnavailable):
+            with contextlib.suppress(retrying.StorageUnavailable):
                 frozen = w.frozen(trial.number)
                 if frozen.state.is_finished():
                     on_end(frozen)
@@ -273,9 +279,9 @@ def run_loop(w: Worker, objective: Objective, *, max_failures: int = 3, poll_sec
             try:
                 trial = next_trial(w)
             except Exception as exc:  # the database went away while asking (Optuna's own retries ran out)
-                if st.connection_error(exc) is None:
+                if retrying.connection_error(exc) is None:
                     raise
-                st.with_reconnect(lambda: w.storage.get_study_id_from_name(w.study.study_name), w.url,
+                retrying.with_reconnect(lambda: w.storage.get_study_id_from_name(w.study.study_name), w.url,
                                   getattr(w.storage, "retry_seconds", 0.0))
                 continue
             if trial is DONE:
@@ -306,14 +312,14 @@ def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_fai
 
     data_root, when given, replaces the study's data root: where the datasets lie is a property
     of the host, not of the search."""
-    from .dashboard import annotate_trial
-    from .data import load_splits
+    from ..data.loader import load_splits
+    from ..outputs.dashboard import annotate_trial
+    from ..outputs.progress import StudyProgress
     from .hostshare import HostShare
     from .objective import make_objective
-    from .progress import StudyProgress
 
-    store = st.open_storage(url, create=False)
-    study, config = st.attach(store, url, study_name)
+    store = backends.open_storage(url, create=False)
+    study, config = studies.attach(store, url, study_name)
     if data_root:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=data_root))
     cache: dict = {}
@@ -324,7 +330,7 @@ def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_fai
         return cache[dataset]
 
     w = Worker(study, store, url, config)
-    log.info("worker %s on %s: study %r in %s", worker_id(), device, study.study_name, st.mask(url))
+    log.info("worker %s on %s: study %r in %s", worker_id(), device, study.study_name, urls.mask(url))
 
     def on_end(frozen: optuna.trial.FrozenTrial) -> None:
         annotate_trial(study, frozen)
@@ -332,71 +338,9 @@ def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_fai
 
     # The workers of this host divide its cores between them; the display counts the study's
     # trials across all workers, without warm-start copies.
-    with HostShare(device) as share, StudyProgress(study, counted=lambda t: not st.is_warm_start(t)) as progress:
+    with HostShare(device) as share, StudyProgress(study, counted=lambda t: not studies.is_warm_start(t)) as progress:
         return run_loop(w, make_objective(config, load, progress), max_failures=max_failures,
                         poll_seconds=poll_seconds, on_end=on_end, before_trial=share.threads_for_next_trial)
-
-
-def _child(url: str, study_name: str, device: str, verbose: bool, data_root: str | None, max_failures: int) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format=f"%(asctime)s %(levelname)s [{device} pid {os.getpid()}] %(message)s", datefmt="%H:%M:%S")
-    install_signal_handlers()
-    try:
-        code = run_worker(url, study_name, device, data_root=data_root, max_failures=max_failures)
-    except KeyboardInterrupt:
-        code = 130
-    except (UsageError, RuntimeFailure) as exc:
-        log.error("%s", exc)
-        code = 2 if isinstance(exc, UsageError) else 1
-    raise SystemExit(code)
-
-
-# How long the parent of `--workers N` waits, after an interrupt, for a worker process to fail and
-# queue its trial (a few storage writes) before it kills that process.
-CHILD_GRACE_SECONDS = 30
-
-
-def run_processes(url: str, study_name: str, devices: list[str], count: int, verbose: bool = False,
-                  data_root: str | None = None, max_failures: int = 3) -> int:
-    """count worker processes, device i % len(devices) each; the worst exit code of them.
-
-    A terminal's Ctrl-C reaches the parent as well as its workers: the parent handles it like a
-    worker does (once; later signals are logged), so that a burst cannot interrupt the clean-up
-    below, and SIGTERM cannot end the parent before its workers have ended."""
-    install_signal_handlers()
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_child, args=(url, study_name, devices[i % len(devices)], verbose, data_root,
-                                              max_failures))
-             for i in range(count)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join()
-    except KeyboardInterrupt:
-        with deferred_signals():
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()  # SIGTERM on POSIX: the child fails and requeues its trial
-            for p in procs:
-                p.join(timeout=CHILD_GRACE_SECONDS)
-            stuck = [p for p in procs if p.is_alive()]
-            for p in stuck:  # never wait for ever on a child that does not end
-                log.warning("worker process %d did not end within %d s of the interrupt; killed", p.pid,
-                            CHILD_GRACE_SECONDS)
-                p.kill()
-                p.join()
-            if stuck:  # its RUNNING trial: failed with the reason and queued again, as any dead worker's
-                store = st.open_storage(url, create=False)
-                study, config = st.attach(store, url, study_name)
-                w = Worker(study, store, url, config)
-                with st.budget_lock(url, study_name):
-                    fail_dead_trials(w)
-        raise
-    codes = [p.exitcode or 0 for p in procs]
-    if any(c == 130 for c in codes):
-        return 130
-    return max(c if c >= 0 else 1 for c in codes)
 
 
 _interrupted = threading.Event()

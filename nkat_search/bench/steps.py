@@ -1,0 +1,130 @@
+"""The train, augment and eval sections: images per second of the step, augmentation and evaluation."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import devices
+from ..config import ModelConfig, TrainConfig, UsageError, replace
+from ..data.loader import BatchLoader, Splits
+from ..devices import choose_precision
+from ..model import NKATViT
+from ..train import TrainStep, evaluate
+from .timing import NO_REFERENCE, _cycle, _dtype_name, interleaved, peak_memory
+
+
+def bench_train(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, *, steps: int, warmup: int,
+                repeats: int, reference=None) -> dict:
+    """The real step (TrainStep over BatchLoader, at train_cfg's precision) beside the bare step
+    (fixed batch; forward, backward, AdamW) and, with a reference module, the research-style
+    pipeline at fp32, as the research ran it. The real step also runs at the other precision where
+    the device has native bf16, so both ratios are in the table."""
+    device, batch = splits.train_x.device, train_cfg.batch_size
+    if batch > len(splits.train_x):
+        raise UsageError(f"batch size {batch} exceeds the {len(splits.train_x)} benchmark images; lower --batch-size.")
+    torch.manual_seed(train_cfg.seed)
+    loader = BatchLoader(splits.train_x, splits.train_y, splits.spec, batch, train=True, train_cfg=train_cfg,
+                         seed=train_cfg.seed)
+    batches = _cycle(loader)
+    step = TrainStep(model_cfg, train_cfg, device, len(loader))
+    step.model.train()
+    losses: list[torch.Tensor] = []
+
+    def real() -> None:
+        losses.append(step(*next(batches)))
+
+    fixed_x, fixed_y = next(iter(BatchLoader(splits.train_x, splits.train_y, splits.spec, batch, train=False)))
+
+    def bare() -> None:
+        with torch.autocast(device.type, dtype=step.autocast or torch.float32, enabled=step.autocast is not None):
+            loss = step.criterion(step.model(fixed_x), fixed_y)
+        step.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        step.optimizer.step()
+
+    variants = {"real": real, "bare": bare}
+    precision = {"real": _dtype_name(step.autocast), "bare": _dtype_name(step.autocast)}
+    other = None
+    if step.autocast is not None:
+        other = replace(train_cfg, precision="fp32")
+    elif device.type == "cpu" and devices.cpu_bf16_flags():
+        other = replace(train_cfg, precision="bf16")
+    if other is not None:
+        second = TrainStep(model_cfg, other, device, len(loader))
+        second.model.train()
+        name = "real_" + ("fp32" if other.precision == "fp32" else "bf16")
+        variants[name] = lambda: losses.append(second(*next(batches)))
+        precision[name] = _dtype_name(second.autocast)
+    research = None
+    if reference is not None:
+        research = reference.ResearchStep(model_cfg, train_cfg, splits, batch, device, autocast=None)
+        variants["research"] = research
+        precision["research"] = "float32"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        out = interleaved(variants, batch, steps, warmup, repeats, device)
+    finally:
+        if research is not None:
+            research.close()
+    for name in out:
+        out[name]["precision"] = precision[name]
+    if not torch.isfinite(torch.stack(losses)).all():
+        raise RuntimeError("the benchmark's training loss became non-finite; the figures would be meaningless.")
+    speed = {name: fig["img_per_s"] for name, fig in out.items()}
+    result = {"variants": out, "real_over_bare_cost": speed["bare"] / speed["real"]}
+    if research is not None:
+        result["real_over_research_speed"] = speed["real"] / speed["research"]
+        if "real_fp32" in speed:
+            result["real_fp32_over_research_speed"] = speed["real_fp32"] / speed["research"]
+    else:
+        result["research"] = NO_REFERENCE
+    result["memory"] = peak_memory(device)
+    return result
+
+
+def bench_augment(splits: Splits, train_cfg: TrainConfig, *, batch: int, images: int, repeats: int,
+                  reference=None) -> dict:
+    """Batched on-device augmentation (BatchLoader) vs the same operations per image on PIL (the
+    reference's pipeline)."""
+    cfg = replace(train_cfg, mixup=0.0, cutmix=0.0)  # batch-level mixing has no per-image twin
+    x, y = splits.train_x[:images], splits.train_y[:images]
+    loader = BatchLoader(x, y, splits.spec, batch, train=True, train_cfg=cfg, seed=cfg.seed)
+    n = len(loader) * min(batch, len(x))
+
+    def batched() -> None:
+        for _ in loader:
+            pass
+
+    variants = {"batched": batched}
+    if reference is not None:
+        dataset = reference.PILDataset(x, y, reference.pil_transform(splits.spec, cfg))
+
+        def per_image() -> None:
+            for i in range(n):
+                dataset[i % len(dataset)]
+
+        variants["pil"] = per_image
+    out = interleaved(variants, n, 1, 1, repeats, x.device)
+    if reference is not None:
+        out["speedup"] = out["batched"]["img_per_s"] / out["pil"]["img_per_s"]
+    else:
+        out["pil"] = NO_REFERENCE
+    out["batch"] = batch
+    return out
+
+
+def bench_eval(model_cfg: ModelConfig, splits: Splits, *, batch: int, repeats: int, precision: str) -> dict:
+    """img/s of train.evaluate (the validation pass of every epoch)."""
+    device = splits.val_x.device
+    model = NKATViT(model_cfg).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    autocast, _ = choose_precision(precision, device)
+
+    def run() -> None:
+        evaluate(model, splits.val_x, splits.val_y, splits, batch, autocast)
+
+    out = interleaved({"eval": run}, len(splits.val_y), 1, 1, repeats, device)["eval"]
+    out["precision"] = _dtype_name(autocast)
+    return out

@@ -1,0 +1,82 @@
+"""Several worker processes on one host: one per device slot, started by `spawn`, stopped together."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+
+from ..config import RuntimeFailure, UsageError
+from ..storage import backends, lock
+from . import studies
+from .worker import (
+    Worker,
+    deferred_signals,
+    fail_dead_trials,
+    install_signal_handlers,
+    run_worker,
+)
+
+log = logging.getLogger("nkat_search")
+
+
+def _child(url: str, study_name: str, device: str, verbose: bool, data_root: str | None, max_failures: int) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format=f"%(asctime)s %(levelname)s [{device} pid {os.getpid()}] %(message)s", datefmt="%H:%M:%S")
+    install_signal_handlers()
+    try:
+        code = run_worker(url, study_name, device, data_root=data_root, max_failures=max_failures)
+    except KeyboardInterrupt:
+        code = 130
+    except (UsageError, RuntimeFailure) as exc:
+        log.error("%s", exc)
+        code = 2 if isinstance(exc, UsageError) else 1
+    raise SystemExit(code)
+
+
+# How long the parent of `--workers N` waits, after an interrupt, for a worker process to fail and
+# queue its trial (a few storage writes) before it kills that process.
+CHILD_GRACE_SECONDS = 30
+
+
+def run_processes(url: str, study_name: str, devices: list[str], count: int, verbose: bool = False,
+                  data_root: str | None = None, max_failures: int = 3) -> int:
+    """count worker processes, device i % len(devices) each; the worst exit code of them.
+
+    A terminal's Ctrl-C reaches the parent as well as its workers: the parent handles it like a
+    worker does (once; later signals are logged), so that a burst cannot interrupt the clean-up
+    below, and SIGTERM cannot end the parent before its workers have ended."""
+    install_signal_handlers()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_child, args=(url, study_name, devices[i % len(devices)], verbose, data_root,
+                                              max_failures))
+             for i in range(count)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        with deferred_signals():
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()  # SIGTERM on POSIX: the child fails and requeues its trial
+            for p in procs:
+                p.join(timeout=CHILD_GRACE_SECONDS)
+            stuck = [p for p in procs if p.is_alive()]
+            for p in stuck:  # never wait for ever on a child that does not end
+                log.warning("worker process %d did not end within %d s of the interrupt; killed", p.pid,
+                            CHILD_GRACE_SECONDS)
+                p.kill()
+                p.join()
+            if stuck:  # its RUNNING trial: failed with the reason and queued again, as any dead worker's
+                store = backends.open_storage(url, create=False)
+                study, config = studies.attach(store, url, study_name)
+                w = Worker(study, store, url, config)
+                with lock.budget_lock(url, study_name):
+                    fail_dead_trials(w)
+        raise
+    codes = [p.exitcode or 0 for p in procs]
+    if any(c == 130 for c in codes):
+        return 130
+    return max(c if c >= 0 else 1 for c in codes)
