@@ -16,12 +16,11 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
 import functools
 from pathlib import Path
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .config import UsageError
 
@@ -142,7 +141,9 @@ def choose_precision(precision: str, device: torch.device) -> tuple[torch.dtype 
     (avx512_bf16 or amx_bf16 in /proc/cpuinfo), fp32 elsewhere (other CPUs, MPS, non-Linux).
 
     Without native support the CPU emulates bf16 and gains nothing; with it the step runs about
-    twice as fast at an accuracy within the seed spread of fp32 (docs: "precision auto")."""
+    twice as fast at an accuracy within the seed spread of fp32 (docs/performance.md)."""
+    import torch  # lazily, as everywhere in this module: see enable_mps_fallback
+
     if precision == "fp32":
         return None, "fp32 asked for"
     if precision == "bf16":

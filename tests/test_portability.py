@@ -9,16 +9,16 @@ SCRIPT = r"""
 import os, sys
 sys.modules["fcntl"] = None  # import fcntl now raises ImportError, as on Windows
 del os.register_at_fork, os.fork  # Windows has no fork (the stdlib checks os.fork before registering)
-import nkat_search.storage as st, nkat_search.worker as worker
-from nkat_search import space
-from nkat_search.study import load_study
+from nkat_search.search import space, studies, worker
+from nkat_search.search.study_file import load_study
+from nkat_search.storage import backends
 
 url = "journal:" + sys.argv[2]
 config = load_study(sys.argv[1])
-store = st.open_storage(url)
-st.create_or_resume(store, url, config, 2)
-study, config = st.attach(st.open_storage(url, create=False), url, None)
-w = worker.Worker(study, st.open_storage(url, create=False), url, config)
+store = backends.open_storage(url)
+studies.create_or_resume(store, url, config, 2)
+study, config = studies.attach(backends.open_storage(url, create=False), url, None)
+w = worker.Worker(study, backends.open_storage(url, create=False), url, config)
 assert worker.run_loop(w, lambda t: space.suggest(t, config)["embed_dim"] / 16.0, poll_seconds=0.1) == 0
 print(sum(t.state.name == "COMPLETE" for t in study.get_trials()), "fcntl" in sys.modules and sys.modules["fcntl"])
 """
