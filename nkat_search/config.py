@@ -173,7 +173,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The NKAT ViT (seed-notes, "The model changes planned for CIFAR-10")."""
+    """The NKAT ViT (docs/research.md, "The model changes planned for CIFAR-10")."""
 
     in_chans: int = 3
     img_size: int = 32
@@ -257,7 +257,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run (seed-notes, "The training recipe planned")."""
+    """One training run (docs/research.md, "The training recipe planned")."""
 
     epochs: int = opt(40, "training epochs, each over the whole training split")
     warmup: int = opt(5, "epochs of linear learning-rate warm-up before cosine decay")

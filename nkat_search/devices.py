@@ -11,13 +11,12 @@ pass, and moving the whole run to the CPU there would hide a tenfold slowdown.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
-
-import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch

@@ -1,4 +1,4 @@
-"""TPE metrics, exactly as seed-notes defines them ("Definitions").
+"""TPE metrics, exactly as docs/research.md defines them ("Definitions").
 
 lambda of a model is its trainable parameter count / 1e6; accuracies are fractions in [0, 1].
 """

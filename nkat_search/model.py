@@ -1,4 +1,4 @@
-"""The NKAT Vision Transformer (seed-notes, "The model changes planned for CIFAR-10").
+"""The NKAT Vision Transformer (docs/research.md, "The model changes planned for CIFAR-10").
 
 Reads top to bottom: ColorLayerNorm, ConvStem, PatchEmbed, NKATAttention, Block, NKATViT.
 The parameter count of the research's baseline (tiny stem, patch 2, embed 384, depth 7, CIFAR-10)
@@ -16,7 +16,7 @@ from torch import nn
 from .config import ModelConfig
 
 # Learnable temperatures are kept above this so that a diverging run cannot divide by ~0
-# (seed-notes: very low temperatures are forbidden).
+# (docs/research.md: very low temperatures are forbidden).
 MIN_TEMPERATURE = 0.05
 
 

@@ -1,4 +1,4 @@
-"""fit(): one training run of one configuration on one dataset (seed-notes, "The training recipe").
+"""fit(): one training run of one configuration on one dataset (docs/research.md, "The training recipe").
 
 AdamW, linear warm-up then cosine decay per step, EMA weights (used for evaluation), gradient
 clipping, label smoothing; augmentation happens on the device in data.BatchLoader. The loop does
@@ -64,7 +64,7 @@ class FitResult:
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> dict:
-        """The JSON-ready record (`lambda` spelled as in seed-notes; no model)."""
+        """The JSON-ready record (`lambda` spelled as in docs/research.md; no model)."""
         out = asdict(self, dict_factory=lambda items: {k: v for k, v in items if k != "model"})
         out["lambda"] = out.pop("lambda_")
         return out

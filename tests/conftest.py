@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["pg_server"]
+pytest_plugins = ["pg_server", "retrained"]
+
+
+def child_signals() -> None:
+    """preexec_fn of a child a test signals: SIGINT and SIGTERM at their defaults, whatever the test
+    run inherited. Under `nohup` or a background job SIGINT is ignored, an ignored signal stays
+    ignored across exec, and Python installs no KeyboardInterrupt handler for it: the child would
+    never see the Ctrl-C the test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 ROOT = Path(__file__).resolve().parent.parent
 
 TINY_STUDY = """
@@ -95,4 +105,5 @@ def cli(*args: str, env: dict | None = None, timeout: float = 300, cwd=None) -> 
 def spawn(*args: str, env: dict | None = None, cwd=None) -> subprocess.Popen:
     full_env = {**os.environ, **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "nkat_search.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=full_env, cwd=cwd or ROOT)
+                            stderr=subprocess.STDOUT, text=True, env=full_env, cwd=cwd or ROOT,
+                            preexec_fn=child_signals)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import child_signals
 
 from nkat_search import devices, train
 from nkat_search.bench import (
@@ -263,7 +264,7 @@ def test_ctrl_c_while_bench_processes_start_ends_with_one_line(tmp_path, after):
     proc = subprocess.Popen([sys.executable, "-m", "nkat_search.cli", "bench", "--only", "procs", "--processes", "2",
                              "--jobs", "40", "--images", "64", "--eval-images", "32", "--embed-dim", "32", "--depth", "1",
                              "--batch-size", "16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, cwd=tmp_path)
+                            start_new_session=True, preexec_fn=child_signals, cwd=tmp_path)
     time.sleep(after)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)

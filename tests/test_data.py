@@ -10,7 +10,7 @@ import torchvision
 from torchvision.transforms import v2
 
 from nkat_search.config import DataConfig, TrainConfig, UsageError, replace
-from nkat_search.data import files, loader
+from nkat_search.data import files
 from nkat_search.data.augment import RANDAUGMENT_OPS, randaugment_magnitude
 from nkat_search.data.files import DATASETS, get_spec
 from nkat_search.data.loader import BatchLoader, load_splits

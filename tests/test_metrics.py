@@ -10,7 +10,7 @@ from nkat_search.search.objective import check_gate
 @pytest.mark.parametrize(
     "accuracy, params, expected",
     [
-        (0.60, 8_900_000, 0.60 / math.log10(9.9)),  # seed-notes: embed 384, depth 5 needs 0.60
+        (0.60, 8_900_000, 0.60 / math.log10(9.9)),  # docs/research.md: embed 384, depth 5 needs 0.60
         (0.75, 12_614_999, 0.75 / math.log10(13.614999)),
         (0.0, 1_000_000, 0.0),
         (1.0, 9_000_000, 1.0),  # log10(10) = 1
@@ -22,7 +22,7 @@ def test_local_tpe_matches_definition(accuracy, params, expected):
 
 @pytest.mark.parametrize("lam, needed", [(8.9, 0.60), (12.4, 0.68), (16.9, 0.75), (28.4, 0.88)])
 def test_gate_table_from_seed_notes(lam, needed):
-    # seed-notes: the CIFAR-10 accuracy a model of lambda M parameters needs to pass the 0.60 gate
+    # docs/research.md: the CIFAR-10 accuracy a model of lambda M parameters needs to pass the 0.60 gate
     # (rounded to two places). One point below it is pruned by the objective's gate, one point
     # above passes.
     params = round(lam * 1e6)

@@ -8,7 +8,7 @@ STEM_CONVS = {"off": [], "tiny": [(32, 2), (64, 2)], "small": [(64, 2), (128, 2)
 
 
 def formula_params(cfg: ModelConfig) -> int:
-    """Parameter count written out by hand from seed-notes' description of the model."""
+    """Parameter count written out by hand from docs/research.md's description of the model."""
     d, c = cfg.embed_dim, cfg.in_chans
     total = 2 * c if cfg.color_norm and c > 1 else 0  # no colour norm on grayscale
     cin = c
@@ -26,7 +26,7 @@ def formula_params(cfg: ModelConfig) -> int:
 
 
 def test_baseline_matches_the_research_count():
-    # seed-notes: tiny stem, patch 2, embed 384, depth 7 on CIFAR-10 has 12,614,999 parameters.
+    # docs/research.md: tiny stem, patch 2, embed 384, depth 7 on CIFAR-10 has 12,614,999 parameters.
     assert count_params(NKATViT(ModelConfig(nkat_strength=0))) == 12_614_999
     assert count_params(NKATViT(ModelConfig())) == 12_614_999 + 7 * 3
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from test_retrain import _one_thread, reported, tiny  # noqa: F401  (one tiny study and its report per session)
+from retrained import one_thread
 
 from nkat_search.cli import commands, main
 from nkat_search.config import UsageError
@@ -20,6 +20,12 @@ from nkat_search.storage import backends
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_PLOTS = ("optimization_history", "param_importances", "embed_dim_depth", "stage1_local_tpe",
              "stage1_learning_curves", "top_trials_accuracy", "accuracy_vs_size")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -1,14 +1,12 @@
 """The official Stage-2 report on a tiny real study: tables, metrics, resumption, weights as artifacts."""
 
-import argparse
-import contextlib
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from optuna.artifacts import FileSystemArtifactStore
+from retrained import TINY_STUDY, attach, one_thread, report_args
 
 from nkat_search import metrics, train
 from nkat_search.cli import commands, main
@@ -16,70 +14,9 @@ from nkat_search.config import TrainConfig, UsageError
 from nkat_search.data.loader import load_splits
 from nkat_search.outputs import official as retrain
 from nkat_search.outputs.tables import datasets_of
-from nkat_search.search import studies, worker
+from nkat_search.search import studies
 from nkat_search.search.study_file import load_study
 from nkat_search.storage import backends
-
-# smoke.toml shrunk to seconds: tiny models, 300 synthetic images, no pruner, a gate every trial passes.
-TINY_STUDY = """
-[study]
-name = "nkat-tiny"
-trials = 2
-[sampler]
-kind = "random"
-seed = 5  # two trials that differ in both embed_dim and depth (for the contour plot)
-[pruner]
-kind = "none"
-[stage1]
-dataset = "cifar10"
-epochs = 2
-gate = 0.001
-[stage2]
-datasets = ["mnist", "fashion_mnist", "emnist_letters"]
-epochs = 1
-[data]
-source = "synthetic"
-val_size = 50
-synthetic_train = 250
-synthetic_test = 100
-[model]
-num_heads = 2
-conv_stem = "tiny"
-patch_size = 4
-[train]
-batch_size = 64
-warmup = 0
-randaugment = [0, 9]
-[report]
-epochs = 2
-warmup = 1
-[space.embed_dim]
-type = "int"
-low = 8
-high = 16
-step = 8
-[space.depth]
-type = "int"
-low = 1
-high = 2
-[space.lr]
-type = "float"
-low = 1e-3
-high = 3e-3
-log = true
-"""
-
-
-@contextlib.contextmanager
-def one_thread():
-    """torch on one thread: on a shared 2-core machine two spinning OpenMP threads per process
-    made these tiny fits 30x slower (12 s instead of 0.35 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -88,54 +25,9 @@ def _one_thread():
         yield
 
 
-def build_tiny_study(folder: Path) -> tuple[str, str]:
-    """A journal study with two completed trials, made by the real worker; (url, study name)."""
-    path = folder / "tiny.toml"
-    path.write_text(TINY_STUDY)
-    config = load_study(str(path))
-    url = f"journal:{folder / 'tiny.journal'}"
-    studies.create_or_resume(backends.open_storage(url), url, config, config.trials)
-    assert worker.run_worker(url, config.name, "cpu") == 0
-    return url, config.name
-
-
-# test_plots.py imports these fixtures, which gives them a second definition there; the cache
-# makes both use one study and one report per session.
-_session: dict = {}
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    if "tiny" not in _session:
-        folder = tmp_path_factory.mktemp("tiny")
-        with one_thread():
-            _session["tiny"] = (folder, *build_tiny_study(folder))
-    return _session["tiny"]
-
-
-def _args(url: str, out: Path, artifacts: Path, **kw) -> argparse.Namespace:
-    return argparse.Namespace(storage=url, study=None, top=kw.get("top", 1), epochs=kw.get("epochs", 1),
-                              out=str(out), device="cpu", artifacts=str(artifacts))
-
-
-def _attach(url: str):
-    return studies.attach(backends.open_storage(url), url, None)
-
-
-@pytest.fixture(scope="session")
-def reported(tiny):
-    """One report run of the best trial (1 epoch per dataset): (folder, url, report.json)."""
-    folder, url, _ = tiny
-    if "reported" not in _session:
-        with one_thread():
-            assert commands.cmd_report(_args(url, folder / "report", folder / "artifacts")) == 0
-        _session["reported"] = folder, url, json.loads((folder / "report" / "report.json").read_text())
-    return _session["reported"]
-
-
 def test_report_writes_every_field(reported, capsys):
     folder, url, report = reported
-    study, config = _attach(url)
+    study, config = attach(url)
     for key in ("study", "created", "split", "budget", "targets", "device", "device_name", "software", "trials",
                 "wall_seconds", "artifact_store", "data"):
         assert key in report, key
@@ -171,7 +63,7 @@ def test_report_metrics_are_nkat_metrics_of_test_accuracies(reported):
     # Test accuracies, not the search's validation ones: the saved weights scored again on the
     # test split give exactly the reported figure.
     folder, url, _ = reported
-    _, config = _attach(url)
+    _, config = attach(url)
     for r in t["datasets"]:
         model = retrain.load_model(folder / "report" / r["weights"])
         splits = load_splits(r["dataset"], config.data, "cpu")
@@ -187,7 +79,7 @@ def test_rerun_reuses_finished_datasets(reported, monkeypatch):
     calls = []
     real_fit = retrain.fit
     monkeypatch.setattr(retrain, "fit", lambda *a, **k: calls.append(a) or real_fit(*a, **k))
-    assert commands.cmd_report(_args(url, folder / "report", folder / "artifacts")) == 0
+    assert commands.cmd_report(report_args(url, folder / "report", folder / "artifacts")) == 0
     again = json.loads((folder / "report" / "report.json").read_text())
     assert calls == []
     assert all(r["reused"] for r in again["trials"][0]["datasets"])
@@ -195,7 +87,7 @@ def test_rerun_reuses_finished_datasets(reported, monkeypatch):
     # An interrupted report: one dataset's weights lost, only that one is trained again.
     (folder / "report" / f"trial-{first['trials'][0]['trial']}" /
      f"trial-{first['trials'][0]['trial']}-mnist.safetensors").unlink()
-    assert commands.cmd_report(_args(url, folder / "report", folder / "artifacts")) == 0
+    assert commands.cmd_report(report_args(url, folder / "report", folder / "artifacts")) == 0
     assert len(calls) == 1 and calls[0][1].epochs == 1
     # Another budget is another run: it trains again from the first dataset.
     class Trained(Exception):
@@ -206,13 +98,13 @@ def test_rerun_reuses_finished_datasets(reported, monkeypatch):
 
     monkeypatch.setattr(retrain, "fit", refuse)
     with pytest.raises(Trained) as info:
-        commands.cmd_report(_args(url, folder / "report", folder / "artifacts", epochs=2))
+        commands.cmd_report(report_args(url, folder / "report", folder / "artifacts", epochs=2))
     assert info.value.args == ("cifar10", 2)
 
 
 def test_artifact_round_trips(reported):
     folder, url, report = reported
-    study, config = _attach(url)
+    study, config = attach(url)
     row = report["trials"][0]["datasets"][0]
     store = FileSystemArtifactStore(base_path=str(folder / "artifacts"))
     from_file = retrain.load_model(row["weights"])
@@ -238,7 +130,7 @@ def test_no_completed_trials_is_a_usage_error(tmp_path):
     url = f"journal:{tmp_path / 'empty.journal'}"
     studies.create_or_resume(backends.open_storage(url), url, config, 1)
     with pytest.raises(UsageError, match="no completed trials"):
-        commands.cmd_report(_args(url, tmp_path / "out", tmp_path / "artifacts"))
+        commands.cmd_report(report_args(url, tmp_path / "out", tmp_path / "artifacts"))
 
 
 def test_missing_weights_file_is_a_usage_error(tmp_path):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import optuna
 import pytest
-from conftest import TINY_STUDY
+from conftest import TINY_STUDY, child_signals
 from optuna.trial import TrialState
 
 from nkat_search.storage import backends
@@ -108,7 +108,7 @@ def run_burst(folder, workers: int) -> Burst:
     proc = subprocess.Popen([sys.executable, "-m", "nkat_search.cli", "start", "--study", str(path), "--trials", "2",
                              "--storage", url, "--workers", str(workers), "--gpus", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=folder,
-                            start_new_session=True)  # its own process group, as a shell job has
+                            start_new_session=True, preexec_fn=child_signals)  # its own process group, as a shell job has
     try:
         _wait_for(lambda: _study_exists(folder / "s.journal", url), proc, 240, "the study to be created")
         study = optuna.load_study(study_name="tiny", storage=backends.open_storage(url, create=False))

@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
-from conftest import ROOT
+from conftest import ROOT, child_signals
 from optuna.trial import TrialState
 from pg_server import launch_or_skip
 
@@ -116,7 +116,7 @@ class Workers:
         # Its own session, so that a timeout can kill the launcher and every child at once.
         self.proc = subprocess.Popen([sys.executable, "-c", WORKERS, json.dumps(jobs)], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, **(env or {})},
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=child_signals)
 
     def log(self, i: int) -> Path:
         return self.folder / f"worker-{i}.log"

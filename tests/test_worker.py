@@ -231,3 +231,37 @@ def test_process_liveness_judges_only_processes_that_are_gone_as_dead(monkeypatc
 
     monkeypatch.setattr(psutil, "Process", denied)
     assert alive(12345)  # another user's process that we may not inspect is still running
+
+
+def test_a_queued_configuration_given_up_before_it_ran_is_queued_again(tiny_study, tmp_path, monkeypatch):
+    # The budget lock's connection is lost while a worker asks, and what it received is a queued
+    # configuration (an [[enqueue]] entry or the retry of a dead worker's trial). It must not run
+    # that trial, and the configuration must be queued again, not lost (issue 23's chaos failure).
+    import contextlib
+
+    from nkat_search.search import space, worker
+    from nkat_search.storage import lock
+
+    config = load_study(tiny_study(trials=2))
+    url = f"journal:{tmp_path / 's.journal'}"
+    store = backends.open_storage(url)
+    study = studies.create_or_resume(store, url, config, 2)
+    wanted = {"embed_dim": 16, "temperature": 0.75}
+    study.enqueue_trial(wanted)
+    real_lock, lost = lock.budget_lock, []
+
+    @contextlib.contextmanager
+    def losing_lock(*args, **kwargs):
+        with real_lock(*args, **kwargs) as held:
+            yield (lambda: False) if not lost and not lost.append(1) else held
+
+    monkeypatch.setattr(lock, "budget_lock", losing_lock)
+    w = worker.Worker(study, store, url, config)
+    assert worker.next_trial(w) is worker.WAIT
+    given_up = study.get_trials()[0]
+    assert given_up.state == TrialState.FAIL and given_up.user_attrs["fail_reason"].startswith("not run")
+    assert worker.run_loop(w, lambda t: sum(space.suggest(t, config).values()), poll_seconds=0.1) == 0
+    trials = study.get_trials()
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 2 and wanted in [t.params for t in done]
+    assert [t.user_attrs.get("retry_of") for t in done if t.params == wanted] == [given_up.number]

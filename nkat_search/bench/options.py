@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..config import CONV_STEMS, PRECISIONS, ModelConfig, UsageError, check_types, opt
 
-# CPU: the batch of perf-notes. CUDA: large enough to keep an H100 busy with a 17-token model
+# CPU: the batch of docs/performance.md. CUDA: large enough to keep an H100 busy with a 17-token model
 # (see the README's learning-rate rule for batch sizes other than the recipe's 128).
 DEFAULT_BATCH = {"cpu": 32, "cuda": 512, "mps": 128}
 

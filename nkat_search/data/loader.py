@@ -3,7 +3,7 @@
 Two sources give the same `Splits`: real files read through torchvision, or synthetic images
 with each dataset's real shape (for tests and machines without the files). The validation split
 is always held out of the training set; the test set is never touched by model selection
-(seed-notes, "Defects ... model selection used the test set").
+(docs/research.md, "Defects ... model selection used the test set").
 """
 
 from __future__ import annotations

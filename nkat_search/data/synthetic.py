@@ -18,7 +18,7 @@ fonts, no files, no Python work per image; a few thousand images take a fraction
 
 Determinism: the shapes depend on nothing; the images of (dataset, stream) depend on those two
 only (train and test use different streams). Object colours carry hue, not only brightness: the
-model's colour-wise LayerNorm keeps only the hue of each pixel (seed-notes).
+model's colour-wise LayerNorm keeps only the hue of each pixel (docs/research.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The official Stage-2 result (seed-notes, "Round 2 ... Then the best configuration is retrained
+"""The official Stage-2 result (docs/research.md, "Round 2 ... Then the best configuration is retrained
 for the full budget and the Stage-2 metrics above are recomputed as the official result").
 
 The best completed trials are retrained with the study's report budget on every dataset of the
@@ -43,14 +43,14 @@ from .tables import datasets_of
 log = logging.getLogger("nkat_search")
 
 
-# seed-notes, "Where the research stood": the Stage-2 targets.
+# docs/research.md, "Where the research stood": the Stage-2 targets.
 STAGE2_TARGETS = {"global_tpe": 0.70, "consistency": 0.80, "robustness": 0.75}
 
 
 STAGE2_TITLES = {"global_tpe": "Global TPE", "consistency": "Consistency", "robustness": "Robustness"}
 
 
-# seed-notes, "Per-dataset targets for the next round": (accuracy, Local TPE).
+# docs/research.md, "Per-dataset targets for the next round": (accuracy, Local TPE).
 DATASET_TARGETS = {"mnist": (0.91, 0.69), "fashion_mnist": (0.87, 0.67), "emnist_letters": (0.75, 0.60),
                    "cifar10": (0.60, 0.45)}
 

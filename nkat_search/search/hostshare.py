@@ -2,7 +2,7 @@
 
 Every torch process starts with as many intra-op threads as the machine has cores. Two CPU workers
 on two cores then run four busy threads that spin-wait on each other: each trial ran 3-5x slower
-than alone (perf-notes). Here each worker joins a per-host registry when it starts and leaves it
+than alone (docs/performance.md). Here each worker joins a per-host registry when it starts and leaves it
 when it ends, however it was started (`start --workers K`, several `nkat-search worker` commands,
 compose replicas that mount one registry folder), and before each trial sets torch's threads to
 its share of the cores:

@@ -1,4 +1,4 @@
-"""The two-stage objective (seed-notes, "Round 2"): thin glue over space, data, train and metrics.
+"""The two-stage objective (docs/research.md, "Round 2"): thin glue over space, data, train and metrics.
 
 Stage 1 trains on the gate dataset (CIFAR-10) and reports the Local TPE after every epoch, so
 Optuna's pruner can stop a poor learning curve; at the end, a Local TPE below the study's gate

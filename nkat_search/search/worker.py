@@ -219,8 +219,9 @@ def next_trial(w: Worker):
             w.storage.record_heartbeat(w.trial_id(trial.number))
         trial.set_user_attr("worker", worker_id())
         if not held():  # the server dropped the lock's connection: another worker may have asked too
-            fail_trial(w, trial.number, "not run: the budget lock was lost while asking", retry=False)
-            log.warning("trial %d: the budget lock was lost while asking; not running it", trial.number)
+            # Queued again: a configuration from the queue ([[enqueue]] or a retry) is never lost.
+            fail_trial(w, trial.number, "not run: the budget lock was lost while asking", retry=True)
+            log.warning("trial %d: the budget lock was lost while asking; not running it (queued again)", trial.number)
             return WAIT
         log.debug("trial %d: %d of %d finished, %d running", trial.number, done, budget, started - done + 1)
         return trial

@@ -166,19 +166,26 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Queue a failed trial again: same parameters, linked to the original the way Optuna's
     RetryFailedTrialCallback links it (system attrs failed_trial, retry_history), but without
     copying the failed attempt's user attributes (its partial results and fail_reason) onto the
-    retry. At most MAX_RETRY retries of one original trial; a trial that never got parameters has
-    nothing to repeat."""
+    retry. At most MAX_RETRY retries of one original trial; a trial that never got parameters (asked
+    from the sampler, not run) has no configuration to lose and nothing to repeat."""
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
     if len(history) > MAX_RETRY:
         log.warning("trial %d failed %d times; not queueing it again", history[0], len(history))
         return
-    if not trial.params:
+    # A trial taken from the queue and given up before its objective ran has its parameters only
+    # as the queue's fixed_params: they are queued again the same way (as enqueue_trial does).
+    fixed = trial.system_attrs.get("fixed_params")
+    if not trial.params and not fixed:
         return
     original = trial.system_attrs.get("failed_trial", trial.number)
-    study.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs={"retry_of": original},
-        system_attrs={"failed_trial": original, "retry_history": history}))
+    links = {"failed_trial": original, "retry_history": history}
+    if trial.params:
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+            user_attrs={"retry_of": original}, system_attrs=links))
+    else:
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, user_attrs={"retry_of": original}, system_attrs={**links, "fixed_params": fixed}))
 
 
 def stale_trial_ids(storage: optuna.storages.BaseStorage, study_id: int) -> set[int] | None:
