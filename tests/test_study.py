@@ -165,3 +165,19 @@ def test_round2_enqueues_the_research_baseline():
     assert baseline == {"patch_size": 2, "conv_stem": "tiny", "embed_dim": 384, "depth": 7, "temperature": 0.65,
                         "top_p": 0.80, "top_k": 6, "nkat_strength": 0.0024, "dropout_attn": 0.17,
                         "dropout_embed": 0.08, "lr": 2e-4, "mixup": 0.1, "cutmix": 0.2}
+
+
+def test_a_study_file_saved_with_a_byte_order_mark_reads_like_any_other(tmp_path):
+    # Notepad and some other Windows editors save UTF-8 with a BOM, and with CRLF line endings.
+    plain, marked = tmp_path / "plain.toml", tmp_path / "marked.toml"
+    text = TINY_STUDY.format(name="bom", trials=3, gate=0.01)
+    plain.write_text(text)
+    marked.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    assert load_study(str(marked)).definition() == load_study(str(plain)).definition()
+
+
+def test_a_trial_budget_beyond_64_bits_is_refused_in_one_sentence(tmp_path):
+    path = tmp_path / "huge.toml"
+    path.write_text(TINY_STUDY.format(name="huge", trials=10**20, gate=0.01))
+    with pytest.raises(UsageError, match="study.trials: 100000000000000000000 does not fit in 64 bits"):
+        load_study(str(path))

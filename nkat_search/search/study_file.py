@@ -226,7 +226,9 @@ def load_study(name_or_path: str) -> StudyConfig:
     path = str(study_path(name_or_path))
     try:
         with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
+            data = fh.read()
+        # Some Windows editors save UTF-8 with a byte-order mark, which TOML's grammar does not allow.
+        raw = tomllib.loads(data.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except OSError as exc:
         raise UsageError(f"cannot read the study file {path} ({exc.strerror}); check its permissions.") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -272,6 +274,8 @@ def parse_study(raw: dict, path: str) -> StudyConfig:
                                  f"got {name!r}.")
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise fail("study.trials", f"must be a positive whole number, got {trials!r}.")
+    if trials > INT64[1]:
+        raise fail("study.trials", f"{trials} does not fit in 64 bits; use a whole number from 1 to {INT64[1]}.")
 
     sampler = _kind_table(raw, "sampler", SAMPLERS, "tpe", fail, build)
     pruner = _kind_table(raw, "pruner", PRUNERS, "median", fail, build)
