@@ -27,7 +27,7 @@ from nkat_search.search.kinds import (
 )
 
 # The pruners compared, with the keys the packaged studies would use. max_resource of Hyperband is
-# the study's Stage-1 epochs (nkat_search.space).
+# the study's Stage-1 epochs (nkat_search.search.space).
 PRUNERS = {
     "median": MedianPrunerConfig(n_startup_trials=5, n_warmup_steps=1),
     "successive_halving": SuccessiveHalvingPrunerConfig(min_resource=1, reduction_factor=3),

@@ -2,7 +2,8 @@
 # Sets up this machine for the test suite and runs it: Debian packages the tests need (PostgreSQL
 # server binaries, docker-compose to check the compose file, Chromium for the dashboard
 # screenshot), a virtual environment with the project at the exact versions CI tests
-# (constraints/ci.txt), then pytest. Extra arguments go to pytest.
+# (constraints/ci.txt), then ruff, the import contracts (lint-imports) and pytest. Extra arguments go
+# to pytest alone.
 #
 # Without arguments (as CI runs it) a second, shorter run follows: the worker, storage and
 # dashboard tests against the oldest Optuna and optuna-dashboard that pyproject.toml admits
@@ -28,6 +29,9 @@ if [ $# -gt 0 ]; then
 fi
 
 status=0
+# Lint and the layout's import contracts (pyproject.toml: [tool.ruff], [tool.importlinter]).
+.venv/bin/ruff check --no-cache nkat_search tests benchmarks || status=$?
+.venv/bin/lint-imports || status=$?
 .venv/bin/python -m pytest || status=$?
 
 purelib() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }

@@ -485,7 +485,7 @@ def write_samples(spec: DatasetSpec, out_path, per_class: int = 6, stream: int =
         axes[0, c].set_title(names[c], fontsize=7)
         for ax in axes[:, c]:
             ax.set_axis_off()
-    fig.suptitle(f"synthetic {spec.name}: {per_class} images per class (nkat_search/synthetic.py)", fontsize=8)
+    fig.suptitle(f"synthetic {spec.name}: {per_class} images per class (nkat_search/data/synthetic.py)", fontsize=8)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / (per_class * 0.62 + 0.55),
                         wspace=0.05, hspace=0.05)
     out_path = Path(out_path)
