@@ -21,8 +21,8 @@ from einops import rearrange
 from torch import nn
 
 from nkat_search.config import ModelConfig, TrainConfig, UsageError
-from nkat_search.data.files import DatasetSpec
 from nkat_search.data.loader import Splits
+from nkat_search.datasets import DatasetSpec
 from nkat_search.model import MIN_TEMPERATURE, NKATAttention, NKATViT
 
 

@@ -143,24 +143,6 @@ def check_at_most(obj, limits: dict[str, float]) -> None:
                              f"use at most {shown}.")
 
 
-@dataclass(frozen=True)
-class DatasetShape:
-    channels: int
-    image_size: int
-    num_classes: int
-
-
-DATASET_SHAPES = {
-    "cifar10": DatasetShape(3, 32, 10),
-    "mnist": DatasetShape(1, 28, 10),
-    "fashion_mnist": DatasetShape(1, 28, 10),
-    "emnist_letters": DatasetShape(1, 28, 26),
-}
-
-
-DATASET_NAMES = tuple(DATASET_SHAPES)
-
-
 CONV_STEMS = ("off", "tiny", "small")
 
 

@@ -2,75 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from helpers import TINY_STUDY
 
 pytest_plugins = ["pg_server", "retrained"]
-
-
-def child_signals() -> None:
-    """preexec_fn of a child a test signals: SIGINT and SIGTERM at their defaults, whatever the test
-    run inherited. Under `nohup` or a background job SIGINT is ignored, an ignored signal stays
-    ignored across exec, and Python installs no KeyboardInterrupt handler for it: the child would
-    never see the Ctrl-C the test sends."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-ROOT = Path(__file__).resolve().parent.parent
-
-TINY_STUDY = """
-[study]
-name = "{name}"
-trials = {trials}
-
-[sampler]
-kind = "tpe"
-seed = 0
-n_startup_trials = 2
-
-[pruner]
-kind = "none"
-
-[stage1]
-dataset = "cifar10"
-epochs = 1
-gate = {gate}
-
-[stage2]
-datasets = ["mnist"]
-epochs = 1
-
-[data]
-source = "synthetic"
-val_size = 64
-synthetic_train = 192
-synthetic_test = 64
-
-[model]
-num_heads = 2
-
-[train]
-batch_size = 64
-warmup = 0
-
-[report]
-epochs = 1
-
-[space.embed_dim]
-type = "int"
-low = 8
-high = 16
-step = 8
-
-[space.temperature]
-type = "float"
-low = 0.6
-high = 1.0
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -93,17 +28,3 @@ def tiny_study(tmp_path):
         return str(path)
 
     return write
-
-
-def cli(*args: str, env: dict | None = None, timeout: float = 300, cwd=None) -> subprocess.CompletedProcess:
-    """Run `nkat-search ARGS` in a subprocess, as a user would."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "nkat_search.cli", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=cwd or ROOT)
-
-
-def spawn(*args: str, env: dict | None = None, cwd=None) -> subprocess.Popen:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "nkat_search.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=full_env, cwd=cwd or ROOT,
-                            preexec_fn=child_signals)

@@ -27,7 +27,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from conftest import ROOT, TINY_STUDY
+from helpers import ROOT, TINY_STUDY
 from pg_server import PASSWORD
 
 DOC = ROOT / "docs" / "bad-input.md"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import child_signals
+from helpers import child_signals
 
 from nkat_search import devices, train
 from nkat_search.bench import (

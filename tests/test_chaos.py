@@ -18,15 +18,17 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy.exc
-from conftest import ROOT, cli
-from optuna.trial import TrialState
-from test_storage import (
+from helpers import (
+    ROOT,
     assert_exact_budget,
+    cli,
     create_study,
     dropped_connection,
     storage_call,
+    wait_for,
     worker_groups,
 )
+from optuna.trial import TrialState
 
 from nkat_search.search import studies
 from nkat_search.search.space import suggest
@@ -119,15 +121,6 @@ def run_in_thread(call, timeout: float):
 def running(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The study's RUNNING trials."""
     return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-
-
-def wait_for(predicate, what: str, timeout: float = 60):
-    """predicate()'s first truthy value, polled; fails the test after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return value
 
 
 def test_workers_keep_the_budget_while_connections_drop_every_few_seconds_and_one_is_killed(

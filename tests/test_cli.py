@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import cli
+from helpers import cli
 
 from nkat_search.cli.main import build_parser
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import optuna
 import optuna_dashboard
 import pytest
+from helpers import ROOT
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.distributions import (
     CategoricalDistribution,
@@ -38,7 +39,7 @@ from nkat_search.outputs.dashboard import (
     trial_note,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT
 DATASETS = ["cifar10", "mnist", "fashion_mnist", "emnist_letters"]
 DEFINITION = {
     "study": {"name": "dash-study"},

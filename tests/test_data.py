@@ -12,8 +12,9 @@ from torchvision.transforms import v2
 from nkat_search.config import DataConfig, TrainConfig, UsageError, replace
 from nkat_search.data import files
 from nkat_search.data.augment import RANDAUGMENT_OPS, randaugment_magnitude
-from nkat_search.data.files import DATASETS, get_spec
+from nkat_search.data.files import get_spec
 from nkat_search.data.loader import BatchLoader, load_splits
+from nkat_search.datasets import DATASETS, DatasetSpec
 
 SYNTH = DataConfig(source="synthetic", val_size=100, synthetic_train=600, synthetic_test=200)
 SHAPES = {"cifar10": (3, 32, 10), "mnist": (1, 28, 10), "fashion_mnist": (1, 28, 10), "emnist_letters": (1, 28, 26)}
@@ -276,7 +277,7 @@ def test_randaugment_draws_per_image_not_per_batch():
     one = _images(1, 3, 32, 10)[0]
     x, y = one.expand(64, -1, -1, -1).contiguous(), torch.zeros(64, dtype=torch.int64)
     cfg = TrainConfig(mixup=0, cutmix=0, randaugment=(2, 9), cutout=0, crop_padding=0)
-    spec = files.DatasetSpec("plain", 3, 32, 10, (0.5,) * 3, (0.25,) * 3, hflip=False)
+    spec = DatasetSpec("plain", 3, 32, 10, (0.5,) * 3, (0.25,) * 3, hflip=False)
     images, _ = next(iter(BatchLoader(x, y, spec, 64, train=True, train_cfg=cfg)))
     assert images.shape == (64, 3, 32, 32) and images.dtype == torch.float32
     assert len({img.sum().item() for img in images}) >= 20  # one image, many different draws
@@ -347,7 +348,7 @@ def test_same_mix_for_the_images_and_the_labels():
     x = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
     x[1::2] = 255  # even: black; odd: white; label = parity
     y = torch.arange(8) % 2
-    spec = files.DatasetSpec("plain", 1, 28, 2, (0.0,), (1.0,), hflip=False)
+    spec = DatasetSpec("plain", 1, 28, 2, (0.0,), (1.0,), hflip=False)
     for kind in ("cutmix", "mixup"):
         cfg = TrainConfig(mixup=1.0 if kind == "mixup" else 0, cutmix=1.0 if kind == "cutmix" else 0,
                           randaugment=(0, 9), cutout=0, crop_padding=0, label_smoothing=0.0)

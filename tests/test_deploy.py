@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
 # the search (`kubectl apply -k deploy/kubernetes`) and its official result, applied on its own once
 # the search is done (`kubectl apply -k deploy/kubernetes/report`)

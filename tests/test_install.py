@@ -15,11 +15,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 FLOORED = ("torch", "torchvision", "optuna", "optuna-dashboard")
 

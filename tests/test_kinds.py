@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import cli
+from helpers import cli
 from optuna.trial import TrialState
 
 from nkat_search.config import UsageError

@@ -2,8 +2,7 @@
 
 import optuna
 import pytest
-from conftest import cli, spawn
-from test_worker import assert_exact_budget
+from helpers import assert_exact_budget, cli, spawn
 
 from nkat_search.storage import backends
 

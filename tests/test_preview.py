@@ -3,8 +3,8 @@ import torch
 from matplotlib.image import imread
 
 from nkat_search.config import TrainConfig
-from nkat_search.data.files import DATASETS
 from nkat_search.data.loader import Splits
+from nkat_search.datasets import DATASETS
 from nkat_search.outputs.preview import label_text, write_grid
 
 NO_AUG = TrainConfig(mixup=0, cutmix=0, randaugment=(0, 9), cutout=0, crop_padding=0)

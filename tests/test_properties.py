@@ -27,7 +27,7 @@ from unittest import mock
 
 import optuna
 import pytest
-from conftest import ROOT, TINY_STUDY
+from helpers import ROOT, TINY_STUDY
 from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 

@@ -6,9 +6,8 @@ import time
 
 import optuna
 import pytest
-from conftest import cli, spawn
+from helpers import assert_exact_budget, cli, spawn, wait_for, with_stage1_epochs
 from optuna.trial import TrialState
-from test_worker import _wait_for, _with_stage1_epochs, assert_exact_budget
 
 from nkat_search.storage import backends
 
@@ -20,11 +19,11 @@ def _study(url):
 
 
 def test_killed_worker_trial_is_failed_and_retried_while_others_carry_on(pg_url, tiny_study):
-    path = _with_stage1_epochs(tiny_study(trials=4), 3)
+    path = with_stage1_epochs(tiny_study(trials=4), 3)
     assert cli("start", "--study", path, "--storage", pg_url, "--workers", "0").returncode == 0
     victim, other = spawn("worker", "--storage", pg_url), spawn("worker", "--storage", pg_url)
     study = _study(pg_url)
-    _wait_for(lambda: [t for t in study.get_trials(states=(TrialState.RUNNING,))
+    wait_for(lambda: [t for t in study.get_trials(states=(TrialState.RUNNING,))
                        if t.params and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")], what="the victim's trial")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
@@ -40,11 +39,11 @@ def test_killed_worker_trial_is_failed_and_retried_while_others_carry_on(pg_url,
 
 
 def test_database_restart_while_a_worker_runs_loses_nothing(pg_server, pg_url, tiny_study):
-    path = _with_stage1_epochs(tiny_study(trials=2), 6)
+    path = with_stage1_epochs(tiny_study(trials=2), 6)
     assert cli("start", "--study", path, "--storage", pg_url, "--workers", "0").returncode == 0
     worker = spawn("worker", "--storage", pg_url)
     study = _study(pg_url)
-    _wait_for(lambda: study.get_trials(states=(TrialState.RUNNING,)), what="a running trial")
+    wait_for(lambda: study.get_trials(states=(TrialState.RUNNING,)), what="a running trial")
     pg_server.stop()
     time.sleep(3)
     pg_server.start()
@@ -58,11 +57,11 @@ def test_database_restart_while_a_worker_runs_loses_nothing(pg_server, pg_url, t
 
 
 def test_database_down_past_the_bound_stops_the_worker_then_the_trial_is_retried(pg_server, pg_url, tiny_study):
-    path = _with_stage1_epochs(tiny_study(trials=1), 50)
+    path = with_stage1_epochs(tiny_study(trials=1), 50)
     assert cli("start", "--study", path, "--storage", pg_url, "--workers", "0").returncode == 0
     worker = spawn("worker", "--storage", pg_url, env={"NKAT_SEARCH_DB_RETRY_SECONDS": "2", "NKAT_SEARCH_GRACE_PERIOD": "4"})
     study = _study(pg_url)
-    _wait_for(lambda: study.get_trials(states=(TrialState.RUNNING,)), what="a running trial")
+    wait_for(lambda: study.get_trials(states=(TrialState.RUNNING,)), what="a running trial")
     pg_server.stop()
     try:
         out = worker.communicate(timeout=120)[0]
@@ -71,7 +70,7 @@ def test_database_down_past_the_bound_stops_the_worker_then_the_trial_is_retried
     assert worker.returncode == 1, out
     assert "has been unreachable" in out and "Traceback" not in out
     # The next worker fails the orphaned trial, queues it again, and finishes the budget.
-    _with_stage1_epochs(path, 1)
+    with_stage1_epochs(path, 1)
     study = _study(pg_url)
     assert study.get_trials(states=(TrialState.RUNNING,))
     rerun = cli("worker", "--storage", pg_url)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import optuna
 import pytest
-from conftest import TINY_STUDY, child_signals
+from helpers import TINY_STUDY, child_signals, wait_for
 from optuna.trial import TrialState
 
 from nkat_search.storage import backends
@@ -29,19 +29,6 @@ from nkat_search.storage import backends
 # The burst: 10 Ctrl-C 5 ms apart, 3 SIGTERM (docker stop, Slurm), then Ctrl-C every 20 ms until the
 # worker has exited, as a user does who keeps pressing it: the last ones land while Python shuts down.
 SIGINTS, SIGTERMS, GAP, REPEAT = 10, 3, 0.005, 0.02
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the worker exited ({proc.returncode}) before {what}:\n{proc.stdout.read()}")
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}:\n{proc.communicate()[0]}")
 
 
 def _study_exists(path, url: str) -> bool:
@@ -110,10 +97,10 @@ def run_burst(folder, workers: int) -> Burst:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=folder,
                             start_new_session=True, preexec_fn=child_signals)  # its own process group, as a shell job has
     try:
-        _wait_for(lambda: _study_exists(folder / "s.journal", url), proc, 240, "the study to be created")
+        wait_for(lambda: _study_exists(folder / "s.journal", url), "the study to be created", 240, proc)
         study = optuna.load_study(study_name="tiny", storage=backends.open_storage(url, create=False))
-        running = _wait_for(lambda: _running_in_training(study, workers), proc, 300,
-                            f"{workers} trial(s) running inside training")
+        running = wait_for(lambda: _running_in_training(study, workers), f"{workers} trial(s) running inside training",
+                           300, proc)
         sent = time.monotonic()
         pgid = os.getpgid(proc.pid)
         _burst(proc, pgid)

@@ -4,11 +4,6 @@ accident, and 48 of them fit a server with max_connections = 100."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
-from conftest import ROOT, child_signals
+from helpers import ROOT, assert_exact_budget, create_study, dropped_connection, storage_call, worker_groups
 from optuna.trial import TrialState
 from pg_server import launch_or_skip
 
@@ -26,159 +21,10 @@ from nkat_search.search.study_file import load_study
 from nkat_search.search.worker import Worker, run_loop
 from nkat_search.storage import backends, urls
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-# Worker processes: the script imports the storage layer once and forks one child per job (fast on
-# a busy machine; nothing is connected before the fork), each of which attaches to the study and
-# runs run_loop with a trivial objective (params from space.suggest, `seconds` of sleep split over
-# `steps` reports) and writes its log to its own file. Without "grace" a child opens the storage as
-# the CLI does; with "grace" and "retry" it builds RetryingRDBStorage with those settings itself.
-# "ready"/"go" are files of a start barrier, so that every child takes part. The exit codes come
-# back as one JSON line.
-WORKERS = """
-import json, logging, os, sys, time, traceback
-import optuna
-from nkat_search.search import space, studies, worker as wk
-from nkat_search.storage import backends, retrying
-
-
-def work(args):
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [pid {os.getpid()}] %(message)s")
-    url = args["url"]
-    if "grace" in args:
-        store = retrying.RetryingRDBStorage(url, args["retry"], engine_kwargs={"pool_pre_ping": True},
-                                      heartbeat_interval=1, grace_period=args["grace"],
-                                      heartbeat_stale_trial_callback=retrying.retry)
-    else:
-        store = backends.open_storage(url, create=False)
-    study, config = studies.attach(store, url, args["study"])
-    w = wk.Worker(study, store, url, config)
-
-    def objective(trial):
-        params = space.suggest(trial, config)
-        value = float(params["embed_dim"]) + params["temperature"]
-        for step in range(1, args["steps"] + 1):
-            time.sleep(args["seconds"] / args["steps"])
-            trial.report(value, step)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-        return value
-
-    open(args["ready"], "w").close()
-    while not os.path.exists(args["go"]):
-        time.sleep(0.05)
-    code = wk.run_loop(w, objective, poll_seconds=0.2)
-    if "torch" in sys.modules:
-        print("the storage layer imported torch", flush=True)
-        return 3
-    return code
-
-
-children = {}
-for i, args in enumerate(json.loads(sys.argv[1])):
-    pid = os.fork()
-    if pid == 0:
-        log = os.open(args["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        code = 1
-        try:
-            code = work(args)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    children[pid] = i
-codes = [None] * len(children)
-while children:
-    pid, status = os.wait()
-    codes[children.pop(pid)] = os.waitstatus_to_exitcode(status)
-print(json.dumps(codes), flush=True)
-"""
-
-
-def create_study(url: str, path: str, budget: int) -> optuna.Study:
-    """The study of the tiny study file in the storage at url, with its budget recorded."""
-    return studies.create_or_resume(backends.open_storage(url), url, load_study(path), budget)
-
-
-class Workers:
-    """count worker processes (the WORKERS script) released together; each logs to its own file."""
-
-    def __init__(self, count: int, url: str | list[str], folder: Path, study: str = "tiny", seconds: float = 0.0,
-                 steps: int = 1, env: dict | None = None, **storage_options) -> None:
-        urls = url if isinstance(url, list) else [url] * count
-        self.folder, self.go, self.count = folder, folder / "go", count
-        jobs = [{"url": urls[i], "study": study, "seconds": seconds, "steps": steps, "log": str(self.log(i)),
-                 "ready": str(folder / f"ready-{i}"), "go": str(self.go), **storage_options} for i in range(count)]
-        # Its own session, so that a timeout can kill the launcher and every child at once.
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKERS, json.dumps(jobs)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, **(env or {})},
-                                     start_new_session=True, preexec_fn=child_signals)
-
-    def log(self, i: int) -> Path:
-        return self.folder / f"worker-{i}.log"
-
-    def release(self, timeout: float = 300) -> None:
-        """Wait until every process has attached, then let them all run."""
-        deadline = time.monotonic() + timeout
-        while sum((self.folder / f"ready-{i}").exists() for i in range(self.count)) < self.count:
-            assert self.proc.poll() is None, f"workers exited before the start\n{self.output()}"
-            assert time.monotonic() < deadline, f"workers did not attach in time\n{self.output()}"
-            time.sleep(0.1)
-        self.go.touch()
-
-    def wait(self, timeout: float) -> list[int]:
-        """Exit codes of the workers; if they have not all ended after timeout, they are killed and the test fails."""
-        try:
-            out, _ = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"workers did not end within {timeout:.0f} s\n{self.output()}")
-        assert self.proc.returncode == 0, out
-        return json.loads(out.strip().splitlines()[-1])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.communicate()
-
-    def output(self, tail: int = 4000) -> str:
-        return "\n".join(f"--- worker {i} ---\n" + (self.log(i).read_text()[-tail:] if self.log(i).exists() else "")
-                         for i in range(self.count))
-
-
-def worker_groups(tmp_path: Path):
-    """The workers fixture: start(count, url, ...) gives a Workers group; any still running at the end are killed."""
-    started: list[Workers] = []
-
-    def start(count: int, url, **options) -> Workers:
-        folder = tmp_path / f"workers-{len(started)}"
-        folder.mkdir()
-        started.append(Workers(count, url, folder, **options))
-        return started[-1]
-
-    yield start
-    for group in started:
-        group.kill()
-
 
 @pytest.fixture
 def workers(tmp_path):
     yield from worker_groups(tmp_path)
-
-
-def assert_exact_budget(study: optuna.Study, budget: int) -> list[optuna.trial.FrozenTrial]:
-    """The study holds exactly its budget of finished trials, nothing RUNNING or WAITING, no number twice."""
-    trials = study.get_trials(deepcopy=False)
-    states = [t.state.name for t in trials]
-    assert sum(t.state in FINISHED for t in trials) == budget, states
-    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], states
-    numbers = [t.number for t in trials]
-    assert len(numbers) == len(set(numbers)), numbers
-    return trials
 
 
 def storage_url(kind: str, tmp_path: Path, request) -> str:
@@ -202,28 +48,10 @@ def test_two_processes_finish_exactly_the_budget_on_every_storage(kind, tmp_path
     assert not [t for t in trials if t.state == TrialState.FAIL]
 
 
-def dropped_connection(statement: str = "COMMIT") -> sqlalchemy.exc.OperationalError:
-    """The error SQLAlchemy raises when the server closed the connection (psycopg's wording)."""
-    return sqlalchemy.exc.OperationalError(
-        statement, {}, Exception("consuming input failed: server closed the connection unexpectedly"))
-
-
 @pytest.fixture(scope="module")
 def sqlite_url(tmp_path_factory) -> str:
     """One SQLite file for the module's studies (each test names its own study)."""
     return f"sqlite:///{tmp_path_factory.mktemp('db') / 'studies.db'}"
-
-
-def storage_call() -> str | None:
-    """The RDBStorage method that the application called, on the current stack (inside an SQLAlchemy event)."""
-    import optuna.storages._rdb.storage as rdb
-
-    frame, outermost = sys._getframe(), None
-    while frame is not None:
-        if frame.f_code.co_filename == rdb.__file__:
-            outermost = frame.f_code.co_name
-        frame = frame.f_back
-    return outermost
 
 
 # Every call the worker loop makes into RDBStorage (Study and Trial reach some of them through

@@ -1,7 +1,7 @@
 """Study files: the shipped ones load, and every kind of mistake is one sentence naming file and key."""
 
 import pytest
-from conftest import ROOT, TINY_STUDY, cli
+from helpers import ROOT, TINY_STUDY, cli
 
 from nkat_search.config import TrainConfig, UsageError
 from nkat_search.search.study_file import StudyConfig, load_study

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nkat_search.data import synthetic
-from nkat_search.data.files import DATASETS
+from nkat_search.datasets import DATASETS
 
 NAMES = list(DATASETS)
 

@@ -8,7 +8,7 @@ import time
 
 import optuna
 import pytest
-from conftest import cli, spawn
+from helpers import assert_exact_budget, cli, spawn, wait_for, with_stage1_epochs
 from optuna.trial import TrialState
 
 from nkat_search.config import UsageError
@@ -17,45 +17,16 @@ from nkat_search.search.study_file import load_study
 from nkat_search.search.worker import WorkerStopped, alive, run_worker
 from nkat_search.storage import backends
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
 
 def _load(url: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=backends.open_storage(url))
-
-
-def _wait_for(predicate, timeout: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _with_stage1_epochs(path: str, epochs: int) -> str:
-    with open(path) as fh:
-        text = fh.read().replace("epochs = 1\ngate", f"epochs = {epochs}\ngate")
-    with open(path, "w") as fh:
-        fh.write(text)
-    return path
-
-
-def assert_exact_budget(study: optuna.Study, budget: int) -> None:
-    trials = study.get_trials()
-    finished = [t for t in trials if t.state in FINISHED]
-    assert len(finished) == budget
-    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    numbers = [t.number for t in trials]
-    assert len(numbers) == len(set(numbers))
 
 
 @pytest.mark.slow
 def test_two_workers_share_one_budget_exactly(tiny_study, tmp_path):
     url = f"journal:{tmp_path / 's.journal'}"
     # Three epochs per trial, so that one worker cannot finish the budget before the other starts.
-    path = _with_stage1_epochs(tiny_study(trials=6), 3)
+    path = with_stage1_epochs(tiny_study(trials=6), 3)
     created = cli("start", "--study", path, "--storage", url, "--workers", "0")
     assert created.returncode == 0, created.stderr
     workers = [spawn("worker", "--storage", url, "--study", "tiny") for _ in range(2)]
@@ -70,12 +41,12 @@ def test_two_workers_share_one_budget_exactly(tiny_study, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_fails_the_running_trial_as_interrupted_and_queues_it_again(tiny_study, tmp_path, sig):
     # Enough epochs that the trial is still running when the signal arrives.
-    path = _with_stage1_epochs(tiny_study(trials=2), 200)
+    path = with_stage1_epochs(tiny_study(trials=2), 200)
     url = f"journal:{tmp_path / 's.journal'}"
     assert cli("start", "--study", path, "--storage", url, "--workers", "0").returncode == 0
     worker = spawn("worker", "--storage", url)
     study = _load(url, "tiny")
-    _wait_for(lambda: study.get_trials(states=(TrialState.RUNNING,))
+    wait_for(lambda: study.get_trials(states=(TrialState.RUNNING,))
               and study.get_trials()[0].intermediate_values, what="a running trial")
     sent = time.monotonic()
     worker.send_signal(sig)
@@ -93,12 +64,12 @@ def test_a_signal_fails_the_running_trial_as_interrupted_and_queues_it_again(tin
 
 @pytest.mark.slow
 def test_a_killed_worker_is_detected_and_its_trial_retried_on_the_embedded_storage(tiny_study, tmp_path):
-    path = _with_stage1_epochs(tiny_study(trials=3), 3)
+    path = with_stage1_epochs(tiny_study(trials=3), 3)
     url = f"journal:{tmp_path / 's.journal'}"
     assert cli("start", "--study", path, "--storage", url, "--workers", "0").returncode == 0
     victim = spawn("worker", "--storage", url)
     study = _load(url, "tiny")
-    _wait_for(lambda: study.get_trials(states=(TrialState.RUNNING,)), what="a running trial")
+    wait_for(lambda: study.get_trials(states=(TrialState.RUNNING,)), what="a running trial")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert study.get_trials(states=(TrialState.RUNNING,))  # left RUNNING by the dead process
@@ -158,7 +129,7 @@ def test_start_resumes_the_same_definition_and_refuses_a_different_one(tiny_stud
     again = cli("start", "--study", path, "--storage", url, "--workers", "0", "--trials", "7")
     assert again.returncode == 0, again.stderr
     assert _load(url, "tiny").user_attrs["budget"] == 7  # the budget may change on resume
-    _with_stage1_epochs(path, 2)
+    with_stage1_epochs(path, 2)
     changed = cli("start", "--study", path, "--storage", url, "--workers", "0")
     assert changed.returncode == 2
     assert "already exists" in changed.stderr and "stage1.epochs" in changed.stderr
@@ -222,7 +193,7 @@ def test_process_liveness_judges_only_processes_that_are_gone_as_dead(monkeypatc
     child.wait()  # reaped: that pid is gone
     assert alive(os.getpid()) and not alive(child.pid)
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
-    _wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE, what="an unreaped child")
+    wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE, what="an unreaped child")
     assert not alive(zombie.pid)  # exited, not yet reaped by its parent: dead, its trial can be failed
     zombie.wait()
 

@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+from .. import settings
 from ..config import DataConfig, ModelConfig, TrainConfig, UsageError, adapt_patch_size
 from .flags import _given
 
@@ -21,12 +22,12 @@ DATASET_FIELDS = ("in_chans", "img_size", "num_classes")
 
 
 def data_root_default() -> str:
-    return os.environ.get("NKAT_SEARCH_DATA_ROOT") or "data"
+    return settings.given("NKAT_SEARCH_DATA_ROOT") or "data"
 
 
 def _data_root(args) -> str | None:
     """--data-root, else $NKAT_SEARCH_DATA_ROOT, else None (the study file's data.root)."""
-    return args.data_root or os.environ.get("NKAT_SEARCH_DATA_ROOT") or None
+    return args.data_root or settings.given("NKAT_SEARCH_DATA_ROOT")
 
 
 def safe_name(name: str) -> str:
@@ -85,7 +86,7 @@ def _attach(args):
 
     url = urls.resolve_url(args.storage)
     store = backends.open_storage(url, create=False)
-    study, config = studies.attach(store, url, args.study or os.environ.get("NKAT_SEARCH_STUDY") or None)
+    study, config = studies.attach(store, url, args.study or settings.given("NKAT_SEARCH_STUDY"))
     return url, study, config
 
 
@@ -280,9 +281,10 @@ def cmd_attention(args) -> int:
 
 def cmd_bench(args) -> int:
     from ..bench.measure import measure
+    from ..bench.options import BenchOptions
     from ..bench.tables import table
 
-    result = measure(args)
+    result = measure(BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)}))
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0
 
@@ -300,8 +302,7 @@ def cmd_augment(args) -> int:
     if not out.parent.is_dir():
         raise UsageError(f"cannot write {out}: the folder {out.parent} does not exist; create it or pass another --out.")
     _, train_cfg = config.configs_for({}, args.dataset, 1)
-    data = dataclasses.replace(config.data, root=args.data_root or os.environ.get("NKAT_SEARCH_DATA_ROOT")
-                               or config.data.root)
+    data = dataclasses.replace(config.data, root=_data_root(args) or config.data.root)
     splits = load_splits(args.dataset, data, "cpu")
     write_grid(train_cfg, splits, out, rows=args.rows, cols=args.cols, seed=args.seed,
                title=f"{config.name} / {args.dataset}: {recipe_text(train_cfg)}")

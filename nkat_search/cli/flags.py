@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import typing
 
@@ -85,9 +84,7 @@ def _add_run_flags(p: argparse.ArgumentParser, workers_help: str) -> None:
 
 
 def _bench_flags(p: argparse.ArgumentParser) -> None:
-    from ..bench.measure import measure
     from ..bench.options import BenchOptions
-    from ..bench.tables import table
 
     hints, defaults = typing.get_type_hints(BenchOptions), BenchOptions()
     for f in dataclasses.fields(BenchOptions):
@@ -109,9 +106,6 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
                        choices=f.metadata.get("choices"), metavar=f.name.upper() if many else None, help=help_text)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
-    def run(args) -> int:
-        result = measure(BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)}))
-        print(json.dumps(result, indent=2) if args.json else table(result))
-        return 0
+    from .commands import cmd_bench
 
-    p.set_defaults(func=run)
+    p.set_defaults(func=cmd_bench)

@@ -16,6 +16,7 @@ import signal
 import sys
 import typing
 
+from .. import datasets, settings
 from ..config import DataConfig, ModelConfig, RuntimeFailure, TrainConfig, UsageError
 from .commands import (
     DATASET_FIELDS,
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one configuration on one dataset and print the result",
                        description="Train one NKAT ViT configuration on one dataset; evaluate the EMA weights "
                                    "on the validation split after every epoch.")
-    _flag(p, "dataset", default="cifar10", choices=["cifar10", "mnist", "fashion_mnist", "emnist_letters"],
+    _flag(p, "dataset", default="cifar10", choices=datasets.NAMES,
           help="[%(default)s]")
     _flag(p, "device", default="auto", help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps [%(default)s]")
     _flag(p, "eval_test", action="store_true", help="also evaluate on the test set (kept out of model selection)")
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 exposes it to the network [%(default)s]")
     p.add_argument("--port", type=_number(int, "int", 0), default=8080, help="[%(default)s]")
-    p.add_argument("--artifacts", default=os.environ.get("NKAT_SEARCH_ARTIFACTS") or "artifacts",
+    p.add_argument("--artifacts", default=settings.given("NKAT_SEARCH_ARTIFACTS"),
                    help="folder of the artifact store that `nkat-search report` writes the weights to [$NKAT_SEARCH_ARTIFACTS or artifacts]")
     p.set_defaults(func=cmd_dashboard)
 
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_number(int, "int", 1), default=None, help="epochs per dataset [the study's report.epochs]")
     p.add_argument("--out", default=None, help="output folder; holds state for resuming [reports/<study>]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps [%(default)s]")
-    p.add_argument("--artifacts", default=os.environ.get("NKAT_SEARCH_ARTIFACTS") or "artifacts",
+    p.add_argument("--artifacts", default=settings.given("NKAT_SEARCH_ARTIFACTS"),
                    help="folder of the Optuna file-system artifact store for the weights [$NKAT_SEARCH_ARTIFACTS or artifacts]")
     p.set_defaults(func=cmd_report)
 
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="cifar10", help="dataset of the retrained model [%(default)s]")
     p.add_argument("--images", type=_number(int, "int", 1), default=10, help="validation images to draw [%(default)s]")
     p.add_argument("--out", default=None, help="output folder [reports/<study>/attention-trial-N-<dataset>]")
-    p.add_argument("--artifacts", default=os.environ.get("NKAT_SEARCH_ARTIFACTS") or "artifacts",
+    p.add_argument("--artifacts", default=settings.given("NKAT_SEARCH_ARTIFACTS"),
                    help="folder of the artifact store that `nkat-search report` used [$NKAT_SEARCH_ARTIFACTS or artifacts]")
     p.set_defaults(func=cmd_attention)
 
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dataset (every augmentation, before normalisation), with labels or label mixes. "
                                    "Searched recipe parameters are at their fixed or default values.")
     p.add_argument("--study", default="round2", help="a packaged study or a study file [%(default)s]")
-    _flag(p, "dataset", default="cifar10", choices=["cifar10", "mnist", "fashion_mnist", "emnist_letters"],
+    _flag(p, "dataset", default="cifar10", choices=datasets.NAMES,
           help="[%(default)s]")
     p.add_argument("--out", default=None, help="PNG file [augment-<study>-<dataset>.png]")
     p.add_argument("--rows", type=_number(int, "int", 1), default=6, help="[%(default)s]")
@@ -215,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("download", help="download the real datasets once (e.g. into a shared volume)")
     p.add_argument("--data-root", help="folder for the datasets [$NKAT_SEARCH_DATA_ROOT or ./data]")
-    p.add_argument("--datasets", nargs="+", default=["cifar10", "mnist", "fashion_mnist", "emnist_letters"],
-                   choices=["cifar10", "mnist", "fashion_mnist", "emnist_letters"], help="[all four]")
+    p.add_argument("--datasets", nargs="+", default=list(datasets.NAMES),
+                   choices=datasets.NAMES, help="[all four]")
     p.set_defaults(func=cmd_download)
     return parser
 

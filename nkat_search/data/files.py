@@ -5,34 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
 
 from ..config import DataConfig, UsageError
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    channels: int
-    image_size: int
-    num_classes: int
-    mean: tuple[float, ...]  # per channel, on the [0, 1] scale
-    std: tuple[float, ...]
-    hflip: bool  # only for natural images: a flipped digit or letter is another glyph
-
-
-# Standard published per-channel statistics of each real training set; synthetic images use the
-# same so that a model sees the same input scale from either source.
-DATASETS: dict[str, DatasetSpec] = {
-    "cifar10": DatasetSpec("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
-    "mnist": DatasetSpec("mnist", 1, 28, 10, (0.1307,), (0.3081,), False),
-    "fashion_mnist": DatasetSpec("fashion_mnist", 1, 28, 10, (0.2860,), (0.3530,), False),
-    "emnist_letters": DatasetSpec("emnist_letters", 1, 28, 26, (0.1722,), (0.3309,), False),
-}
+from ..datasets import DATASETS, DatasetSpec
 
 
 def get_spec(name: str) -> DatasetSpec:

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from ..config import DataConfig, TrainConfig, UsageError
+from ..datasets import DatasetSpec
 from . import synthetic
 from .augment import RANDAUGMENT_OPS, randaugment_magnitude
-from .files import DatasetSpec, _torchvision, get_spec
+from .files import _torchvision, get_spec
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from .files import DatasetSpec
+    from ..datasets import DatasetSpec
 
 
 FIELD = 64  # prototype resolution over the glyph coordinates [-0.5, 1.5]^2 (32 cells per unit)
@@ -471,18 +471,15 @@ def write_samples(spec: DatasetSpec, out_path, per_class: int = 6, stream: int =
 
     from matplotlib.figure import Figure
 
-    from ..outputs.preview import CLASS_NAMES
-
     k = spec.num_classes
     x, y = images(spec, k * per_class * 3, stream)
-    names = CLASS_NAMES.get(spec.name, tuple(str(i) for i in range(k)))
     fig = Figure(figsize=(k * 0.62, per_class * 0.62 + 0.55), dpi=100)
     axes = fig.subplots(per_class, k, squeeze=False)
     for c in range(k):
         for r, i in enumerate((y == c).nonzero()[:per_class, 0].tolist()):
             img = x[i].permute(1, 2, 0).numpy()
             axes[r, c].imshow(img[..., 0] if spec.channels == 1 else img, cmap="gray", vmin=0, vmax=255)
-        axes[0, c].set_title(names[c], fontsize=7)
+        axes[0, c].set_title(spec.class_name(c), fontsize=7)
         for ax in axes[:, c]:
             ax.set_axis_off()
     fig.suptitle(f"synthetic {spec.name}: {per_class} images per class (nkat_search/data/synthetic.py)", fontsize=8)

@@ -16,12 +16,6 @@ from matplotlib.figure import Figure
 from ..config import TrainConfig
 from ..data.loader import BatchLoader, Splits
 
-CLASS_NAMES = {
-    "cifar10": ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-    "fashion_mnist": ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"),
-    "emnist_letters": tuple("abcdefghijklmnopqrstuvwxyz"),
-}
-
 
 def label_text(target: torch.Tensor, names: tuple[str, ...] | None = None) -> str:
     """'3' for a class index or a one-class target; '3 .62 / 8 .38' for a mix of two or more."""
@@ -49,7 +43,6 @@ def write_grid(train_cfg: TrainConfig, splits: Splits, out_path: str | Path, row
     images, targets = next(iter(loader))
     images = (images.float() * loader.std + loader.mean).clamp_(0, 1).cpu()
     targets = targets.cpu()
-    names = CLASS_NAMES.get(splits.spec.name)
 
     fig = Figure(figsize=(cols * 1.1, rows * 1.25 + 0.5), dpi=100)
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -62,7 +55,7 @@ def write_grid(train_cfg: TrainConfig, splits: Splits, out_path: str | Path, row
             ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         else:
             ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(label_text(targets[i], names), fontsize=7, pad=2)
+        ax.set_title(label_text(targets[i], splits.spec.class_names), fontsize=7, pad=2)
     fig.suptitle(title or f"{splits.spec.name}: {recipe_text(train_cfg)}", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     out = Path(out_path)

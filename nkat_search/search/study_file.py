@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import (
-    DATASET_NAMES,
-    DATASET_SHAPES,
     INT64,
     DataConfig,
     ModelConfig,
@@ -27,6 +25,7 @@ from ..config import (
     adapt_patch_size,
     field_names,
 )
+from ..datasets import DATASETS, NAMES
 from .kinds import PRUNERS, SAMPLERS, PrunerConfig, SamplerConfig, kind_dict
 
 MODEL_KEYS = field_names(ModelConfig) - {"in_chans", "img_size", "num_classes"}  # the dataset decides those
@@ -151,13 +150,13 @@ class StudyConfig:
         The dataset decides channels, image size and classes. The patch size is searched for the
         Stage-1 dataset and must divide its feature map; on datasets of another image size it is
         adapted by config.adapt_patch_size (recorded on the trial as <dataset>_patch_size)."""
-        shape = DATASET_SHAPES[dataset]
+        shape = DATASETS[dataset]
         applied = {p.name: params[p.name] for p in self.space if p.name in params and self.applies(p, dataset)}
         extra = {k: v for k, v in params.items() if k not in {p.name for p in self.space}}  # enqueued extras
         applied.update(extra)
         model_kwargs = {**self.model, **{k: v for k, v in applied.items() if k in MODEL_KEYS}}
         model_kwargs.update(in_chans=shape.channels, img_size=shape.image_size, num_classes=shape.num_classes)
-        if shape.image_size != DATASET_SHAPES[self.stage1_dataset].image_size:
+        if shape.image_size != DATASETS[self.stage1_dataset].image_size:
             patch = model_kwargs.get("patch_size", ModelConfig.patch_size)
             stem = model_kwargs.get("conv_stem", ModelConfig.conv_stem)
             if isinstance(patch, int) and patch >= 1 and stem in ("off", "tiny", "small"):
@@ -283,13 +282,13 @@ def parse_study(raw: dict, path: str) -> StudyConfig:
     stage1 = table("stage1", {"dataset", "epochs", "gate"}, {"dataset", "epochs", "gate"})
     stage2 = table("stage2", {"datasets", "epochs", "train"}, {"datasets", "epochs"})
     dataset1, datasets2 = stage1["dataset"], stage2["datasets"]
-    if dataset1 not in DATASET_NAMES:
-        raise fail("stage1.dataset", f"unknown dataset {dataset1!r}; use one of {', '.join(DATASET_NAMES)}.")
+    if dataset1 not in NAMES:
+        raise fail("stage1.dataset", f"unknown dataset {dataset1!r}; use one of {', '.join(NAMES)}.")
     if not isinstance(datasets2, list):
         raise fail("stage2.datasets", f"must be a list of dataset names, got {datasets2!r}.")
     for ds in datasets2:
-        if ds not in DATASET_NAMES:
-            raise fail("stage2.datasets", f"unknown dataset {ds!r}; use one of {', '.join(DATASET_NAMES)}.")
+        if ds not in NAMES:
+            raise fail("stage2.datasets", f"unknown dataset {ds!r}; use one of {', '.join(NAMES)}.")
     if len(set(datasets2) | {dataset1}) != len(datasets2) + 1:
         raise fail("stage2.datasets", "names a dataset twice (or the Stage-1 dataset); list each dataset once.")
     gate = stage1["gate"]
@@ -307,7 +306,7 @@ def parse_study(raw: dict, path: str) -> StudyConfig:
     build("model", ModelConfig, model)  # the fixed settings alone must make a model
 
     train_table = dict(raw.get("train", {}))
-    overrides = {ds: train_table.pop(ds) for ds in list(train_table) if ds in DATASET_NAMES}
+    overrides = {ds: train_table.pop(ds) for ds in list(train_table) if ds in NAMES}
     for key in train_table:
         if key not in TRAIN_KEYS:
             raise fail(f"train.{key}", f"unknown key; use one of {', '.join(sorted(TRAIN_KEYS))} "

@@ -8,8 +8,8 @@ This module and cli.py are the only places that read environment variables. It i
 from __future__ import annotations
 
 import logging
-import os
 
+from .. import settings
 from ..config import UsageError
 
 log = logging.getLogger("nkat_search")
@@ -40,7 +40,7 @@ def resolve_url(flag: str | None) -> str:
             raise UsageError("--storage is empty (an unset variable in a script?); pass a storage URL such as "
                              "journal:FILE or postgresql+psycopg://user@host/db.")
         return flag.strip()
-    env = os.environ.get(ENV_STORAGE)
+    env = settings.get(ENV_STORAGE)
     if env is not None and not env.strip():
         raise UsageError(f"${ENV_STORAGE} is set but empty; set it to a storage URL or unset it.")
     return env.strip() if env else DEFAULT_URL
@@ -109,8 +109,8 @@ def heartbeat_settings() -> tuple[int, int, float]:
     meanwhile; others must not take its trial for dead before it gives up: grace > bound + interval."""
     names = ("NKAT_SEARCH_HEARTBEAT_INTERVAL", "NKAT_SEARCH_GRACE_PERIOD", "NKAT_SEARCH_DB_RETRY_SECONDS")
     values = []
-    for name, default in zip(names, ("10", "90", "60")):
-        text = os.environ.get(name, default)
+    for name in names:
+        text = settings.get(name)
         try:
             values.append(int(text))
         except ValueError:
