@@ -36,7 +36,7 @@ from nkat_search.search.study_file import load_study
 from nkat_search.search.worker import Worker, next_trial, run_loop, run_trial
 from nkat_search.storage import backends, retrying
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.optuna_api]
 
 
 @pytest.fixture
@@ -123,6 +123,7 @@ def running(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
 
+@pytest.mark.long
 def test_workers_keep_the_budget_while_connections_drop_every_few_seconds_and_one_is_killed(
         pg_server, pg_url, tiny_study, tmp_path):
     # Tiny trials of 3 epochs, a second or a few each: two workers need a minute or more for the
@@ -220,6 +221,7 @@ class WorkerDied(BaseException):
     ("record_heartbeat", "no owner and no heartbeat for 6 s (its worker died or lost the reply while claiming it)"),
     ("worker_id", "no heartbeat from worker (unknown) for 6 s"),
 ])
+@pytest.mark.long
 def test_a_worker_that_dies_while_claiming_its_trial_leaves_no_trial_running_for_ever(
         pg_url, tiny_study, monkeypatch, dies_at, reason):
     # A worker dies after `ask` and before it recorded its trial's first heartbeat, or after the
@@ -298,6 +300,7 @@ def test_a_dropped_lock_connection_while_asking_does_not_overrun_the_budget(pg_s
     assert_exact_budget(a.study, 1)
 
 
+@pytest.mark.long
 def test_an_outage_longer_than_the_grace_period_fails_no_healthy_trial(pg_server, pg_url, tiny_study, workers):
     # A worker waits up to the retry bound for the database (30 s here), its heartbeats stopped
     # meanwhile; a worker that comes back judges no heartbeat until it has seen the database up

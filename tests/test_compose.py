@@ -11,6 +11,8 @@ import pytest
 import yaml
 from helpers import ROOT
 
+pytestmark = pytest.mark.infra
+
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"

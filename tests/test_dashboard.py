@@ -39,6 +39,8 @@ from nkat_search.outputs.dashboard import (
     trial_note,
 )
 
+pytestmark = [pytest.mark.optuna_api]
+
 REPO = ROOT
 DATASETS = ["cifar10", "mnist", "fashion_mnist", "emnist_letters"]
 DEFINITION = {

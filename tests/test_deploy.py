@@ -20,6 +20,8 @@ import pytest
 import yaml
 from helpers import ROOT
 
+pytestmark = pytest.mark.infra
+
 K8S = ROOT / "deploy" / "kubernetes"
 # the search (`kubectl apply -k deploy/kubernetes`) and its official result, applied on its own once
 # the search is done (`kubectl apply -k deploy/kubernetes/report`)

@@ -6,9 +6,10 @@ from helpers import assert_exact_budget, cli, spawn
 
 from nkat_search.storage import backends
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.optuna_api]
 
 
+@pytest.mark.long
 def test_three_workers_share_one_budget_exactly(pg_url, tiny_study):
     assert cli("start", "--study", tiny_study(trials=8), "--storage", pg_url, "--workers", "0").returncode == 0
     workers = [spawn("worker", "--storage", pg_url) for _ in range(3)]
@@ -27,6 +28,7 @@ def test_two_starts_racing_on_a_new_study_make_one_study(pg_url, tiny_study):
     assert optuna.get_all_study_names(backends.open_storage(pg_url)) == ["tiny"]
 
 
+@pytest.mark.long
 def test_resume_after_all_workers_stopped_reaches_the_new_budget(pg_url, tiny_study):
     path = tiny_study(trials=2)
     first = cli("start", "--study", path, "--storage", pg_url)

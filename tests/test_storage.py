@@ -21,6 +21,8 @@ from nkat_search.search.study_file import load_study
 from nkat_search.search.worker import Worker, run_loop
 from nkat_search.storage import backends, urls
 
+pytestmark = [pytest.mark.optuna_api]
+
 
 @pytest.fixture
 def workers(tmp_path):
@@ -165,6 +167,7 @@ def server_100():
     server.destroy()
 
 
+@pytest.mark.long
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_48_workers_fit_a_server_with_100_connections_and_finish_the_budget_exactly(server_100, tiny_study, workers):

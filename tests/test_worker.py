@@ -8,7 +8,7 @@ import time
 
 import optuna
 import pytest
-from helpers import assert_exact_budget, cli, spawn, wait_for, with_stage1_epochs
+from helpers import INTERRUPTED, assert_exact_budget, cli, spawn, wait_for, with_stage1_epochs
 from optuna.trial import TrialState
 
 from nkat_search.config import UsageError
@@ -17,11 +17,14 @@ from nkat_search.search.study_file import load_study
 from nkat_search.search.worker import WorkerStopped, alive, run_worker
 from nkat_search.storage import backends
 
+pytestmark = [pytest.mark.optuna_api]
+
 
 def _load(url: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=backends.open_storage(url))
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_two_workers_share_one_budget_exactly(tiny_study, tmp_path):
     url = f"journal:{tmp_path / 's.journal'}"
@@ -37,6 +40,7 @@ def test_two_workers_share_one_budget_exactly(tiny_study, tmp_path):
     assert len({t.user_attrs["worker"] for t in study.get_trials()}) == 2  # both did work
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_fails_the_running_trial_as_interrupted_and_queues_it_again(tiny_study, tmp_path, sig):
@@ -52,7 +56,7 @@ def test_a_signal_fails_the_running_trial_as_interrupted_and_queues_it_again(tin
     worker.send_signal(sig)
     out = worker.communicate(timeout=30)[0]
     assert time.monotonic() - sent < 10
-    assert worker.returncode == 130, out
+    assert worker.returncode in INTERRUPTED, out
     first, *rest = study.get_trials()
     assert first.state == TrialState.FAIL
     assert first.user_attrs["fail_reason"] == f"interrupted ({sig.name})"
@@ -62,6 +66,7 @@ def test_a_signal_fails_the_running_trial_as_interrupted_and_queues_it_again(tin
     assert rest[0].system_attrs["failed_trial"] == first.number  # as Optuna's retry callback links it
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_killed_worker_is_detected_and_its_trial_retried_on_the_embedded_storage(tiny_study, tmp_path):
     path = with_stage1_epochs(tiny_study(trials=3), 3)
@@ -96,6 +101,7 @@ def test_consecutive_failures_stop_the_worker_with_a_clear_message(tiny_study, t
     assert all(t.user_attrs["fail_reason"] == "RuntimeError: CUDA out of memory (simulated)" for t in failed)
 
 
+@pytest.mark.long
 def test_max_failures_reaches_every_worker_process_of_start(tiny_study, tmp_path):
     # Every trial crashes (an out-of-memory error, injected into each process, the spawned ones
     # too, through sitecustomize): with --max-failures 1 each of the two worker processes stops
@@ -122,6 +128,7 @@ def test_worker_before_the_study_exists_gets_a_clear_message(tmp_path):
     assert run.returncode == 2 and "Traceback" not in run.stderr
 
 
+@pytest.mark.long
 def test_start_resumes_the_same_definition_and_refuses_a_different_one(tiny_study, tmp_path):
     url = f"journal:{tmp_path / 's.journal'}"
     path = tiny_study(trials=2)

@@ -16,7 +16,7 @@ import signal
 import sys
 import typing
 
-from .. import datasets, settings
+from .. import configure_logging, datasets, settings
 from ..config import DataConfig, ModelConfig, RuntimeFailure, TrainConfig, UsageError
 from .commands import (
     DATASET_FIELDS,
@@ -244,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Inside the try: parsing `bench` imports torch for its flags, a few seconds a Ctrl-C can land in.
         args = build_parser().parse_args(argv)
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+        configure_logging(args.verbose)
         code = args.func(args)
         sys.stdout.flush()
         return code

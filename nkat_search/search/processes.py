@@ -6,6 +6,7 @@ import logging
 import multiprocessing
 import os
 
+from .. import configure_logging
 from ..config import RuntimeFailure, UsageError
 from ..storage import backends, lock
 from . import studies
@@ -21,8 +22,7 @@ log = logging.getLogger("nkat_search")
 
 
 def _child(url: str, study_name: str, device: str, verbose: bool, data_root: str | None, max_failures: int) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format=f"%(asctime)s %(levelname)s [{device} pid {os.getpid()}] %(message)s", datefmt="%H:%M:%S")
+    configure_logging(verbose, tag=f"[{device} pid {os.getpid()}] ")
     install_signal_handlers()
     try:
         code = run_worker(url, study_name, device, data_root=data_root, max_failures=max_failures)
