@@ -97,13 +97,13 @@ def _conform(value, kind) -> tuple[bool, object]:
         items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
         if len(items) != len(value):
             return False, value
-        out = []
+        parts: list[object] = []
         for item, arg in zip(value, items):
             ok, conformed = _conform(item, arg)
             if not ok:
                 return False, value
-            out.append(conformed)
-        return True, tuple(out)
+            parts.append(conformed)
+        return True, tuple(parts)
     if origin is dict or kind is dict:
         return isinstance(value, dict), value
     raise TypeError(f"config fields of type {kind} are not supported")

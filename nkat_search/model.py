@@ -8,6 +8,9 @@ scalars (the theta function), so the baseline with modulation has 12,615,020.
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -153,12 +156,15 @@ class NKATAttention(nn.Module):
 
     def _theta(self, x: torch.Tensor) -> torch.Tensor:
         """theta(x) in (-1, 1) per token: [B, N]."""
+        assert self.theta is not None  # called only with the modulation on
         var, mean = torch.var_mean(x, dim=-1, unbiased=False)
         stats = torch.stack((mean, var), dim=-1)
         return torch.tanh(self.theta(stats.to(self.theta.weight.dtype))).squeeze(-1)
 
-    def _color_bias(self, logits: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
+    def _color_bias(self, logits: torch.Tensor, colors: torch.Tensor | None) -> torch.Tensor:
         # colors: [B, N, C] mean intensity of each input channel under each token.
+        # NKATViT passes them whenever split heads are on, the only case that calls this.
+        assert colors is not None and self.color_weight is not None
         c = self.color_heads
         per_channel = colors.transpose(1, 2)
         queries = per_channel[:, :, : logits.shape[-2], None]  # the queries are the first tokens
@@ -233,15 +239,20 @@ class NKATViT(nn.Module):
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Class-token attention of every layer, averaged over heads: [depth, B, num_patches]."""
-        for block in self.blocks:
-            block.attn.keep_attention = True
+        # A ModuleList's items are typed nn.Module; __init__ fills this one with Blocks only.
+        attns = [block.attn for block in typing.cast("Iterable[Block]", self.blocks)]
+        for attn in attns:
+            attn.keep_attention = True
         try:
             self(x)
-            maps = [block.attn.last_attention[:, :, 0, 1:].mean(dim=1) for block in self.blocks]
+            maps = []
+            for attn in attns:
+                assert attn.last_attention is not None  # keep_attention makes forward record it
+                maps.append(attn.last_attention[:, :, 0, 1:].mean(dim=1))
         finally:
-            for block in self.blocks:
-                block.attn.keep_attention = False
-                block.attn.last_attention = None
+            for attn in attns:
+                attn.keep_attention = False
+                attn.last_attention = None
         return torch.stack(maps)
 
 

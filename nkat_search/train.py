@@ -192,7 +192,8 @@ class TrainStep:
         self.autocast = resolve_precision(train_cfg.precision, device)
         self.device_type, self.clip_grad = device.type, train_cfg.clip_grad
         self.model = build_model(model_cfg, device)
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for p in self.model.parameters():
             (decay if p.ndim >= 2 else no_decay).append(p)
         # The fused kernel exists for CPU and CUDA: one pass over each parameter instead of ~8.

@@ -174,7 +174,7 @@ def bench_procs(model_cfg: ModelConfig, device: torch.device, *, counts: tuple[i
     graphs): a 17-token model is launch-bound there, which graphs and more processes both attack."""
     data = DataConfig(source="synthetic", val_size=eval_images, synthetic_train=images + eval_images, synthetic_test=1)
     run = ("cifar10", model_cfg, TrainConfig(epochs=1, warmup=0, batch_size=batch, precision=precision))
-    variants = {"eager": None}
+    variants: dict[str, str | None] = {"eager": None}  # name: torch.compile mode
     if device.type == "cuda":
         variants["graphs"] = "reduce-overhead"
     rows = []

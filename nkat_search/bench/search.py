@@ -6,6 +6,7 @@ import contextlib
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -39,8 +40,11 @@ def _timed_storage(inner, timer: Timings):
     for name in dir(optuna.storages.BaseStorage):
         if not name.startswith("_") and callable(getattr(optuna.storages.BaseStorage, name)):
             setattr(TimedStorage, name, timed(name))
-    abc.update_abstractmethods(TimedStorage)
-    return TimedStorage()
+    # The loop above sets every public BaseStorage method and update_abstractmethods then clears the
+    # abstract set: the class is concrete at runtime, which mypy cannot follow through setattr.
+    concrete = cast("type[optuna.storages.BaseStorage]", TimedStorage)
+    abc.update_abstractmethods(concrete)
+    return concrete()
 
 
 def _timed_pruner(inner, timer: Timings):
@@ -98,31 +102,41 @@ def bench_search(study_ref, trials: int, device: torch.device, share: bool = Tru
                 return inner(trial)
 
         rows: list[dict] = []
-        mark = [time.perf_counter(), time.process_time(), *timer.snapshot()]
+        mark = [_stamp(timer)]
 
         def on_end(frozen) -> None:
             with timer.phase("dashboard note"):
                 annotate_trial(study, frozen)
-            now = [time.perf_counter(), time.process_time(), *timer.snapshot()]
+            now = _stamp(timer)
             rows.append({"trial": frozen.number, "state": frozen.state.name, "value": frozen.value,
-                         "prune_reason": frozen.user_attrs.get("prune_reason"),
-                         **_breakdown(now[0] - mark[0], now[1] - mark[1], _minus(now[2], mark[2]), _minus(now[3], mark[3]))})
-            mark[:] = now
+                         "prune_reason": frozen.user_attrs.get("prune_reason"), **_since(mark[0], now)})
+            mark[0] = now
 
         # From here on: the storage calls of attach above are not the loop's.
-        begin = [time.perf_counter(), time.process_time(), *timer.snapshot()]
-        mark[:] = begin
+        begin = _stamp(timer)
+        mark[0] = begin
         with HostShare(str(device)) if share else contextlib.nullcontext() as member:
             worker.run_loop(worker.Worker(study, store, url, config), objective, poll_seconds=0.1, on_end=on_end,
-                            before_trial=member.threads_for_next_trial if share else None)
-        end = [time.perf_counter(), time.process_time(), *timer.snapshot()]
-        total = _breakdown(end[0] - begin[0], end[1] - begin[1], _minus(end[2], begin[2]), _minus(end[3], begin[3]))
+                            before_trial=member.threads_for_next_trial if member is not None else None)
+        total = _since(begin, _stamp(timer))
     return {"study": config.name, "trials": len(rows), **total, "trials_per_minute": 60 * len(rows) / total["seconds"],
             "storage_calls": {k.removeprefix("storage "): {"seconds": timer.seconds[k], "calls": timer.calls[k]}
                               for k in sorted(timer.seconds, key=lambda k: -timer.seconds[k]) if k.startswith("storage ")},
             "startup": {"import_seconds": startup, "open_and_attach_seconds": attach_seconds},
             "per_trial": rows,
             "precision": dict(zip(("dtype", "reason"), _precision_of(config.train.precision, device)))}
+
+
+# Wall and CPU seconds, then Timings.snapshot(): wall and CPU seconds by phase.
+_Stamp = tuple[float, float, dict[str, float], dict[str, float]]
+
+
+def _stamp(timer: Timings) -> _Stamp:
+    return (time.perf_counter(), time.process_time(), *timer.snapshot())
+
+
+def _since(before: _Stamp, now: _Stamp) -> dict:
+    return _breakdown(now[0] - before[0], now[1] - before[1], _minus(now[2], before[2]), _minus(now[3], before[3]))
 
 
 def _minus(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
@@ -132,7 +146,7 @@ def _minus(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
 def _breakdown(wall: float, cpu: float, wall_phases: dict[str, float], cpu_phases: dict[str, float]) -> dict:
     """Wall and CPU seconds by phase (storage methods summed), the rest of the loop as its own phase,
     and the share of each that was not training steps."""
-    out = {"seconds": wall, "cpu_seconds": cpu}
+    out: dict[str, Any] = {"seconds": wall, "cpu_seconds": cpu}
     for key, total, phases in (("phases", wall, wall_phases), ("cpu_phases", cpu, cpu_phases)):
         grouped = _grouped(phases)
         grouped["worker loop (rest)"] = max(0.0, total - sum(grouped.values()))

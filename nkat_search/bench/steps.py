@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .. import devices
@@ -105,7 +107,7 @@ def bench_augment(splits: Splits, train_cfg: TrainConfig, *, batch: int, images:
                 dataset[i % len(dataset)]
 
         variants["pil"] = per_image
-    out = interleaved(variants, n, 1, 1, repeats, x.device)
+    out: dict[str, Any] = interleaved(variants, n, 1, 1, repeats, x.device)
     if reference is not None:
         out["speedup"] = out["batched"]["img_per_s"] / out["pil"]["img_per_s"]
     else:

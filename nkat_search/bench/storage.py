@@ -45,7 +45,8 @@ def bench_storage(url: str, procs: int, ops: int) -> dict:
     storage = open_storage(url)
     optuna.create_study(study_name=name, storage=storage)
     # No torch work in the children: fork is safe and quick where the OS has it.
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    ctx = (multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods()
+           else multiprocessing.get_context("spawn"))
     barrier, results = ctx.Barrier(procs), ctx.Queue()
     workers = [ctx.Process(target=_storage_worker, args=(url, name, ops, barrier, results)) for _ in range(procs)]
     try:
@@ -63,7 +64,8 @@ def bench_storage(url: str, procs: int, ops: int) -> dict:
 
 def _collect(results, count: int, procs: list, timeout: float) -> list:
     """count items from a queue fed by procs; a process that died first is an error, not a hang."""
-    items, deadline = [], time.monotonic() + timeout
+    items: list[object] = []
+    deadline = time.monotonic() + timeout
     while len(items) < count:
         try:
             items.append(results.get(timeout=1.0))

@@ -34,6 +34,8 @@ def research_pipeline(path: str | None = None):
     for candidate in candidates:
         if candidate.is_file():
             spec = importlib.util.spec_from_file_location("nkat_research_pipeline", candidate)
+            if spec is None or spec.loader is None:  # no importer for the file's suffix (not .py)
+                raise UsageError(f"--reference {candidate} is not a Python file; pass benchmarks/{name} of a checkout.")
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module
             spec.loader.exec_module(module)

@@ -54,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
 
     build: typing.Callable[[argparse.ArgumentParser], None] | None = None
 
-    def error(self, message: str) -> None:  # argparse's own errors: one sentence, exit 2
+    def error(self, message: str) -> typing.NoReturn:  # argparse's own errors: one sentence, exit 2
         self.exit(2, f"nkat-search: error: {message}; see `{self.prog} --help`.\n")
 
     def _built(self) -> None:

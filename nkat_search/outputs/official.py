@@ -19,6 +19,7 @@ import platform
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -113,7 +114,7 @@ def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:
     if not done:
         raise UsageError(f"study {study.study_name!r} has no completed trials yet; run `nkat-search worker` "
                          "until at least one trial completes, then report.")
-    done.sort(key=lambda t: t.value, reverse=True)
+    done.sort(key=lambda t: typing.cast(float, t.value), reverse=True)  # cast: a COMPLETE trial has a value
     return done[:top]
 
 
@@ -158,6 +159,7 @@ def retrain_trial(study: optuna.Study, config: StudyConfig, trial: FrozenTrial, 
             train_cfg = dataclasses.replace(train_cfg, warmup=warmup)
             say(f"trial {trial.number} {dataset}: training {epochs} epochs on {device}")
             result = fit(model_cfg, train_cfg, load_splits(dataset, config.data, device), eval_test=True)
+            assert result.model is not None  # fit() returns the model it trained
             done = {**result.summary(), "weights": weights.name,
                     "sha256": save_weights(result.model, model_cfg, weights),
                     "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(train_cfg),

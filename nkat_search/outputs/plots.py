@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import typing
 from pathlib import Path
 
 import optuna
@@ -90,8 +91,9 @@ def learning_curves_figure(study: optuna.Study, config: StudyConfig) -> go.Figur
 
 def top_trials_figure(study: optuna.Study, config: StudyConfig, top: int = TOP_TRIALS) -> go.Figure | None:
     """Validation accuracy per dataset of the best completed trials (grouped bars)."""
-    done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value,
-                  reverse=True)[:top]
+    # cast: a COMPLETE trial of a single-objective study has a value
+    done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                  key=lambda t: typing.cast(float, t.value), reverse=True)[:top]
     if not done:
         return None
     datasets = datasets_of(config)

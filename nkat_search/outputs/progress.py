@@ -17,11 +17,16 @@ import logging
 import math
 import sys
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+if typing.TYPE_CHECKING:  # rich is imported when a live display starts
+    from rich.live import Live
+    from rich.progress import Progress
 
 log = logging.getLogger("nkat_search")
 
@@ -112,7 +117,8 @@ def count(study: optuna.Study, counted: Callable[[FrozenTrial], bool] = lambda t
     trials = [t for t in study.get_trials(deepcopy=False, states=states) if counted(t)]
     by = {state: [t for t in trials if t.state == state] for state in states}
     kinds = [prune_kind(t) for t in by[TrialState.PRUNED]]
-    best = max(by[TrialState.COMPLETE], key=lambda t: t.value, default=None)
+    # cast: a COMPLETE trial of a single-objective study has a value
+    best = max(by[TrialState.COMPLETE], key=lambda t: typing.cast(float, t.value), default=None)
     durations = [(t.datetime_complete - t.datetime_start).total_seconds()
                  for t in by[TrialState.COMPLETE] + by[TrialState.PRUNED] if t.datetime_start and t.datetime_complete]
     return Counts(
@@ -174,8 +180,8 @@ class StudyProgress:
         self.counts: Counts | None = None
         self.read_at = -math.inf
         self.current: dict = {}  # the running trial here: number, stage, dataset, epoch, epochs, accuracy
-        self._live = None
-        self._logging = None
+        self._live: Live | None = None
+        self._logging: _LiveLogging | None = None
 
     # -- the display ----------------------------------------------------------------------------
 
@@ -198,6 +204,7 @@ class StudyProgress:
             self.refresh(force=True)
             self._live.refresh()
             self._live.stop()
+            assert self._logging is not None  # __enter__ starts both
             self._logging.__exit__()
             self._live = None
 
@@ -218,8 +225,9 @@ class StudyProgress:
         c = self.counts or self.refresh()
         best = (f"best Global TPE {c.best_value:.4g} (trial {c.best_trial})" if c.best_value is not None
                 else "best Global TPE - (no completed trial yet)")
-        lines = [Text(summary(self.study.study_name, c)),
-                 Text(f"{best}, elapsed {clock_text(self.clock() - self.started)}, ETA {clock_text(c.eta())}")]
+        lines: list[Text | Table] = [
+            Text(summary(self.study.study_name, c)),
+            Text(f"{best}, elapsed {clock_text(self.clock() - self.started)}, ETA {clock_text(c.eta())}")]
         now = self.current
         if now:
             row = Table.grid(padding=(0, 1))
@@ -282,7 +290,7 @@ class TrainProgress:
         self.stream = stream if stream is not None else sys.stderr
         self.live = (console is not None or _is_terminal(self.stream)) if live is None else live
         self.console = console
-        self._progress = None
+        self._progress: Progress | None = None
 
     def __enter__(self) -> TrainProgress:
         if self.live:

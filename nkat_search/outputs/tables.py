@@ -4,6 +4,7 @@ saved) and export of every trial."""
 from __future__ import annotations
 
 import statistics
+import typing
 from collections import Counter
 
 import optuna
@@ -118,7 +119,7 @@ def status(study: optuna.Study, config: StudyConfig) -> dict:
         epochs_run = max(1, len(t.intermediate_values))
         full_stage1 += t.user_attrs["stage1_seconds"] / epochs_run * config.stage1_epochs
         gate_pruned += t.user_attrs.get("prune_reason", "").startswith("gate")
-    best = max(completed, key=lambda t: t.value, default=None)
+    best = max(completed, key=lambda t: typing.cast(float, t.value), default=None)  # cast: a COMPLETE trial has a value
     return {
         "study": study.study_name,
         "budget": study.user_attrs.get("budget"),

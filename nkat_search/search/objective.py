@@ -48,7 +48,7 @@ def make_objective(study: StudyConfig, load: Callable[[str], Splits], progress: 
     """The objective for study.optimize / ask-tell; load(name) gives a dataset's splits (cached);
     progress (the worker's display) hears of every trial, stage and epoch; timer (the bench's)
     is charged by fit's phases."""
-    progress = progress or _Quiet()
+    shown: StudyProgress | _Quiet = progress or _Quiet()
 
     def train(trial: optuna.Trial, params: dict, dataset: str, epochs: int, on_epoch=None) -> FitResult:
         model_cfg, train_cfg = study.configs_for(params, dataset, epochs)
@@ -63,10 +63,10 @@ def make_objective(study: StudyConfig, load: Callable[[str], Splits], progress: 
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, study)
-        progress.trial_started(trial.number, params)
+        shown.trial_started(trial.number, params)
         stage1 = study.stage1_dataset
         started = time.perf_counter()
-        progress.stage(trial.number, 1, stage1, study.stage1_epochs)
+        shown.stage(trial.number, 1, stage1, study.stage1_epochs)
 
         def ask_pruner(epoch: int, tpe: float) -> None:
             if trial.should_prune():
@@ -77,7 +77,7 @@ def make_objective(study: StudyConfig, load: Callable[[str], Splits], progress: 
 
         def on_epoch(epoch: int, accuracy: float, tpe: float) -> None:
             trial.report(tpe, epoch)
-            progress.epoch(trial.number, epoch, study.stage1_epochs, accuracy, tpe)
+            shown.epoch(trial.number, epoch, study.stage1_epochs, accuracy, tpe)
             if epoch < study.stage1_epochs:
                 ask_pruner(epoch, tpe)
 
@@ -95,9 +95,10 @@ def make_objective(study: StudyConfig, load: Callable[[str], Splits], progress: 
         results = [result]
         try:
             for dataset in study.stage2_datasets:
-                progress.stage(trial.number, 2, dataset, study.stage2_epochs)
-                results.append(train(trial, params, dataset, study.stage2_epochs,
-                                     lambda e, a, t, d=dataset: progress.epoch(trial.number, e, study.stage2_epochs, a, t)))
+                shown.stage(trial.number, 2, dataset, study.stage2_epochs)
+                results.append(train(
+                    trial, params, dataset, study.stage2_epochs,
+                    lambda e, a, t, d=dataset: shown.epoch(trial.number, e, study.stage2_epochs, a, t)))
                 record(trial, results[-1])
         finally:
             trial.set_user_attr("stage2_seconds", time.perf_counter() - started)

@@ -13,7 +13,9 @@ def suggest(trial: optuna.Trial, study: StudyConfig) -> dict:
     for p in study.space:
         if p.type == "categorical":
             params[p.name] = trial.suggest_categorical(p.name, list(p.choices))
-        elif p.type == "int":
+            continue
+        assert p.low is not None and p.high is not None  # study_file._param_spec sets both for int and float
+        if p.type == "int":
             params[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
         else:
             params[p.name] = trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)

@@ -44,7 +44,7 @@ def create_or_resume(storage, url: str, study: StudyConfig, budget: int,
         handle.set_user_attr("gate", {"dataset": study.stage1_dataset, "metric": "local_tpe", "threshold": study.gate})
         for params in study.enqueue:
             handle.enqueue_trial(params, user_attrs={"enqueued": True}, skip_if_exists=True)
-        if warm:
+        if warm and warm_start_from:  # warm is empty without a source study
             copied = {t.user_attrs.get("warm_start_trial") for t in handle.get_trials(deepcopy=False)}
             handle.add_trials([_warm_copy(t, warm_start_from) for t in warm
                                if f"{warm_start_from}#{t.number}" not in copied])

@@ -26,7 +26,7 @@ from ..config import (
     field_names,
 )
 from ..datasets import DATASETS, NAMES
-from .kinds import PRUNERS, SAMPLERS, PrunerConfig, SamplerConfig, kind_dict
+from .kinds import PRUNERS, SAMPLERS, HyperbandPrunerConfig, PrunerConfig, SamplerConfig, kind_dict
 
 MODEL_KEYS = field_names(ModelConfig) - {"in_chans", "img_size", "num_classes"}  # the dataset decides those
 
@@ -78,6 +78,7 @@ class ParamSpec:
         neighbours (a step that breaks divisibility shows there) and, on a log scale, the powers of two."""
         if self.type == "categorical":
             return list(self.choices)
+        assert self.low is not None and self.high is not None  # _param_spec sets both for int and float
         if self.type == "int":
             low, high, step = int(self.low), int(self.high), 1 if self.log else int(self.step or 1)
             count = (high - low) // step + 1
@@ -95,10 +96,11 @@ class ParamSpec:
             return False
         if self.type == "int" and not isinstance(value, int):
             return False
+        assert self.low is not None and self.high is not None  # _param_spec sets both for int and float
         return self.low <= value <= self.high
 
     def to_dict(self) -> dict:
-        out = {"type": self.type}
+        out: dict[str, object] = {"type": self.type}
         if self.type == "categorical":
             out["choices"] = list(self.choices)
         else:
@@ -251,7 +253,7 @@ def parse_study(raw: dict, path: str) -> StudyConfig:
         elif not isinstance(value, dict):
             raise fail(section, f"must be a table ([{section}]).")
 
-    def table(section: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
+    def table(section: str, allowed: set[str], required: frozenset[str] | set[str] = frozenset()) -> dict:
         values = dict(raw.get(section, {}))
         for key in values:
             if key not in allowed:
@@ -297,7 +299,7 @@ def parse_study(raw: dict, path: str) -> StudyConfig:
     for key, value in (("stage1.epochs", stage1["epochs"]), ("stage2.epochs", stage2["epochs"])):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise fail(key, f"must be a positive whole number, got {value!r}.")
-    if isinstance(pruner, PRUNERS["hyperband"]) and pruner.min_resource > stage1["epochs"]:
+    if isinstance(pruner, HyperbandPrunerConfig) and pruner.min_resource > stage1["epochs"]:
         raise fail("pruner.min_resource", f"{pruner.min_resource} is more than stage1.epochs ({stage1['epochs']}); "
                                           "lower it.")
 
@@ -409,6 +411,7 @@ def _param_spec(path: str, name: str, spec, datasets: tuple[str, ...]) -> ParamS
             raise fail(f"{key} does not fit in 64 bits; use a value from {INT64[0]} to {INT64[1]}.")
     if not isinstance(log, bool):
         raise fail(f"log must be true or false, got {log!r}.")
+    assert low is not None and high is not None  # the loop above raised unless both are numbers
     if low >= high:
         raise fail(f"the range {low}..{high} is empty or inverted; make low < high.")
     if log and low <= 0:

@@ -34,6 +34,7 @@ from ..config import RuntimeFailure, UsageError
 from ..storage import backends, lock, retrying, urls
 from . import studies
 from .kinds import sampler
+from .study_file import StudyConfig
 
 log = logging.getLogger("nkat_search")
 
@@ -66,7 +67,7 @@ class Worker:
     study: optuna.Study
     storage: optuna.storages.BaseStorage
     url: str
-    config: object  # StudyConfig
+    config: StudyConfig
     study_id: int = -1
 
     def __post_init__(self) -> None:
@@ -215,7 +216,9 @@ def next_trial(w: Worker):
         # Optuna warns (UserWarning) that heartbeats are meant for Study.optimize; this loop runs them itself.
         with warnings.catch_warnings(action="ignore", category=UserWarning):
             trial = w.study.ask()
-        if hasattr(w.storage, "record_heartbeat") and w.storage.get_heartbeat_interval():
+        # Optuna's heartbeat storages (BaseHeartbeat, not exported) have both methods or neither.
+        if (hasattr(w.storage, "record_heartbeat") and hasattr(w.storage, "get_heartbeat_interval")
+                and w.storage.get_heartbeat_interval()):
             w.storage.record_heartbeat(w.trial_id(trial.number))
         trial.set_user_attr("worker", worker_id())
         if not held():  # the server dropped the lock's connection: another worker may have asked too

@@ -8,9 +8,13 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from .retrying import with_reconnect
 from .urls import heartbeat_settings, journal_path, sqlite_path
+
+if TYPE_CHECKING:  # sqlalchemy is imported when a server lock is first taken
+    from sqlalchemy import Engine
 
 _local_locks: dict[str, threading.Lock] = {}
 
@@ -44,6 +48,7 @@ def _server_lock(url: str, name: str, bound: float) -> Iterator[Callable[[], boo
     import sqlalchemy
 
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    params: dict[str, object]  # the bind parameters: an int key on PostgreSQL, a str name on MySQL
     if url.startswith("postgresql"):
         take, give, params = "SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)", {"key": key}
     else:  # MySQL's named locks are per connection too, like PostgreSQL's session-level advisory locks
@@ -85,7 +90,7 @@ def _server_lock(url: str, name: str, bound: float) -> Iterator[Callable[[], boo
         conn.close()
 
 
-_engines: dict[str, object] = {}
+_engines: dict[str, Engine] = {}
 
 
 def _forget_engines() -> None:
@@ -98,7 +103,7 @@ if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
     os.register_at_fork(after_in_child=_forget_engines)
 
 
-def _lock_engine(url: str):
+def _lock_engine(url: str) -> Engine:
     import sqlalchemy
 
     if url not in _engines:

@@ -98,7 +98,7 @@ class RetryingRDBStorage(RDBStorage):
     def _retrying(self, call: Callable, landed: Callable[[], bool] | None = None):
         if self.gone is not None:  # the worker is stopping: its clean-up must not wait again
             raise StorageUnavailable(self.gone)
-        attempts = []
+        attempts: list[int] = []
 
         def attempt():
             if attempts and landed is not None and landed():

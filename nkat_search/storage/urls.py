@@ -111,6 +111,7 @@ def heartbeat_settings() -> tuple[int, int, float]:
     values = []
     for name in names:
         text = settings.get(name)
+        assert text is not None  # all three have defaults in settings.SETTINGS
         try:
             values.append(int(text))
         except ValueError:
