@@ -1,12 +1,13 @@
 """Progress: the live display on a terminal (a rich console that believes it is one, read back
 through a terminal emulator, and a real pseudo-terminal for one process), plain log lines without
-one, counts from the storage."""
+one, counts from the storage, worker processes relaying to their parent."""
 
 import datetime
 import io
 import logging
 import os
 import pty
+import queue
 import select
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from optuna.trial import TrialState, create_trial
 from rich.console import Console
 
 from nkat_search.outputs import progress
-from nkat_search.outputs.progress import StudyProgress, TrainProgress
+from nkat_search.outputs.progress import Relay, StudyProgress, TrainProgress
 
 T0 = datetime.datetime(2026, 1, 1, 12, 0, 0)
 
@@ -174,6 +175,35 @@ def test_live_display_prints_log_lines_above_itself():
         # The last frame: the times without an ETA, and the trial still running here with its bar.
         "best Global TPE 12.25 (trial 1), elapsed 0:00",
         "trial 7: stage 1 cifar10 ━━━━━━╸━━━━━━━━━━━━━ epoch 1 of 3 val accuracy 0.500, local TPE 6",
+    ]
+
+
+def test_a_parent_shows_what_its_worker_processes_relay(caplog):
+    """`--workers N` on a terminal: the workers draw nothing; their events and log records reach the
+    parent's view, which logs one line per finished trial and keeps a row per running trial."""
+    caplog.set_level(logging.INFO, logger="nkat_search")
+    study = _study()
+    parent = StudyProgress(study, live=False)
+    box: queue.Queue = queue.Queue()
+    worker = Relay(box)
+    with parent.listen(box):
+        box.put(logging.LogRecord("nkat_search", logging.INFO, __file__, 1, "[cpu pid 9] attached", None, None))
+        worker.trial_started(7, {"embed_dim": 96})
+        worker.stage(7, 1, "cifar10", 3)
+        worker.trial_started(8, {"embed_dim": 8})
+        worker.stage(8, 2, "mnist", 4)
+        worker.epoch(8, 3, 4, 0.75, 9.0)
+        trial = study.ask()
+        study.tell(trial, 30.0)
+        worker.trial_ended(study.trials[-1], 2.0)
+    # Leaving listen shows what the workers left: trial 7 ended, trial 8 runs on.
+    assert parent.current == {8: {"stage": 2, "dataset": "mnist", "epoch": 3, "epochs": 4, "accuracy": 0.75,
+                                  "tpe": 9.0}}
+    assert [r.getMessage() for r in caplog.records if r.name == "nkat_search"] == [
+        "[cpu pid 9] attached",
+        "trial 7 started: d=96",
+        "trial 8 started: d=8",
+        "trial 7 complete after 2.0 s: Global TPE 30.0000 (best 30.0000, trial 7); 6 of 50 finished",
     ]
 
 

@@ -10,14 +10,21 @@ other workers' trials count too): finished of budget, running, pruned (by the pr
 gate), failed, the best Global TPE so far with its trial, elapsed time, an ETA from the measured
 trial times, and each running trial's stage and epoch. TrainProgress is `nkat-search train`'s
 per-epoch bar.
+
+One process owns the terminal. Worker processes started by `--workers N` on a terminal draw
+nothing: their Relay sends each event, and log_to_parent each log record, to the parent's
+StudyProgress (listen), which shows them in its one display.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import logging.handlers
 import math
+import queue as queues
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -137,6 +144,11 @@ def summary(name: str, c: Counts) -> str:
 def _is_terminal(stream) -> bool:
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())
+
+
+def on_terminal(stream=None) -> bool:
+    """Whether the display would be drawn on `stream` (standard error by default)."""
+    return _is_terminal(stream if stream is not None else sys.stderr)
 
 
 @contextlib.contextmanager
@@ -288,6 +300,39 @@ class StudyProgress:
                       tally)
         self._draw()
 
+    # -- worker processes -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def listen(self, queue) -> Iterator[None]:
+        """Meanwhile, show what worker processes put on `queue`: their Relay's events and their log
+        records (log_to_parent). On leaving, once the workers have ended, what they left is shown."""
+        stop = threading.Event()
+        thread = threading.Thread(target=self._receive, args=(queue, stop), daemon=True, name="progress-relay")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=10)  # a worker killed while writing must not hold this process
+
+    def _receive(self, queue, stop: threading.Event) -> None:
+        while True:
+            try:
+                item = queue.get(timeout=0.2)
+            except queues.Empty:
+                if stop.is_set():
+                    return
+                continue
+            try:
+                if isinstance(item, logging.LogRecord):
+                    logging.getLogger(item.name).handle(item)  # the record passed the worker's level
+                else:
+                    event, args = item
+                    getattr(self, event)(*args)
+            except Exception as exc:  # the display must not stop showing the workers' lines
+                log.warning("progress display: %s: %s", type(exc).__name__, exc)
+
+
 def _row(number: int, now: dict):
     """One running trial's row: `trial 7: stage 2 mnist ━━━━━━━━━━ epoch 3 of 4 val accuracy ...`."""
     from rich.progress_bar import ProgressBar
@@ -302,6 +347,43 @@ def _row(number: int, now: dict):
     row.add_row(Text(where), ProgressBar(total=epochs, completed=done, width=20), Text(f"epoch {done} of {epochs}"),
                 Text(extra))
     return row
+
+
+class Relay:
+    """A worker process's progress while its parent process draws the display: each event goes to
+    the parent's StudyProgress.listen, which owns the terminal. Nothing is drawn or logged here."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def __enter__(self) -> Relay:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def trial_started(self, number: int, params: dict) -> None:
+        self.queue.put(("trial_started", (number, params)))
+
+    def stage(self, number: int, stage: int, dataset: str, epochs: int) -> None:
+        self.queue.put(("stage", (number, stage, dataset, epochs)))
+
+    def epoch(self, number: int, epoch: int, epochs: int, accuracy: float, local_tpe: float) -> None:
+        self.queue.put(("epoch", (number, epoch, epochs, accuracy, local_tpe)))
+
+    def trial_ended(self, trial: FrozenTrial, seconds: float | None = None) -> None:
+        self.queue.put(("trial_ended", (trial, seconds)))
+
+
+def log_to_parent(queue, prefix: str, level: int) -> None:
+    """This worker process's log records, Python warnings and Optuna's messages go to the parent
+    (StudyProgress.listen), which prints them above its display; `prefix` names the worker."""
+    handler = logging.handlers.QueueHandler(queue)
+    handler.setFormatter(logging.Formatter(prefix + "%(message)s"))  # the parent adds time and level
+    logging.basicConfig(level=level, handlers=[handler])
+    logging.captureWarnings(True)
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
 
 
 class TrainProgress:
