@@ -1,6 +1,7 @@
 """Progress: the live display on a terminal (a rich console that believes it is one, read back
 through a terminal emulator, and a real pseudo-terminal for one process), plain log lines without
-one, counts from the storage, worker processes relaying to their parent."""
+one, counts from the storage, worker processes relaying to their parent. The whole command on a
+terminal: test_terminal.py."""
 
 import datetime
 import io
