@@ -2,8 +2,8 @@
 # Sets up this machine for the test suite and runs it: Debian packages the tests need (PostgreSQL
 # server binaries, docker-compose to check the compose file, Chromium for the dashboard
 # screenshot), a virtual environment with the project at the exact versions CI tests
-# (constraints/ci.txt), then ruff, the import contracts (lint-imports) and pytest in parallel processes. Extra arguments go
-# to pytest alone.
+# (constraints/ci.txt), then ruff, the import contracts (lint-imports), mypy and pytest in parallel
+# processes. Extra arguments go to pytest alone.
 #
 # Without arguments (as CI runs it) a second, shorter run follows: the worker, storage and
 # dashboard tests against the oldest Optuna and optuna-dashboard that pyproject.toml admits
@@ -32,6 +32,7 @@ status=0
 # Lint and the layout's import contracts (pyproject.toml: [tool.ruff], [tool.importlinter]).
 .venv/bin/ruff check --no-cache nkat_search tests benchmarks || status=$?
 .venv/bin/lint-imports || status=$?
+.venv/bin/mypy nkat_search || status=$?  # pyproject.toml [tool.mypy]
 # In parallel processes (pytest-xdist): most of a test's time is waiting (worker processes starting,
 # heartbeats going stale, a server restarting), so more processes than cores pay off; a group of
 # tests that shares session fixtures stays on one process (xdist_group marks).

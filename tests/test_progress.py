@@ -1,23 +1,27 @@
-"""Progress: the live display on a terminal (a rich console that believes it is one, and a real
-pseudo-terminal for one process), plain log lines without one, counts from the storage."""
+"""Progress: the live display on a terminal (a rich console that believes it is one, read back
+through a terminal emulator, and a real pseudo-terminal for one process), plain log lines without
+one, counts from the storage, worker processes relaying to their parent. The whole command on a
+terminal: test_terminal.py."""
 
 import datetime
 import io
 import logging
 import os
 import pty
+import queue
 import select
 import subprocess
 import sys
 import time
 
 import optuna
+import pyte
 import pytest
 from optuna.trial import TrialState, create_trial
 from rich.console import Console
 
 from nkat_search.outputs import progress
-from nkat_search.outputs.progress import StudyProgress, TrainProgress
+from nkat_search.outputs.progress import Relay, StudyProgress, TrainProgress
 
 T0 = datetime.datetime(2026, 1, 1, 12, 0, 0)
 
@@ -138,19 +142,70 @@ def test_on_a_terminal_one_live_display_with_counts_times_and_the_current_epoch(
     assert "val accuracy 0.812, local TPE 11.5" in text
 
 
-def test_live_display_lets_log_lines_through_above_it():
+def _screen(output: str, columns: int = 100, rows: int = 20) -> list[str]:
+    """The lines a terminal shows after `output` (a rich console's, with its cursor movements)."""
+    screen = pyte.Screen(columns, rows)
+    screen.set_mode(pyte.modes.LNM)  # a newline returns the carriage, as a terminal's output driver does
+    pyte.Stream(screen).feed(output)
+    return [line.rstrip() for line in screen.display if line.strip()]
+
+
+def test_live_display_prints_log_lines_above_itself():
+    """A log line written while the display runs gets a line of its own above the display, and the
+    display is redrawn below it, not left behind: the handler writes through the console."""
     out = io.StringIO()
     handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logger = logging.getLogger("nkat_search")
     logger.addHandler(handler)
-    console = Console(file=out, force_terminal=True, width=100)
+    console = Console(file=out, force_terminal=True, width=100, height=20)
     try:
-        with StudyProgress(_study(), stream=out, console=console):
-            assert handler.stream is out
-            logging.getLogger("nkat_search").warning("a warning while the display runs")
+        with StudyProgress(_study(), stream=out, console=console, clock=lambda: 100.0) as view:
+            view.trial_started(7, {"embed_dim": 96})
+            view.stage(7, 1, "cifar10", 3)
+            logger.warning("a warning while the display runs")
+            view.epoch(7, 1, 3, 0.5, 6.0)
+            logger.warning("another one")
+        assert handler.stream is out  # given back when the display ends
     finally:
         logger.removeHandler(handler)
-    assert "a warning while the display runs" in out.getvalue()
+    assert _screen(out.getvalue()) == [
+        "WARNING a warning while the display runs",
+        "WARNING another one",
+        "nkat-smoke: 5 of 50 finished, running 1, pruned 3 (pruner 1, gate 1, other 1), failed 1",
+        # The last frame: the times without an ETA, and the trial still running here with its bar.
+        "best Global TPE 12.25 (trial 1), elapsed 0:00",
+        "trial 7: stage 1 cifar10 ━━━━━━╸━━━━━━━━━━━━━ epoch 1 of 3 val accuracy 0.500, local TPE 6",
+    ]
+
+
+def test_a_parent_shows_what_its_worker_processes_relay(caplog):
+    """`--workers N` on a terminal: the workers draw nothing; their events and log records reach the
+    parent's view, which logs one line per finished trial and keeps a row per running trial."""
+    caplog.set_level(logging.INFO, logger="nkat_search")
+    study = _study()
+    parent = StudyProgress(study, live=False)
+    box: queue.Queue = queue.Queue()
+    worker = Relay(box)
+    with parent.listen(box):
+        box.put(logging.LogRecord("nkat_search", logging.INFO, __file__, 1, "[cpu pid 9] attached", None, None))
+        worker.trial_started(7, {"embed_dim": 96})
+        worker.stage(7, 1, "cifar10", 3)
+        worker.trial_started(8, {"embed_dim": 8})
+        worker.stage(8, 2, "mnist", 4)
+        worker.epoch(8, 3, 4, 0.75, 9.0)
+        trial = study.ask()
+        study.tell(trial, 30.0)
+        worker.trial_ended(study.trials[-1], 2.0)
+    # Leaving listen shows what the workers left: trial 7 ended, trial 8 runs on.
+    assert parent.current == {8: {"stage": 2, "dataset": "mnist", "epoch": 3, "epochs": 4, "accuracy": 0.75,
+                                  "tpe": 9.0}}
+    assert [r.getMessage() for r in caplog.records if r.name == "nkat_search"] == [
+        "[cpu pid 9] attached",
+        "trial 7 started: d=96",
+        "trial 8 started: d=8",
+        "trial 7 complete after 2.0 s: Global TPE 30.0000 (best 30.0000, trial 7); 6 of 50 finished",
+    ]
 
 
 def test_train_progress_plain_and_live(caplog):

@@ -18,7 +18,7 @@ import optuna
 
 from ..data.loader import Splits
 from ..metrics import consistency, global_tpe, robustness
-from ..outputs.progress import StudyProgress
+from ..outputs.progress import Relay, StudyProgress
 from ..train import FitResult, NonFiniteLossError, Timings, fit
 from .space import suggest
 from .study_file import StudyConfig
@@ -43,12 +43,13 @@ def record(trial: optuna.Trial, result: FitResult) -> None:
         trial.set_user_attr(f"{d}_{key}", value)
 
 
-def make_objective(study: StudyConfig, load: Callable[[str], Splits], progress: StudyProgress | None = None,
+def make_objective(study: StudyConfig, load: Callable[[str], Splits],
+                   progress: StudyProgress | Relay | None = None,
                    timer: Timings | None = None) -> Callable[[optuna.Trial], float]:
     """The objective for study.optimize / ask-tell; load(name) gives a dataset's splits (cached);
     progress (the worker's display) hears of every trial, stage and epoch; timer (the bench's)
     is charged by fit's phases."""
-    shown: StudyProgress | _Quiet = progress or _Quiet()
+    shown: StudyProgress | Relay | _Quiet = progress or _Quiet()
 
     def train(trial: optuna.Trial, params: dict, dataset: str, epochs: int, on_epoch=None) -> FitResult:
         model_cfg, train_cfg = study.configs_for(params, dataset, epochs)

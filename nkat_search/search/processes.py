@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
+from collections.abc import Iterator
 
 from .. import configure_logging
 from ..config import RuntimeFailure, UsageError
@@ -21,11 +23,17 @@ from .worker import (
 log = logging.getLogger("nkat_search")
 
 
-def _child(url: str, study_name: str, device: str, verbose: bool, data_root: str | None, max_failures: int) -> None:
-    configure_logging(verbose, tag=f"[{device} pid {os.getpid()}] ")
+def _child(url: str, study_name: str, device: str, verbose: bool, data_root: str | None, max_failures: int,
+           relay=None) -> None:
+    if relay is None:
+        configure_logging(verbose, tag=f"[{device} pid {os.getpid()}] ")
+    else:  # the parent draws the display on the terminal and prints these lines above it
+        from ..outputs.progress import log_to_parent
+
+        log_to_parent(relay, f"[{device} pid {os.getpid()}] ", logging.DEBUG if verbose else logging.INFO)
     install_signal_handlers()
     try:
-        code = run_worker(url, study_name, device, data_root=data_root, max_failures=max_failures)
+        code = run_worker(url, study_name, device, data_root=data_root, max_failures=max_failures, relay=relay)
     except KeyboardInterrupt:
         code = 130
     except (UsageError, RuntimeFailure) as exc:
@@ -39,6 +47,22 @@ def _child(url: str, study_name: str, device: str, verbose: bool, data_root: str
 CHILD_GRACE_SECONDS = 30
 
 
+@contextlib.contextmanager
+def _display(url: str, study_name: str, ctx) -> Iterator[object]:
+    """On a terminal this process draws the one progress display, and the workers send it their
+    events and log records through the queue given here; elsewhere (None) each worker logs its
+    own plain lines. One owner: several live displays on one terminal overwrite each other."""
+    from ..outputs.progress import StudyProgress, on_terminal
+
+    if not on_terminal():
+        yield None
+        return
+    study, _ = studies.attach(backends.open_storage(url, create=False), url, study_name)
+    queue = ctx.Queue()
+    with StudyProgress(study, counted=lambda t: not studies.is_warm_start(t)) as view, view.listen(queue):
+        yield queue
+
+
 def run_processes(url: str, study_name: str, devices: list[str], count: int, verbose: bool = False,
                   data_root: str | None = None, max_failures: int = 3) -> int:
     """count worker processes, device i % len(devices) each; the worst exit code of them.
@@ -48,8 +72,14 @@ def run_processes(url: str, study_name: str, devices: list[str], count: int, ver
     below, and SIGTERM cannot end the parent before its workers have ended."""
     install_signal_handlers()
     ctx = multiprocessing.get_context("spawn")
+    with _display(url, study_name, ctx) as relay:
+        return _run_processes(ctx, relay, url, study_name, devices, count, verbose, data_root, max_failures)
+
+
+def _run_processes(ctx, relay, url: str, study_name: str, devices: list[str], count: int, verbose: bool,
+                   data_root: str | None, max_failures: int) -> int:
     procs = [ctx.Process(target=_child, args=(url, study_name, devices[i % len(devices)], verbose, data_root,
-                                              max_failures))
+                                              max_failures, relay))
              for i in range(count)]
     for p in procs:
         p.start()

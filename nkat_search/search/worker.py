@@ -311,14 +311,15 @@ def run_loop(w: Worker, objective: Objective, *, max_failures: int = 3, poll_sec
 
 
 def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_failures: int = 3,
-               poll_seconds: float = 2.0, data_root: str | None = None) -> int:
+               poll_seconds: float = 2.0, data_root: str | None = None, relay=None) -> int:
     """Attach to a study and run NKAT trials on one device until its budget is reached.
 
     data_root, when given, replaces the study's data root: where the datasets lie is a property
-    of the host, not of the search."""
+    of the host, not of the search. relay, when given, is the queue of a parent process that draws
+    the progress display (outputs/progress.py); without it this process shows its own."""
     from ..data.loader import load_splits
     from ..outputs.dashboard import annotate_trial
-    from ..outputs.progress import StudyProgress
+    from ..outputs.progress import Relay, StudyProgress
     from .hostshare import HostShare
     from .objective import make_objective
 
@@ -342,7 +343,8 @@ def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_fai
 
     # The workers of this host divide its cores between them; the display counts the study's
     # trials across all workers, without warm-start copies.
-    with HostShare(device) as share, StudyProgress(study, counted=lambda t: not studies.is_warm_start(t)) as progress:
+    view = Relay(relay) if relay is not None else StudyProgress(study, counted=lambda t: not studies.is_warm_start(t))
+    with HostShare(device) as share, view as progress:
         return run_loop(w, make_objective(config, load, progress), max_failures=max_failures,
                         poll_seconds=poll_seconds, on_end=on_end, before_trial=share.threads_for_next_trial)
 
