@@ -270,3 +270,10 @@ def test_ctrl_c_while_bench_processes_start_ends_with_one_line(tmp_path, after):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode in INTERRUPTED, err[-3000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "nkat-search: interrupted", err[-3000:]
+
+
+def test_a_reference_that_is_not_python_is_refused_in_one_sentence(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a module\n")
+    with pytest.raises(UsageError, match="is not a Python file"):
+        timing.research_pipeline(str(notes))
