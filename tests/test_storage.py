@@ -207,7 +207,7 @@ AMBIGUOUS = [  # passwords holding '@' (and ':' or '/') that are not percent-enc
     "postgresql+psycopg://nkat:SECRET@SECRET:SECRET@127.0.0.1:1/x",
     "postgresql+psycopg://nkat:SECRET@SECRET/SECRET@127.0.0.1/x",
     "postgresql+psycopg://nkat:SECRET@SECRET@SECRET@localhost/x?sslmode=disable",
-    "mysql+pymysql://nkat:SECRET?SECRET@SECRET@127.0.0.1/x",
+    "postgresql+psycopg://nkat:SECRET?SECRET@SECRET@127.0.0.1/x",
     "sqlite://nkat:SECRET@SECRET@host/x.db",
 ]
 

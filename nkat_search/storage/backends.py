@@ -1,4 +1,4 @@
-"""Opening a storage by its URL: the journal file, SQLite, PostgreSQL and MySQL, with heartbeats where
+"""Opening a storage by its URL: the journal file, SQLite and PostgreSQL, with heartbeats where
 the storage has them, and one sentence when it cannot be opened."""
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
     if path is not None:
         return _open_journal(url, path, create)
     scheme = url.split(":", 1)[0].split("+", 1)[0]
+    if scheme in ("mysql", "mariadb"):
+        raise UsageError(f"storage {mask(url)} is MySQL, which nkat-search does not support (its budget lock and "
+                         "fault handling are tested on PostgreSQL only); use postgresql+psycopg://..., "
+                         "sqlite:///FILE or journal:FILE.")
     if scheme not in RDB_SCHEMES:
         raise UsageError(f"storage {mask(url)} has an unknown scheme {scheme!r}; use postgresql+psycopg://..., "
                          "sqlite:///FILE or journal:FILE.")

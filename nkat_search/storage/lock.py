@@ -1,5 +1,5 @@
-"""The budget lock: one worker at a time asks for a trial. Server locks on PostgreSQL and MySQL, a
-file lock on journal and SQLite storages."""
+"""The budget lock: one worker at a time asks for a trial. An advisory lock on PostgreSQL, a file
+lock on journal and SQLite storages."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ _local_locks: dict[str, threading.Lock] = {}
 def budget_lock(url: str, study_name: str, retry_seconds: float | None = None) -> Iterator[Callable[[], bool]]:
     """Held while a worker counts finished trials and asks for a new one, so N workers never
     start more trials than the budget. Journal and SQLite: a lock file beside the storage file
-    (filelock, on every OS); PostgreSQL: an advisory lock; MySQL: GET_LOCK; an in-memory
+    (filelock, on every OS); PostgreSQL: a session-level advisory lock; an in-memory
     SQLite database lives in one process: a thread lock. Yields held(): whether the lock is still
     held (a server drops a session lock with its connection, and the holder is not told)."""
     file = journal_path(url) or sqlite_path(url)
@@ -33,7 +33,7 @@ def budget_lock(url: str, study_name: str, retry_seconds: float | None = None) -
         with filelock.FileLock(f"{file}.budget.lock"):
             yield lambda: True
         return
-    if url.startswith(("postgresql", "mysql")):
+    if url.startswith("postgresql"):
         bound = heartbeat_settings()[2] if retry_seconds is None else retry_seconds
         with _server_lock(url, study_name, bound) as held:
             yield held
@@ -48,12 +48,7 @@ def _server_lock(url: str, name: str, bound: float) -> Iterator[Callable[[], boo
     import sqlalchemy
 
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-    params: dict[str, object]  # the bind parameters: an int key on PostgreSQL, a str name on MySQL
-    if url.startswith("postgresql"):
-        take, give, params = "SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)", {"key": key}
-    else:  # MySQL's named locks are per connection too, like PostgreSQL's session-level advisory locks
-        take, give = "SELECT GET_LOCK(:name, 31536000)", "SELECT RELEASE_LOCK(:name)"
-        params = {"name": f"nkat-search:{hashlib.sha256(name.encode()).hexdigest()[:40]}"}
+    take, give, params = "SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)", {"key": key}
 
     def acquire():
         conn = _lock_engine(url).connect()
@@ -65,16 +60,12 @@ def _server_lock(url: str, name: str, bound: float) -> Iterator[Callable[[], boo
             raise
         return conn
 
-    if url.startswith("postgresql"):
-        # The lock's connection is its own (no pool): any advisory lock on it is this one.
-        check, check_params = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                               "AND pid = pg_backend_pid()"), {}
-    else:
-        check, check_params = "SELECT IS_USED_LOCK(:name) = CONNECTION_ID()", params
+    # The lock's connection is its own (no pool): any advisory lock on it is this one.
+    check = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()"
 
     def held() -> bool:
         try:
-            return bool(conn.execute(sqlalchemy.text(check), check_params).scalar())
+            return bool(conn.execute(sqlalchemy.text(check)).scalar())
         except Exception:
             return False
 

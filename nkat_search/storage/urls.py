@@ -22,7 +22,7 @@ ENV_STORAGE = "NKAT_SEARCH_STORAGE"
 DEFAULT_URL = "journal:nkat-search.journal"
 
 
-RDB_SCHEMES = ("postgresql", "mysql", "sqlite")
+RDB_SCHEMES = ("postgresql", "sqlite")
 
 
 SECRET_WORDS = ("pass", "pwd", "secret", "token", "key")  # query parameters that can hold a credential
