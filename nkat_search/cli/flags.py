@@ -8,6 +8,8 @@ import dataclasses
 import math
 import typing
 
+from ..config import INT64
+
 
 def _flag(group, name: str, dest: str | None = None, **kwargs) -> None:
     """Add --name and, for snake_case names, its --kebab-case twin (both spellings welcome)."""
@@ -26,6 +28,9 @@ def _number(kind: type, name: str, minimum: float | None = None):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if kind is int and not INT64[0] <= value <= INT64[1]:  # as in a study file: storages keep 64 bits
+            raise argparse.ArgumentTypeError(f"{text} does not fit in 64 bits; use a whole number from {INT64[0]} "
+                                             f"to {INT64[1]}")
         if minimum is not None and value < minimum:
             raise argparse.ArgumentTypeError(f"{text} is below the least allowed value, {minimum}")
         return value
