@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up this machine for the test suite and runs it: Debian packages the tests need (PostgreSQL
 # server binaries, docker-compose to check the compose file, Chromium for the dashboard
-# screenshot), a virtual environment with the project at the exact versions CI tests
+# screenshot, Slurm for a one-node cluster), a virtual environment with the project at the exact versions CI tests
 # (constraints/ci.txt), then ruff, the import contracts (lint-imports), mypy and pytest in parallel
 # processes. Extra arguments go to pytest alone.
 #
@@ -17,10 +17,15 @@ need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v docker-compose >/dev/null || need+=(docker-compose)
 command -v chromium >/dev/null || need+=(chromium)
+command -v slurmctld >/dev/null || need+=(slurmctld slurmd slurm-client)  # tests/test_deploy.py's one-node cluster
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+
+# Every component a test needs is installed above: a test that cannot find one fails instead of
+# skipping (tests/helpers.py: unavailable; tests/pg_server.py), so a missing install step shows.
+export CI="${CI:-true}"
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -c constraints/ci.txt -e '.[test]'

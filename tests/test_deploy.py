@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT
+from helpers import ROOT, unavailable
 
 pytestmark = pytest.mark.infra
 
@@ -547,7 +547,7 @@ def slurm_cluster():
     """A one-node Slurm cluster (slurmctld + slurmd, no munge) for one test; its client environment."""
     missing = [b for b in SLURM_BINARIES if shutil.which(b, path=SLURM_PATH) is None]
     if missing:
-        pytest.skip(f"Slurm not installed ({', '.join(missing)} missing; apt-get install -y slurmctld slurmd slurm-client)")
+        unavailable(f"Slurm not installed ({', '.join(missing)} missing; apt-get install -y slurmctld slurmd slurm-client)")
     if os.geteuid() != 0:
         pytest.skip("slurmd must run as root to start jobs")
     host = socket.gethostname().split(".")[0]
