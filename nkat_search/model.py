@@ -68,13 +68,27 @@ class PatchEmbed(nn.Module):
         return rearrange(self.proj(x), "b d h w -> b (h w) d")
 
 
+# Up to this many keys the mask is computed by rank counting (an [N, N] comparison per query, with
+# no topk): torch.topk is a fallback in inductor and cuts a compiled layer's graph in two, while
+# comparisons, sums and a matmul fuse. Beyond it the [.., N, N, N] comparison would cost more than
+# the sort it replaces. The research baseline has 17 tokens.
+RANK_TOKENS = 32
+
+
 def nucleus_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Boolean mask of the keys each query keeps: the top-k logits, then the top-p nucleus of those.
 
     The nucleus is the smallest set of keys whose softmax mass (over the keys top-k kept) reaches
-    top_p; the largest key is always kept. One topk call serves both filters, with no full sort
-    when top-k is on. Ties with the smallest kept logit are kept too.
-    """
+    top_p; the largest key is always kept. Ties with the smallest kept logit are kept too. Compiled
+    and up to RANK_TOKENS keys by rank counting, else by one topk call (no full sort when top-k is
+    on; eager it is the faster: docs/performance.md); both give the same mask (tests/test_model.py)."""
+    if logits.shape[-1] <= RANK_TOKENS and torch.compiler.is_compiling():
+        return rank_mask(logits, top_k, top_p)
+    return topk_mask(logits, top_k, top_p)
+
+
+def topk_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """nucleus_mask through torch.topk: the threshold is the smallest logit that both filters keep."""
     n = logits.shape[-1]
     k = min(top_k, n) if top_k > 0 else n
     values = logits.topk(k, dim=-1, sorted=True).values
@@ -84,6 +98,25 @@ def nucleus_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
         values = values.masked_fill(before >= top_p, float("inf"))
     threshold = values.amin(dim=-1, keepdim=True)
     return logits >= threshold
+
+
+def rank_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """nucleus_mask by rank counting: key j stays while fewer than k logits exceed it and the mass of
+    the kept keys above it is below top_p. The mass is renormalised over exactly k values, as the
+    top k values of topk_mask are (ties at the k-th value counted up to k)."""
+    n = logits.shape[-1]
+    k = min(top_k, n) if top_k > 0 else n
+    above = logits.unsqueeze(-1) < logits.unsqueeze(-2)  # [..., j, l]: logit l exceeds logit j
+    keep = above.sum(dim=-1) < k
+    if top_p < 1:
+        kth = logits.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)  # the k-th largest value
+        top = logits.amax(dim=-1, keepdim=True)
+        weight = (logits - top).exp()
+        over = logits > kth
+        total = (weight * over).sum(dim=-1, keepdim=True) + (k - over.sum(dim=-1, keepdim=True)) * (kth - top).exp()
+        mass = (above.to(logits.dtype) @ (weight * keep / total).unsqueeze(-1)).squeeze(-1)
+        keep = keep & (mass < top_p)
+    return keep
 
 
 def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nkat_search.config import ModelConfig, UsageError, adapt_patch_size
-from nkat_search.model import NKATAttention, NKATViT, count_params, nucleus_mask
+from nkat_search.model import NKATAttention, NKATViT, count_params, nucleus_mask, rank_mask, topk_mask
 
 STEM_CONVS = {"off": [], "tiny": [(32, 2), (64, 2)], "small": [(64, 2), (128, 2), (128, 1)]}
 
@@ -88,6 +88,22 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p():
     # first two hold 0.75 / 0.9 = 0.83 >= 0.8 of it; the top 2 hold 0.75, the first 0.5 / 0.75 = 0.67.
     assert nucleus_mask(logits, 3, 0.80).tolist() == [[True, True, False, False, False]]
     assert nucleus_mask(logits, 2, 0.60).tolist() == [[True, False, False, False, False]]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_rank_counting_gives_the_same_mask_as_topk(ties):
+    # 1,000 seeded draws over every key count the rank path serves (1..32), top-k off, inside and
+    # beyond the key count, top-p off and on; with ties, logits rounded to a coarse grid so that
+    # equal logits, at the k-th value too, are common.
+    gen = torch.Generator().manual_seed(7 + ties)
+    for _ in range(1000):
+        n = int(torch.randint(1, 33, (), generator=gen))
+        logits = torch.randn(2, 3, n, generator=gen) * float(torch.rand((), generator=gen) * 4 + 0.1)
+        if ties:
+            logits = (logits * 2).round() / 2
+        top_k = int(torch.randint(0, n + 2, (), generator=gen))
+        top_p = 1.0 if torch.rand((), generator=gen) < 0.2 else float(torch.rand((), generator=gen) * 0.98 + 0.01)
+        assert torch.equal(rank_mask(logits, top_k, top_p), topk_mask(logits, top_k, top_p)), (logits, top_k, top_p)
 
 
 def _explicit_attention(attn: NKATAttention, x: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
