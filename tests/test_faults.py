@@ -1,0 +1,84 @@
+"""The seeded fault campaign of benchmarks/faults.py: its pieces (a seed is one schedule; the
+invariants catch what they should)."""
+
+from __future__ import annotations
+
+import sys
+
+import optuna
+import pytest
+from helpers import ROOT
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+if str(ROOT) not in sys.path:  # the fork server imports benchmarks.faults by its name
+    sys.path.insert(0, str(ROOT))
+from benchmarks import faults  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# The campaign's pieces
+
+
+def test_a_seed_and_a_storage_draw_the_same_schedule_every_time():
+    assert faults.draw(1234, "postgresql") == faults.draw(1234, "postgresql")
+    assert faults.draw(1234, "postgresql") != faults.draw(1235, "postgresql")
+    assert "--seed 1234 --storage journal" in faults.draw(1234, "journal").command
+
+
+def test_every_schedule_leaves_a_worker_unsignalled_and_a_grace_period_the_settings_accept():
+    schedules = [faults.draw(seed, storage) for seed in range(300) for storage in ("postgresql", "journal")]
+    kinds = {f.kind for s in schedules for f in s.faults}
+    assert kinds == set(faults.ALL_KINDS)
+    for s in schedules:
+        signalled = {f.worker for f in s.faults if f.kind in ("sigkill", "sigterm")}
+        assert len(signalled) < s.workers, s
+        assert s.grace > s.retry + s.interval, s
+        assert s.storage == "postgresql" or {f.kind for f in s.faults} <= {"sigkill", "sigterm"}, s
+
+
+PARAMS = {"embed_dim": 16, "temperature": 0.8}
+DISTRIBUTIONS = {"embed_dim": IntDistribution(8, 32, step=8), "temperature": FloatDistribution(0.6, 1.0)}
+
+
+def trial(number: int, state: TrialState, params: dict | None = None, reason: str | None = None,
+          retry_of: int | None = None) -> optuna.trial.FrozenTrial:
+    """A trial as the workers leave one: params, fail_reason, and a retry's links (retrying.retry)."""
+    params = PARAMS if params is None else params
+    frozen = optuna.trial.create_trial(
+        state=state, value=1.0 if state == TrialState.COMPLETE else None, params=params,
+        distributions={k: DISTRIBUTIONS[k] for k in params},
+        user_attrs={**({"fail_reason": reason} if reason else {}),
+                    **({"retry_of": retry_of} if retry_of is not None else {})},
+        system_attrs={"failed_trial": retry_of, "retry_history": [retry_of]} if retry_of is not None else {})
+    frozen.number = number
+    return frozen
+
+
+KILLED = "worker vm:1 died"
+GIVEN_BACK = faults.LOST_LOCK
+
+
+@pytest.mark.parametrize("trials, violation", [
+    ([trial(0, TrialState.FAIL, reason=KILLED), trial(1, TrialState.COMPLETE, retry_of=0),
+      trial(2, TrialState.PRUNED)], None),
+    ([trial(0, TrialState.COMPLETE), trial(1, TrialState.COMPLETE), trial(2, TrialState.COMPLETE)],
+     "3 trials finished (COMPLETE or PRUNED), not the budget of 2"),
+    ([trial(0, TrialState.COMPLETE), trial(1, TrialState.RUNNING), trial(2, TrialState.PRUNED)],
+     "trials left unfinished: 1 RUNNING"),
+    ([trial(0, TrialState.COMPLETE), trial(1, TrialState.COMPLETE), trial(2, TrialState.WAITING, params={})],
+     "trials left unfinished: 2 WAITING"),
+    ([trial(0, TrialState.COMPLETE), trial(0, TrialState.COMPLETE)], "trial numbers twice: [0]"),
+    ([trial(0, TrialState.FAIL), trial(1, TrialState.COMPLETE, retry_of=0), trial(2, TrialState.COMPLETE)],
+     "trial 0 FAILED without a fail_reason"),
+    ([trial(0, TrialState.FAIL, reason="StorageInternalError: ..."), trial(1, TrialState.COMPLETE, retry_of=0),
+      trial(2, TrialState.COMPLETE)], "trial 0 FAILED for a reason no fault explains: StorageInternalError: ..."),
+    ([trial(0, TrialState.FAIL, reason=KILLED), trial(1, TrialState.COMPLETE), trial(2, TrialState.COMPLETE)],
+     f"trial 0 FAILED ({KILLED}) and its configuration {PARAMS} was not queued again"),
+    ([trial(0, TrialState.FAIL, reason=KILLED), trial(1, TrialState.COMPLETE, {"embed_dim": 8}, retry_of=0),
+      trial(2, TrialState.COMPLETE)], f"trial 1 retries trial 0 with {{'embed_dim': 8}}, not {PARAMS}"),
+    # Given back after a lost budget lock while another worker drew a new point: left queued (faults.displaced).
+    ([trial(0, TrialState.COMPLETE), trial(1, TrialState.FAIL, reason=GIVEN_BACK), trial(2, TrialState.COMPLETE),
+      trial(3, TrialState.WAITING, retry_of=1)], None),
+])
+def test_the_invariants_name_each_violation(trials, violation):
+    assert faults.check(trials, budget=2) == ([violation] if violation else [])
