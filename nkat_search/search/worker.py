@@ -112,11 +112,17 @@ def heartbeat(storage, trial_id: int) -> Iterator[None]:
 def fail_trial(w: Worker, number: int, reason: str, retry: bool) -> None:
     """Mark a RUNNING trial FAILED with its reason; queue a retry with the same parameters if asked.
 
-    A trial that another worker already ended is left as it is: that worker queued its retry."""
+    The retry is queued first: a worker that dies between the two leaves the trial RUNNING, and
+    the worker that fails it later finds its retry queued already; the other way round it would
+    leave a FAIL whose configuration nobody queues again. A trial that another worker already
+    ended is left as it is: that worker queued its retry."""
     tid = w.trial_id(number)
-    if w.storage.get_trial(tid).state.is_finished():
+    trial = w.storage.get_trial(tid)
+    if trial.state.is_finished():
         log.warning("trial %d was already ended by another worker; leaving it", number)
         return
+    if retry:
+        retrying.retry(w.study, trial)
     try:
         w.storage.set_trial_user_attr(tid, "fail_reason", reason)
         w.study.tell(number, state=TrialState.FAIL)
@@ -125,8 +131,6 @@ def fail_trial(w: Worker, number: int, reason: str, retry: bool) -> None:
             log.warning("trial %d was ended by another worker meanwhile; leaving it", number)
             return
         raise
-    if retry:
-        retrying.retry(w.study, w.storage.get_trial(tid))
 
 
 def fail_dead_trials(w: Worker) -> None:
