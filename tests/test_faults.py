@@ -1,5 +1,8 @@
-"""The seeded fault campaign of benchmarks/faults.py: its pieces (a seed is one schedule; the
-invariants catch what they should), and what it found, shrunk to deterministic tests."""
+"""The seeded fault campaign of benchmarks/faults.py in CI: schedules of dropped connections, lost
+replies, dropped budget locks, signals and database restarts against worker processes on a real
+PostgreSQL and the journal file, each ending with its invariants held. Also the campaign's own
+pieces (a seed is one schedule; the invariants catch what they should) and the two defects it
+found, shrunk to deterministic tests."""
 
 from __future__ import annotations
 
@@ -93,6 +96,29 @@ GIVEN_BACK = faults.LOST_LOCK
 ])
 def test_the_invariants_name_each_violation(trials, violation):
     assert faults.check(trials, budget=2) == ([violation] if violation else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# The campaign
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_seeded_fault_schedules_keep_every_invariant_on_postgresql_and_the_journal(tmp_path):
+    # Cheap schedules (a dropped connection, a lost reply, a signal on one host) and dear ones (a
+    # restart, a worker on another host killed: the grace period passes) in their drawn mix, six at
+    # a time, each PostgreSQL slot on a server of its own.
+    from pg_server import launch_or_skip
+
+    schedules = [faults.draw(seed, "postgresql") for seed in range(36)]
+    schedules += [faults.draw(seed, "journal") for seed in range(20)]
+    started = time.monotonic()
+    outcomes = faults.run_campaign(schedules, tmp_path, jobs=6, launch=launch_or_skip)
+    figures = faults.figures(outcomes, time.monotonic() - started)
+    print("\n" + figures)
+    assert not [o for o in outcomes if o.violations], figures
+    injected = {f.kind for o in outcomes for f in o.injected}
+    assert injected == set(faults.ALL_KINDS), figures  # each kind of fault was reached at least once
 
 
 # ---------------------------------------------------------------------------------------------
