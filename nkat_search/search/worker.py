@@ -113,11 +113,17 @@ def heartbeat(storage, trial_id: int) -> Iterator[None]:
 def fail_trial(w: Worker, number: int, reason: str, retry: bool) -> None:
     """Mark a RUNNING trial FAILED with its reason; queue a retry with the same parameters if asked.
 
-    A trial that another worker already ended is left as it is: that worker queued its retry."""
+    The retry is queued first: a worker that dies between the two leaves the trial RUNNING, and
+    the worker that fails it later finds its retry queued already; the other way round it would
+    leave a FAIL whose configuration nobody queues again. A trial that another worker already
+    ended is left as it is: that worker queued its retry."""
     tid = w.trial_id(number)
-    if w.storage.get_trial(tid).state.is_finished():
+    trial = w.storage.get_trial(tid)
+    if trial.state.is_finished():
         log.warning("trial %d was already ended by another worker; leaving it", number)
         return
+    if retry:
+        retrying.retry(w.study, trial)
     try:
         w.storage.set_trial_user_attr(tid, "fail_reason", reason)
         w.study.tell(number, state=TrialState.FAIL)
@@ -126,8 +132,6 @@ def fail_trial(w: Worker, number: int, reason: str, retry: bool) -> None:
             log.warning("trial %d was ended by another worker meanwhile; leaving it", number)
             return
         raise
-    if retry:
-        retrying.retry(w.study, w.storage.get_trial(tid))
 
 
 def fail_dead_trials(w: Worker) -> None:
@@ -352,16 +356,38 @@ def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_fai
 _interrupted = threading.Event()
 
 
+# Code that an exception raised in its midst can leave broken: SQLAlchemy took a transaction for
+# ended before the driver committed it (the pooled connection goes back inside it), or a ping's
+# clean-up raises in place of the interrupt; either way the clean-up's storage calls fail.
+DATABASE_MODULES = ("sqlalchemy", "psycopg", "pymysql", "MySQLdb")
+
+
+def in_database(frame) -> bool:
+    """Whether the stack of `frame` runs SQLAlchemy's or a database driver's code."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").partition(".")[0] in DATABASE_MODULES:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def install_signal_handlers() -> None:
     """SIGTERM (docker stop, Slurm, Kubernetes) and SIGINT (Ctrl-C) raise Interrupted in the main
     thread, once: later signals while the first is being handled are logged and ignored, so the
-    clean-up (fail the trial, queue its retry) always finishes. SIGTERM where the platform has it."""
+    clean-up (fail the trial, queue its retry) always finishes. A signal that arrives inside
+    SQLAlchemy or the driver is raised again 50 ms later, until it lands outside them (a storage
+    call takes milliseconds). SIGTERM where the platform has it."""
     _interrupted.clear()
 
-    def handler(signum, _frame):
+    def handler(signum, frame):
         name = signal.Signals(signum).name
         if _interrupted.is_set():
             log.warning("%s again: finishing the clean-up first", name)
+            return
+        if in_database(frame):
+            again = threading.Timer(0.05, signal.raise_signal, (signum,))
+            again.daemon = True
+            again.start()
             return
         _interrupted.set()
         raise Interrupted(name)

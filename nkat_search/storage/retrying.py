@@ -167,7 +167,8 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     RetryFailedTrialCallback links it (system attrs failed_trial, retry_history), but without
     copying the failed attempt's user attributes (its partial results and fail_reason) onto the
     retry. At most MAX_RETRY retries of one original trial; a trial that never got parameters (asked
-    from the sampler, not run) has no configuration to lose and nothing to repeat."""
+    from the sampler, not run) has no configuration to lose and nothing to repeat; a trial queued
+    again already (its worker died after queueing it, before failing it) is not queued twice."""
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
     if len(history) > MAX_RETRY:
         log.warning("trial %d failed %d times; not queueing it again", history[0], len(history))
@@ -177,6 +178,8 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     fixed = trial.system_attrs.get("fixed_params")
     if not trial.params and not fixed:
         return
+    if any(t.system_attrs.get("retry_history", [None])[-1] == trial.number for t in study.get_trials(deepcopy=False)):
+        return  # see worker.fail_trial, which queues before it fails
     original = trial.system_attrs.get("failed_trial", trial.number)
     links = {"failed_trial": original, "retry_history": history}
     if trial.params:
