@@ -20,7 +20,7 @@ import pytest
 from optuna.trial import TrialState, create_trial
 from rich.console import Console
 
-from nkat_search.outputs import progress
+from nkat_search.outputs import counts
 from nkat_search.outputs.progress import Relay, StudyProgress, TrainProgress
 
 T0 = datetime.datetime(2026, 1, 1, 12, 0, 0)
@@ -55,25 +55,25 @@ def _study(budget: int = 50) -> optuna.Study:
     ({"mixup": 0.25, "color_norm": False}, "mixup=0.25 color_norm=False"),
 ])
 def test_compact_parameters(params, line):
-    assert progress.compact(params) == line
+    assert counts.compact(params) == line
 
 
 def test_counts_come_from_the_storage():
-    c = progress.count(_study())
+    c = counts.count(_study())
     assert (c.budget, c.complete, c.pruner, c.gate, c.other_pruned, c.failed, c.running) == (50, 2, 1, 1, 1, 1, 1)
     assert (c.finished, c.pruned, c.best_value, c.best_trial) == (5, 3, 12.25, 1)
     assert c.mean_seconds == pytest.approx((10 + 30 + 5 + 2 + 3) / 5)
     # 45 trials left at 10 s each, one running at a time.
     assert c.eta() == pytest.approx(450)
-    assert progress.summary("nkat-smoke", c) == ("nkat-smoke: 5 of 50 finished, running 1, pruned 3 "
-                                                  "(pruner 1, gate 1, other 1), failed 1")
+    assert counts.summary("nkat-smoke", c) == ("nkat-smoke: 5 of 50 finished, running 1, pruned 3 "
+                                                "(pruner 1, gate 1, other 1), failed 1")
     # Warm-start copies (or anything `counted` rejects) stay out of the counts.
-    assert progress.count(_study(), counted=lambda t: t.number != 1).best_value == 9.5
+    assert counts.count(_study(), counted=lambda t: t.number != 1).best_value == 9.5
 
 
 @pytest.mark.parametrize("seconds, text", [(None, "-"), (5, "0:05"), (65.4, "1:05"), (3723, "1:02:03")])
 def test_clock_text(seconds, text):
-    assert progress.clock_text(seconds) == text
+    assert counts.clock_text(seconds) == text
 
 
 def test_without_a_terminal_one_plain_line_per_trial_event(caplog):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from nkat_search.data import synthetic
+from nkat_search.data import shapes, synthetic
 from nkat_search.datasets import DATASETS
 
 NAMES = list(DATASETS)
@@ -55,12 +55,12 @@ def test_the_four_datasets_look_different():
 
 def test_shape_definitions_stay_inside_the_prototype_field():
     # The distance fields cover [-0.5, 1.5]^2; a point outside would be clipped from every image.
-    points = [p for glyph in synthetic.DIGITS + synthetic.UPPER + synthetic.LOWER for line in glyph for p in line]
-    for shape in synthetic.GARMENTS + synthetic.OBJECTS:
+    points = [p for glyph in shapes.DIGITS + shapes.UPPER + shapes.LOWER for line in glyph for p in line]
+    for shape in shapes.GARMENTS + shapes.OBJECTS:
         points += [p for key in ("fill", "strokes", "detail", "part") for line in shape.get(key, []) for p in line]
     assert all(-0.1 <= x <= 1.1 and -0.1 <= y <= 1.1 for x, y in points)
-    assert len(synthetic.DIGITS) == 10 and len(synthetic.UPPER) == len(synthetic.LOWER) == 26
-    assert len(synthetic.GARMENTS) == len(synthetic.OBJECTS) == 10
+    assert len(shapes.DIGITS) == 10 and len(shapes.UPPER) == len(shapes.LOWER) == 26
+    assert len(shapes.GARMENTS) == len(shapes.OBJECTS) == 10
 
 
 @pytest.mark.slow

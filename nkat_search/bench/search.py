@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from ..data.loader import Splits, load_splits
 from ..train import Timings
 from .timing import _import_seconds, _precision_of
+
+if TYPE_CHECKING:
+    from ..search.study_file import StudyConfig
 
 
 def _timed_storage(inner, timer: Timings):
@@ -68,11 +72,10 @@ def bench_search(study_ref, trials: int, device: torch.device, share: bool = Tru
     import optuna
 
     from ..outputs.dashboard import annotate_trial
-    from ..search import studies, worker
+    from ..search import worker
     from ..search.hostshare import HostShare
     from ..search.objective import make_objective
     from ..search.study_file import load_study
-    from ..storage import backends
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = load_study(study_ref) if isinstance(study_ref, str) else study_ref
@@ -81,21 +84,9 @@ def bench_search(study_ref, trials: int, device: torch.device, share: bool = Tru
     with tempfile.TemporaryDirectory() as tmp:
         url = f"journal:{Path(tmp) / 'search.journal'}"
         started = time.perf_counter()
-        studies.create_or_resume(backends.open_storage(url), url, config, trials)
-        raw = backends.open_storage(url, create=False)
-        store = _timed_storage(raw, timer)
-        study, config = studies.attach(store, url, config.name)
-        study.pruner = _timed_pruner(study.pruner, timer)
+        study, store, config = _timed_study(url, config, trials, timer)
         attach_seconds = time.perf_counter() - started
-        cache: dict = {}
-
-        def load(dataset: str) -> Splits:
-            with timer.phase("data"):
-                if dataset not in cache:
-                    cache[dataset] = load_splits(dataset, config.data, device)
-                return cache[dataset]
-
-        inner = make_objective(config, load, timer=timer)
+        inner = make_objective(config, _timed_load(config, device, timer), timer=timer)
 
         def objective(trial) -> float:
             with timer.phase("objective"):
@@ -120,11 +111,43 @@ def bench_search(study_ref, trials: int, device: torch.device, share: bool = Tru
                             before_trial=member.threads_for_next_trial if member is not None else None)
         total = _since(begin, _stamp(timer))
     return {"study": config.name, "trials": len(rows), **total, "trials_per_minute": 60 * len(rows) / total["seconds"],
-            "storage_calls": {k.removeprefix("storage "): {"seconds": timer.seconds[k], "calls": timer.calls[k]}
-                              for k in sorted(timer.seconds, key=lambda k: -timer.seconds[k]) if k.startswith("storage ")},
+            "storage_calls": _storage_calls(timer),
             "startup": {"import_seconds": startup, "open_and_attach_seconds": attach_seconds},
             "per_trial": rows,
             "precision": dict(zip(("dtype", "reason"), _precision_of(config.train.precision, device)))}
+
+
+def _timed_study(url: str, config: StudyConfig, trials: int, timer: Timings):
+    """The study created on `url` and attached as a worker attaches, its storage calls and its
+    pruner charged to `timer`: (study, timed storage, the StudyConfig stored on the study)."""
+    from ..search import studies
+    from ..storage import backends
+
+    studies.create_or_resume(backends.open_storage(url), url, config, trials)
+    store = _timed_storage(backends.open_storage(url, create=False), timer)
+    study, config = studies.attach(store, url, config.name)
+    study.pruner = _timed_pruner(study.pruner, timer)
+    return study, store, config
+
+
+def _timed_load(config: StudyConfig, device: torch.device, timer: Timings) -> Callable[[str], Splits]:
+    """load(dataset) for the objective: each dataset's splits loaded once, as a worker does,
+    every call charged to the phase "data"."""
+    cache: dict = {}
+
+    def load(dataset: str) -> Splits:
+        with timer.phase("data"):
+            if dataset not in cache:
+                cache[dataset] = load_splits(dataset, config.data, device)
+            return cache[dataset]
+
+    return load
+
+
+def _storage_calls(timer: Timings) -> dict:
+    """Seconds and calls of each storage method, the costliest first."""
+    return {k.removeprefix("storage "): {"seconds": timer.seconds[k], "calls": timer.calls[k]}
+            for k in sorted(timer.seconds, key=lambda k: -timer.seconds[k]) if k.startswith("storage ")}
 
 
 # Wall and CPU seconds, then Timings.snapshot(): wall and CPU seconds by phase.

@@ -46,11 +46,7 @@ def bench_train(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, 
 
     variants = {"real": real, "bare": bare}
     precision = {"real": _dtype_name(step.autocast), "bare": _dtype_name(step.autocast)}
-    other = None
-    if step.autocast is not None:
-        other = replace(train_cfg, precision="fp32")
-    elif device.type == "cpu" and devices.cpu_bf16_flags():
-        other = replace(train_cfg, precision="bf16")
+    other = _other_precision(train_cfg, step.autocast, device)
     if other is not None:
         second = TrainStep(model_cfg, other, device, len(loader))
         second.model.train()
@@ -73,15 +69,30 @@ def bench_train(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, 
         out[name]["precision"] = precision[name]
     if not torch.isfinite(torch.stack(losses)).all():
         raise RuntimeError("the benchmark's training loss became non-finite; the figures would be meaningless.")
-    speed = {name: fig["img_per_s"] for name, fig in out.items()}
-    result = {"variants": out, "real_over_bare_cost": speed["bare"] / speed["real"]}
-    if research is not None:
+    result = {"variants": out, **_ratios({name: fig["img_per_s"] for name, fig in out.items()})}
+    result["memory"] = peak_memory(device)
+    return result
+
+
+def _other_precision(train_cfg: TrainConfig, autocast: torch.dtype | None, device: torch.device) -> TrainConfig | None:
+    """The recipe at the precision the real step does not use: fp32 beside an autocast, bf16 beside
+    fp32 on a CPU with native bf16; None where there is no such twin."""
+    if autocast is not None:
+        return replace(train_cfg, precision="fp32")
+    if device.type == "cpu" and devices.cpu_bf16_flags():
+        return replace(train_cfg, precision="bf16")
+    return None
+
+
+def _ratios(speed: dict[str, float]) -> dict:
+    """The real step's cost over the bare step, and its speed over the research's where that ran."""
+    result: dict[str, Any] = {"real_over_bare_cost": speed["bare"] / speed["real"]}
+    if "research" in speed:
         result["real_over_research_speed"] = speed["real"] / speed["research"]
         if "real_fp32" in speed:
             result["real_fp32_over_research_speed"] = speed["real_fp32"] / speed["research"]
     else:
         result["research"] = NO_REFERENCE
-    result["memory"] = peak_memory(device)
     return result
 
 

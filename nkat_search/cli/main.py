@@ -71,25 +71,33 @@ class _Parser(argparse.ArgumentParser):
         return super().format_help()
 
 
-def _add_bench_parser(sub) -> None:
-    """`bench`: one flag per field of bench.BenchOptions (its type and help metadata), added when the
-    command is used, so that other commands do not import torch."""
-    p = sub.add_parser(
-        "bench", help="measure training, augmentation, evaluation and search speed, storage latency and memory",
-        description="Images per second of the real training step (TrainStep over BatchLoader) beside the bare "
-                    "model step and the research-style pipeline, measured side by side in one run; batched vs "
-                    "per-image PIL augmentation; evaluation; ask+tell latency of a storage; peak memory. Slow "
-                    "sections by name: search (where each trial's time goes), share (concurrent CPU workers with "
-                    "and without host sharing), procs (concurrent processes on one device). Figures are medians "
-                    "over --repeats rounds on synthetic CIFAR-10-shaped data; the precision used is printed with why.")
-    p.build = _bench_flags
+STUDY_NAME_HELP = "study name [$NKAT_SEARCH_STUDY, or the only study in the storage]"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; the commands in the order `nkat-search --help` lists them."""
     parser = _Parser(prog="nkat-search", description="Two-stage Optuna search for the NKAT Vision Transformer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train_parser(sub)
+    _add_start_parser(sub)
+    _add_worker_parser(sub)
+    _add_leaderboard_parser(sub)
+    _add_status_parser(sub)
+    _add_export_parser(sub)
+    _add_dashboard_parser(sub)
+    _add_bench_parser(sub)
+    _add_report_parser(sub)
+    _add_plots_parser(sub)
+    _add_attention_parser(sub)
+    _add_augment_parser(sub)
+    _add_studies_parser(sub)
+    _add_download_parser(sub)
+    return parser
 
+
+def _add_train_parser(sub) -> None:
+    """`train`: the model, recipe and data flags come from the config dataclasses' fields."""
     p = sub.add_parser("train", help="train one configuration on one dataset and print the result",
                        description="Train one NKAT ViT configuration on one dataset; evaluate the EMA weights "
                                    "on the validation split after every epoch.")
@@ -103,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(p, "data", DataConfig)
     p.set_defaults(func=cmd_train)
 
-    study_name_help = "study name [$NKAT_SEARCH_STUDY, or the only study in the storage]"
+
+def _add_start_parser(sub) -> None:
     p = sub.add_parser("start", help="create (or resume) a study from a study file and run its trials",
                        description="Create the study described by a study file, or resume it when the storage holds "
                                    "the same definition; record the trial budget; run trials until the study holds "
@@ -119,15 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p, "worker processes to run here; 0 = create or update the study only [1, or one per --gpus]")
     p.set_defaults(func=cmd_start)
 
+
+def _add_worker_parser(sub) -> None:
     p = sub.add_parser("worker", help="attach to an existing study and run trials until its budget is reached",
                        description="Attach to a study made by `start` and run trials until it holds its budget of "
                                    "finished trials; any number of workers on any hosts share one budget.")
-    _add_storage_flags(p, study_name_help)
+    _add_storage_flags(p, STUDY_NAME_HELP)
     _add_run_flags(p, "worker processes to run here [one per --gpus device]")
     p.set_defaults(func=cmd_worker)
 
+
+def _add_leaderboard_parser(sub) -> None:
     p = sub.add_parser("leaderboard", help="completed trials ranked by Global TPE")
-    _add_storage_flags(p, study_name_help)
+    _add_storage_flags(p, STUDY_NAME_HELP)
     p.add_argument("--top", type=_number(int, "int", 1), default=None, help="show the best N only [all]")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table",
                    help="table: 100 columns wide; csv and json: every column [%(default)s]")
@@ -137,16 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "smallest first (--top does not apply)")
     p.set_defaults(func=cmd_leaderboard)
 
+
+def _add_status_parser(sub) -> None:
     p = sub.add_parser("status", help="trial counts by state, budget, workers, and compute saved by pruning")
-    _add_storage_flags(p, study_name_help)
+    _add_storage_flags(p, STUDY_NAME_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_status)
 
+
+def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="write every trial with every parameter and attribute to CSV or Parquet")
-    _add_storage_flags(p, study_name_help)
+    _add_storage_flags(p, STUDY_NAME_HELP)
     p.add_argument("--out", required=True, help="output file; .csv or .parquet")
     p.set_defaults(func=cmd_export)
 
+
+def _add_dashboard_parser(sub) -> None:
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the storage (localhost by default)")
     _add_storage_flags(p, None)
     p.add_argument("--host", default="127.0.0.1",
@@ -156,13 +175,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of the artifact store that `nkat-search report` writes the weights to [$NKAT_SEARCH_ARTIFACTS or artifacts]")
     p.set_defaults(func=cmd_dashboard)
 
-    _add_bench_parser(sub)
 
+def _add_bench_parser(sub) -> None:
+    """`bench`: one flag per field of bench.BenchOptions (its type and help metadata), added when the
+    command is used, so that other commands do not import torch."""
+    p = sub.add_parser(
+        "bench", help="measure training, augmentation, evaluation and search speed, storage latency and memory",
+        description="Images per second of the real training step (TrainStep over BatchLoader) beside the bare "
+                    "model step and the research-style pipeline, measured side by side in one run; batched vs "
+                    "per-image PIL augmentation; evaluation; ask+tell latency of a storage; peak memory. Slow "
+                    "sections by name: search (where each trial's time goes), share (concurrent CPU workers with "
+                    "and without host sharing), procs (concurrent processes on one device). Figures are medians "
+                    "over --repeats rounds on synthetic CIFAR-10-shaped data; the precision used is printed with why.")
+    p.build = _bench_flags
+
+
+def _add_report_parser(sub) -> None:
     p = sub.add_parser("report", help="retrain the best trials for the full budget and score Stage 2 on the test sets",
                        description="Retrain the best completed trials with the study's report budget on every "
                                    "dataset, evaluate once on the test splits, print the Stage-2 table against the "
                                    "research's targets, and write report.json, report.md and the weights.")
-    _add_storage_flags(p, study_name_help)
+    _add_storage_flags(p, STUDY_NAME_HELP)
     p.add_argument("--top", type=_number(int, "int", 1), default=1, help="retrain the best N completed trials [%(default)s]")
     p.add_argument("--epochs", type=_number(int, "int", 1), default=None, help="epochs per dataset [the study's report.epochs]")
     p.add_argument("--out", default=None, help="output folder; holds state for resuming [reports/<study>]")
@@ -171,20 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of the Optuna file-system artifact store for the weights [$NKAT_SEARCH_ARTIFACTS or artifacts]")
     p.set_defaults(func=cmd_report)
 
+
+def _add_plots_parser(sub) -> None:
     p = sub.add_parser("plots", help="write the search's plots as HTML and PNG and attach them to optuna-dashboard",
                        description="Optimisation history, parameter importances, embed_dim x depth contour, Stage-1 "
                                    "Local TPE with the gate, Stage-1 learning curves of pruned vs kept trials, and "
                                    "per-dataset accuracy of the top trials.")
-    _add_storage_flags(p, study_name_help)
+    _add_storage_flags(p, STUDY_NAME_HELP)
     p.add_argument("--out", default=None, help="output folder [reports/<study>/plots]")
     p.add_argument("--no-png", action="store_true", help="HTML only (PNG needs kaleido and Chromium)")
     p.add_argument("--no-dashboard", action="store_true", help="do not attach the figures to the study")
     p.set_defaults(func=cmd_plots)
 
+
+def _add_attention_parser(sub) -> None:
     p = sub.add_parser("attention", help="class-token attention maps of a retrained trial over validation images",
                        description="PNG maps of the class-token attention of every layer over validation images, "
                                    "from the weights `nkat-search report` saved for the trial.")
-    _add_storage_flags(p, study_name_help)
+    _add_storage_flags(p, STUDY_NAME_HELP)
     p.add_argument("--trial", type=_number(int, "int"), required=True,
                    help="trial number (retrained by `nkat-search report`)")
     p.add_argument("--dataset", default="cifar10", help="dataset of the retrained model [%(default)s]")
@@ -194,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of the artifact store that `nkat-search report` used [$NKAT_SEARCH_ARTIFACTS or artifacts]")
     p.set_defaults(func=cmd_attention)
 
+
+def _add_augment_parser(sub) -> None:
     p = sub.add_parser("augment", help="write a PNG grid of training images as a trial's model sees them",
                        description="One augmented training batch of a dataset under a study's recipe for that "
                                    "dataset (every augmentation, before normalisation), with labels or label mixes. "
@@ -208,18 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="where the real datasets lie [$NKAT_SEARCH_DATA_ROOT, else the study's data.root]")
     p.set_defaults(func=cmd_augment)
 
+
+def _add_studies_parser(sub) -> None:
     p = sub.add_parser("studies", help="list the packaged study files, or copy one out as a starting point",
                        description="List the study files shipped with nkat-search (pass a name to --study), or copy "
                                    "one to a file of your own to edit.")
     p.add_argument("--copy", nargs=2, metavar=("NAME", "FILE"), help="copy the packaged study NAME to FILE")
     p.set_defaults(func=cmd_studies)
 
+
+def _add_download_parser(sub) -> None:
     p = sub.add_parser("download", help="download the real datasets once (e.g. into a shared volume)")
     p.add_argument("--data-root", help="folder for the datasets [$NKAT_SEARCH_DATA_ROOT or ./data]")
     p.add_argument("--datasets", nargs="+", default=list(datasets.NAMES),
                    choices=datasets.NAMES, help="[all four]")
     p.set_defaults(func=cmd_download)
-    return parser
 
 
 def _os_error(exc: OSError) -> str:

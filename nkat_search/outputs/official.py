@@ -137,12 +137,7 @@ def retrain_trial(study: optuna.Study, config: StudyConfig, trial: FrozenTrial, 
            "epochs": epochs, "warmup": warmup, "data": dataclasses.asdict(config.data),
            "seed": trial.params.get("seed", config.train.seed)}
     state_path = out / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else None
-    if state is None or state.get("key") != key:
-        if state is not None:
-            say(f"trial {trial.number}: {state_path} belongs to another run (trial, parameters, epochs or data "
-                "differ); starting over")
-        state = {"key": key, "datasets": {}}
+    state = _resumed(state_path, key, trial.number, say)
     store_path = str(Path(artifacts).resolve())
     artifact_store = FileSystemArtifactStore(base_path=store_path)
     weights_attr = WEIGHTS_ATTR.format(number=trial.number)
@@ -184,23 +179,37 @@ def retrain_trial(study: optuna.Study, config: StudyConfig, trial: FrozenTrial, 
     tpes = [local_tpe(a, p) for a, p in zip(accuracies, params)]
     measured = {"global_tpe": global_tpe(accuracies, params), "consistency": consistency(tpes),
                 "robustness": robustness(tpes)}
-    rows = []
-    for r, tpe in zip(results, tpes):
-        acc_target, tpe_target = DATASET_TARGETS.get(r["dataset"], (None, None))
-        rows.append({
-            "dataset": r["dataset"], "test_accuracy": r["test_accuracy"], "val_accuracy": r["accuracy"],
-            "local_tpe": tpe, "params": r["params"], "lambda": r["lambda"],
-            "accuracy_target": _shortfall(r["test_accuracy"], acc_target) if acc_target is not None else None,
-            "tpe_target": _shortfall(tpe, tpe_target) if tpe_target is not None else None,
-            "epochs": r["epochs"], "seconds": r["seconds"], "precision": r["precision"], "device": r["device"],
-            "weights": str(out / r["weights"]), "sha256": r["sha256"], "artifact_id": r["artifact_id"],
-            "artifact_store": r["artifact_store"], "reused": r["reused"], "model_config": r["model_config"],
-            "train_config": r["train_config"],
-        })
+    rows = [_dataset_row(r, tpe, out) for r, tpe in zip(results, tpes)]
     return {"trial": trial.number, "search_global_tpe": trial.value, "params": trial.params,
             "seeds": {"train": trial.params.get("seed", config.train.seed), "split": config.data.split_seed},
             "stage2": {m: _shortfall(v, STAGE2_TARGETS[m]) for m, v in measured.items()},
             "datasets": rows, "state": str(state_path), "weights_attr": weights_attr}
+
+
+def _resumed(state_path: Path, key: dict, number: int, say: Callable[[str], None]) -> dict:
+    """The state of an earlier run of the same retraining (same key), else a fresh one."""
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if state is None or state.get("key") != key:
+        if state is not None:
+            say(f"trial {number}: {state_path} belongs to another run (trial, parameters, epochs or data "
+                "differ); starting over")
+        state = {"key": key, "datasets": {}}
+    return state
+
+
+def _dataset_row(r: dict, tpe: float, out: Path) -> dict:
+    """One dataset's row of the report: test scores against the research's targets, and provenance."""
+    acc_target, tpe_target = DATASET_TARGETS.get(r["dataset"], (None, None))
+    return {
+        "dataset": r["dataset"], "test_accuracy": r["test_accuracy"], "val_accuracy": r["accuracy"],
+        "local_tpe": tpe, "params": r["params"], "lambda": r["lambda"],
+        "accuracy_target": _shortfall(r["test_accuracy"], acc_target) if acc_target is not None else None,
+        "tpe_target": _shortfall(tpe, tpe_target) if tpe_target is not None else None,
+        "epochs": r["epochs"], "seconds": r["seconds"], "precision": r["precision"], "device": r["device"],
+        "weights": str(out / r["weights"]), "sha256": r["sha256"], "artifact_id": r["artifact_id"],
+        "artifact_store": r["artifact_store"], "reused": r["reused"], "model_config": r["model_config"],
+        "train_config": r["train_config"],
+    }
 
 
 def software() -> dict:

@@ -19,7 +19,7 @@ import optuna
 from ..data.loader import Splits
 from ..metrics import consistency, global_tpe, robustness
 from ..outputs.progress import Relay, StudyProgress
-from ..train import FitResult, NonFiniteLossError, Timings, fit
+from ..train import EpochCallback, FitResult, NonFiniteLossError, Timings, fit
 from .space import suggest
 from .study_file import StudyConfig
 
@@ -43,6 +43,19 @@ def record(trial: optuna.Trial, result: FitResult) -> None:
         trial.set_user_attr(f"{d}_{key}", value)
 
 
+def ask_pruner(local_tpe: float, kind: str, epoch: int, trial: optuna.Trial) -> None:
+    """Prune when the study's pruner (of `kind`) says so after this Stage-1 epoch; record why."""
+    if trial.should_prune():
+        reason = f"pruner ({kind}): local TPE {local_tpe:.4f} at epoch {epoch}"
+        trial.set_user_attr("prune_reason", reason)
+        trial.set_user_attr("pruned_at_epoch", epoch)
+        raise optuna.TrialPruned(reason)
+
+
+# train(trial, params, dataset, epochs, on_epoch): the trial's configuration trained on a dataset.
+Train = Callable[[optuna.Trial, dict, str, int, EpochCallback | None], FitResult]
+
+
 def make_objective(study: StudyConfig, load: Callable[[str], Splits],
                    progress: StudyProgress | Relay | None = None,
                    timer: Timings | None = None) -> Callable[[optuna.Trial], float]:
@@ -51,7 +64,8 @@ def make_objective(study: StudyConfig, load: Callable[[str], Splits],
     is charged by fit's phases."""
     shown: StudyProgress | Relay | _Quiet = progress or _Quiet()
 
-    def train(trial: optuna.Trial, params: dict, dataset: str, epochs: int, on_epoch=None) -> FitResult:
+    def train(trial: optuna.Trial, params: dict, dataset: str, epochs: int,
+              on_epoch: EpochCallback | None) -> FitResult:
         model_cfg, train_cfg = study.configs_for(params, dataset, epochs)
         trial.set_user_attr(f"{dataset}_patch_size", model_cfg.patch_size)
         try:
@@ -65,44 +79,8 @@ def make_objective(study: StudyConfig, load: Callable[[str], Splits],
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, study)
         shown.trial_started(trial.number, params)
-        stage1 = study.stage1_dataset
-        started = time.perf_counter()
-        shown.stage(trial.number, 1, stage1, study.stage1_epochs)
-
-        def ask_pruner(epoch: int, tpe: float) -> None:
-            if trial.should_prune():
-                reason = f"pruner ({study.pruner.KIND}): local TPE {tpe:.4f} at epoch {epoch}"
-                trial.set_user_attr("prune_reason", reason)
-                trial.set_user_attr("pruned_at_epoch", epoch)
-                raise optuna.TrialPruned(reason)
-
-        def on_epoch(epoch: int, accuracy: float, tpe: float) -> None:
-            trial.report(tpe, epoch)
-            shown.epoch(trial.number, epoch, study.stage1_epochs, accuracy, tpe)
-            if epoch < study.stage1_epochs:
-                ask_pruner(epoch, tpe)
-
-        try:
-            result = train(trial, params, stage1, study.stage1_epochs, on_epoch)
-        finally:
-            trial.set_user_attr("stage1_seconds", time.perf_counter() - started)
-        record(trial, result)
-        # After the last Stage-1 epoch the gate judges first (a trial below it is the gate's, whatever
-        # a pruner would say); one that passes may still be stopped by the pruner before Stage 2.
-        check_gate(result.local_tpe, study.gate, result.epochs, trial)
-        ask_pruner(result.epochs, result.local_tpe)
-
-        started = time.perf_counter()
-        results = [result]
-        try:
-            for dataset in study.stage2_datasets:
-                shown.stage(trial.number, 2, dataset, study.stage2_epochs)
-                results.append(train(
-                    trial, params, dataset, study.stage2_epochs,
-                    lambda e, a, t, d=dataset: shown.epoch(trial.number, e, study.stage2_epochs, a, t)))
-                record(trial, results[-1])
-        finally:
-            trial.set_user_attr("stage2_seconds", time.perf_counter() - started)
+        results = [stage1(trial, params, study, train, shown)]
+        results += stage2(trial, params, study, train, shown)
         tpes = [r.local_tpe for r in results]
         value = global_tpe([r.accuracy for r in results], [r.params for r in results])
         trial.set_user_attr("global_tpe", value)
@@ -111,6 +89,48 @@ def make_objective(study: StudyConfig, load: Callable[[str], Splits],
         return value
 
     return objective
+
+
+def stage1(trial: optuna.Trial, params: dict, study: StudyConfig, train: Train,
+           shown: StudyProgress | Relay | _Quiet) -> FitResult:
+    """Stage 1 on the gate dataset: the pruner is asked after every epoch, after the gate at the last."""
+    dataset, epochs = study.stage1_dataset, study.stage1_epochs
+    started = time.perf_counter()
+    shown.stage(trial.number, 1, dataset, epochs)
+
+    def on_epoch(epoch: int, accuracy: float, tpe: float) -> None:
+        trial.report(tpe, epoch)
+        shown.epoch(trial.number, epoch, epochs, accuracy, tpe)
+        if epoch < epochs:
+            ask_pruner(tpe, study.pruner.KIND, epoch, trial)
+
+    try:
+        result = train(trial, params, dataset, epochs, on_epoch)
+    finally:
+        trial.set_user_attr("stage1_seconds", time.perf_counter() - started)
+    record(trial, result)
+    # After the last Stage-1 epoch the gate judges first (a trial below it is the gate's, whatever
+    # a pruner would say); one that passes may still be stopped by the pruner before Stage 2.
+    check_gate(result.local_tpe, study.gate, result.epochs, trial)
+    ask_pruner(result.local_tpe, study.pruner.KIND, result.epochs, trial)
+    return result
+
+
+def stage2(trial: optuna.Trial, params: dict, study: StudyConfig, train: Train,
+           shown: StudyProgress | Relay | _Quiet) -> list[FitResult]:
+    """Stage 2: the survivor trained on each of the other datasets in turn."""
+    started = time.perf_counter()
+    results = []
+    try:
+        for dataset in study.stage2_datasets:
+            shown.stage(trial.number, 2, dataset, study.stage2_epochs)
+            results.append(train(
+                trial, params, dataset, study.stage2_epochs,
+                lambda e, a, t: shown.epoch(trial.number, e, study.stage2_epochs, a, t)))
+            record(trial, results[-1])
+    finally:
+        trial.set_user_attr("stage2_seconds", time.perf_counter() - started)
+    return results
 
 
 class _Quiet:

@@ -14,7 +14,7 @@ def suggest(trial: optuna.Trial, study: StudyConfig) -> dict:
         if p.type == "categorical":
             params[p.name] = trial.suggest_categorical(p.name, list(p.choices))
             continue
-        assert p.low is not None and p.high is not None  # study_file._param_spec sets both for int and float
+        assert p.low is not None and p.high is not None  # study_tables._param_spec sets both for int and float
         if p.type == "int":
             params[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
         else:

@@ -1,10 +1,10 @@
 """Study files (nkat_search/studies/*.toml or the user's own): reading, checking, and a trial's
 parameters turned into the ModelConfig and TrainConfig it trains with on each dataset.
 
-Everything a study file can hold is checked here, before anything touches a storage: the type of
-every key (through the config dataclasses), the ranges, and every value that a searched range
-can produce against the model's constraints on every dataset of the study. Each problem is one
-UsageError naming the file, the key and the fix.
+Everything a study file can hold is checked here, before anything touches a storage: each table
+on its own (study_tables.py: the type of every key through the config dataclasses, the ranges),
+then every value that a searched range can produce against the model's constraints on every
+dataset of the study. Each problem is one UsageError naming the file, the key and the fix.
 """
 
 from __future__ import annotations
@@ -12,34 +12,29 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import (
-    INT64,
-    DataConfig,
-    ModelConfig,
-    TrainConfig,
-    UsageError,
-    adapt_patch_size,
-    field_names,
+from ..config import DataConfig, ModelConfig, TrainConfig, UsageError, adapt_patch_size
+from ..datasets import DATASETS
+from .kinds import PRUNERS, SAMPLERS, PrunerConfig, SamplerConfig, kind_dict
+from .study_tables import (
+    MODEL_KEYS,
+    TRAIN_KEYS,
+    Fail,
+    ParamSpec,
+    check_sections,
+    data_table,
+    enqueue_tables,
+    failure,
+    kind_table,
+    model_table,
+    report_table,
+    space_tables,
+    stage_tables,
+    study_table,
+    train_tables,
 )
-from ..datasets import DATASETS, NAMES
-from .kinds import PRUNERS, SAMPLERS, HyperbandPrunerConfig, PrunerConfig, SamplerConfig, kind_dict
-
-MODEL_KEYS = field_names(ModelConfig) - {"in_chans", "img_size", "num_classes"}  # the dataset decides those
-
-
-TRAIN_KEYS = field_names(TrainConfig) - {"epochs"}  # each stage sets its epochs
-
-
-# Set by the recipe or the machine, never a hyperparameter of a trial.
-NOT_SEARCHABLE = {"epochs", "precision", "limit_train", "compile"}
-
-
-SEARCHABLE = (MODEL_KEYS | TRAIN_KEYS) - NOT_SEARCHABLE
-
 
 # Parameters whose valid values depend on each other (divisibility, feature-map size): their
 # searched values are checked in every combination.
@@ -47,69 +42,6 @@ COUPLED = ("conv_stem", "patch_size", "embed_dim", "num_heads", "split_heads", "
 
 
 MAX_COMBINATIONS = 20000
-
-
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-PLAIN_KEY = re.compile(r"[\w.\[\]-]+")
-
-
-SECTIONS = ("study", "sampler", "pruner", "stage1", "stage2", "data", "model", "train", "report", "space", "enqueue")
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One searched parameter: int/float range (optional step or log) or categorical choices,
-    applied to the datasets listed (all of the study's when empty)."""
-
-    name: str
-    type: str
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    log: bool = False
-    choices: tuple = ()
-    datasets: tuple[str, ...] = ()
-
-    def values(self) -> list:
-        """Values to check: every choice, every int of a short range (log scale or not: Optuna draws
-        any int of a log range), the ends of a float range. Of a long int range: both ends, their
-        neighbours (a step that breaks divisibility shows there) and, on a log scale, the powers of two."""
-        if self.type == "categorical":
-            return list(self.choices)
-        assert self.low is not None and self.high is not None  # _param_spec sets both for int and float
-        if self.type == "int":
-            low, high, step = int(self.low), int(self.high), 1 if self.log else int(self.step or 1)
-            count = (high - low) // step + 1
-            if count <= 256:
-                return list(range(low, high + 1, step))
-            last = high - (high - low) % step
-            powers = {2 ** k for k in range(64) if low <= 2 ** k <= high} if self.log else set()
-            return sorted({low, low + step, last - step, last} | powers)
-        return [float(self.low), float(self.high)]  # what Optuna gives: floats, even for `low = 2`
-
-    def contains(self, value) -> bool:
-        if self.type == "categorical":
-            return value in self.choices
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        if self.type == "int" and not isinstance(value, int):
-            return False
-        assert self.low is not None and self.high is not None  # _param_spec sets both for int and float
-        return self.low <= value <= self.high
-
-    def to_dict(self) -> dict:
-        out: dict[str, object] = {"type": self.type}
-        if self.type == "categorical":
-            out["choices"] = list(self.choices)
-        else:
-            out.update(low=self.low, high=self.high, log=self.log)
-            if self.step is not None:
-                out["step"] = self.step
-        if self.datasets:
-            out["datasets"] = list(self.datasets)
-        return out
 
 
 @dataclass(frozen=True)
@@ -239,201 +171,35 @@ def load_study(name_or_path: str) -> StudyConfig:
 
 
 def parse_study(raw: dict, path: str) -> StudyConfig:
-    """A StudyConfig from a study file's tables; every problem is one UsageError naming the key."""
+    """A StudyConfig from a study file's tables; every problem is one UsageError naming the key.
 
-    def fail(key: str, problem: str) -> UsageError:
-        return UsageError(f"{path}: {_named(key)}: {problem}")
-
-    for section, value in raw.items():
-        if section not in SECTIONS:
-            raise fail(section, f"unknown section; use one of {', '.join(SECTIONS)}.")
-        if section == "enqueue":
-            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-                raise fail(section, "must be a list of tables ([[enqueue]]).")
-        elif not isinstance(value, dict):
-            raise fail(section, f"must be a table ([{section}]).")
-
-    def table(section: str, allowed: set[str], required: frozenset[str] | set[str] = frozenset()) -> dict:
-        values = dict(raw.get(section, {}))
-        for key in values:
-            if key not in allowed:
-                raise fail(f"{section}.{key}", f"unknown key; use one of {', '.join(sorted(allowed))}.")
-        for key in sorted(required - set(values)):
-            raise fail(f"{section}.{key}", "is required; add it to the file.")
-        return values
-
-    def build(key: str, cls, values: dict):
-        try:
-            return cls(**values)
-        except UsageError as exc:
-            raise fail(key, str(exc)) from None
-
-    study = table("study", {"name", "trials"}, {"name"})
-    name, trials = study["name"], study.get("trials", 50)
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise fail("study.name", f"must be a name of letters, digits, '.', '_' and '-' (no spaces or slashes), "
-                                 f"got {name!r}.")
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
-        raise fail("study.trials", f"must be a positive whole number, got {trials!r}.")
-    if trials > INT64[1]:
-        raise fail("study.trials", f"{trials} does not fit in 64 bits; use a whole number from 1 to {INT64[1]}.")
-
-    sampler = _kind_table(raw, "sampler", SAMPLERS, "tpe", fail, build)
-    pruner = _kind_table(raw, "pruner", PRUNERS, "median", fail, build)
-
-    stage1 = table("stage1", {"dataset", "epochs", "gate"}, {"dataset", "epochs", "gate"})
-    stage2 = table("stage2", {"datasets", "epochs", "train"}, {"datasets", "epochs"})
-    dataset1, datasets2 = stage1["dataset"], stage2["datasets"]
-    if dataset1 not in NAMES:
-        raise fail("stage1.dataset", f"unknown dataset {dataset1!r}; use one of {', '.join(NAMES)}.")
-    if not isinstance(datasets2, list):
-        raise fail("stage2.datasets", f"must be a list of dataset names, got {datasets2!r}.")
-    for ds in datasets2:
-        if ds not in NAMES:
-            raise fail("stage2.datasets", f"unknown dataset {ds!r}; use one of {', '.join(NAMES)}.")
-    if len(set(datasets2) | {dataset1}) != len(datasets2) + 1:
-        raise fail("stage2.datasets", "names a dataset twice (or the Stage-1 dataset); list each dataset once.")
-    gate = stage1["gate"]
-    if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 < gate < float("inf"):
-        raise fail("stage1.gate", f"must be a number in (0, inf), got {gate!r}; the research's gate is 0.60.")
-    for key, value in (("stage1.epochs", stage1["epochs"]), ("stage2.epochs", stage2["epochs"])):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise fail(key, f"must be a positive whole number, got {value!r}.")
-    if isinstance(pruner, HyperbandPrunerConfig) and pruner.min_resource > stage1["epochs"]:
-        raise fail("pruner.min_resource", f"{pruner.min_resource} is more than stage1.epochs ({stage1['epochs']}); "
-                                          "lower it.")
-
-    data = build("data", DataConfig, table("data", field_names(DataConfig)))
-    model = table("model", MODEL_KEYS)
-    build("model", ModelConfig, model)  # the fixed settings alone must make a model
-
-    train_table = dict(raw.get("train", {}))
-    overrides = {ds: train_table.pop(ds) for ds in list(train_table) if ds in NAMES}
-    for key in train_table:
-        if key not in TRAIN_KEYS:
-            raise fail(f"train.{key}", f"unknown key; use one of {', '.join(sorted(TRAIN_KEYS))} "
-                                       "or a dataset name for that dataset's own recipe ([train.mnist]).")
-    train = build("train", TrainConfig, train_table)
-    if stage2.get("train"):
-        overrides["stage2"] = stage2["train"]
-    for where, values in overrides.items():
-        key = "stage2.train" if where == "stage2" else f"train.{where}"
-        if not isinstance(values, dict):
-            raise fail(key, "must be a table of training settings.")
-        if where != "stage2" and where not in (dataset1, *datasets2):
-            raise fail(key, f"{where} is not a dataset of this study; use one of {', '.join([dataset1, *datasets2])}.")
-        for k in values:
-            if k not in TRAIN_KEYS:
-                raise fail(f"{key}.{k}", f"unknown key; use one of {', '.join(sorted(TRAIN_KEYS))}.")
-        build(key, lambda **kw: dataclasses.replace(train, **kw), values)
-
-    report = table("report", {"epochs", "warmup"})
-    report_epochs, report_warmup = report.get("epochs", 40), report.get("warmup", train.warmup)
-    build("report", TrainConfig, {"epochs": report_epochs, "warmup": report_warmup})
-
-    space_raw = raw.get("space", {})
-    if not space_raw:
-        raise fail("space", "is empty; declare at least one [space.<parameter>].")
-    all_datasets = (dataset1, *datasets2)
-    space = tuple(_param_spec(path, n, spec, all_datasets) for n, spec in space_raw.items())
-    for p in space:
-        if not p.datasets and (p.name in model or p.name in train_table):
-            raise fail(f"space.{p.name}", "is both searched and fixed in [model]/[train]; keep one (or restrict "
-                                          "the search with datasets = [...]).")
-        for where, values in overrides.items():
-            targets = datasets2 if where == "stage2" else (where,)
-            if p.name in values and any(p.datasets == () or ds in p.datasets for ds in targets):
-                key = "stage2.train" if where == "stage2" else f"train.{where}"
-                raise fail(f"space.{p.name}", f"is searched on a dataset where {key} fixes it; restrict the "
-                                              f"parameter with datasets = [...] or drop it from {key}.")
-
-    enqueue = tuple(_enqueued(path, i, e, space) for i, e in enumerate(raw.get("enqueue", [])))
+    The tables are read in this order because later ones are checked against earlier ones: the
+    pruner against [stage1], [train.<dataset>] against the stages' datasets, [space] against
+    [model] and [train], [[enqueue]] against [space], and at the end the whole space against the
+    model's constraints on every dataset."""
+    fail = failure(path)
+    check_sections(raw, fail)
+    name, trials = study_table(raw, fail)
+    sampler = kind_table(raw, "sampler", SAMPLERS, "tpe", fail)
+    pruner = kind_table(raw, "pruner", PRUNERS, "median", fail)
+    stage1, stage2 = stage_tables(raw, pruner, fail)
+    datasets = (stage1["dataset"], *stage2["datasets"])
+    data = data_table(raw, fail)
+    model = model_table(raw, fail)
+    train, fixed_train, overrides = train_tables(raw, stage2, datasets, fail)
+    report_epochs, report_warmup = report_table(raw, train, fail)
+    space = space_tables(raw, datasets, model.keys() | fixed_train.keys(), overrides, fail)
+    enqueue = enqueue_tables(raw, space, fail)
     config = StudyConfig(
         name=name, path=path, trials=trials, space=space, sampler=sampler, pruner=pruner,
-        stage1_dataset=dataset1, stage1_epochs=stage1["epochs"], gate=float(gate),
-        stage2_datasets=tuple(datasets2), stage2_epochs=stage2["epochs"], data=data, model=model, train=train,
+        stage1_dataset=stage1["dataset"], stage1_epochs=stage1["epochs"], gate=float(stage1["gate"]),
+        stage2_datasets=tuple(stage2["datasets"]), stage2_epochs=stage2["epochs"], data=data, model=model, train=train,
         train_overrides=overrides, report_epochs=report_epochs, report_warmup=report_warmup, enqueue=enqueue)
     _check_space(config, fail)
     return config
 
 
-def _named(key: str) -> str:
-    """A dotted key as a message shows it: as written when plain, else quoted (repr), so that a
-    quoted TOML key holding a line break cannot split the one-line message."""
-    return key if PLAIN_KEY.fullmatch(key) else repr(key)
-
-
-def _kind_table(raw, section, kinds, default_kind, fail, build):
-    values = dict(raw.get(section, {}))
-    kind = values.pop("kind", default_kind)
-    if not isinstance(kind, str) or kind not in kinds:
-        raise fail(f"{section}.kind", f"unknown {section} {kind!r}; use one of {', '.join(kinds)}.")
-    allowed = field_names(kinds[kind])
-    for key in values:
-        if key not in allowed:
-            keys = ", ".join(sorted(allowed)) or "no other keys"
-            raise fail(f"{section}.{key}", f"is not a setting of the {kind} {section}; it takes {keys}.")
-    return build(section, kinds[kind], values)
-
-
-def _param_spec(path: str, name: str, spec, datasets: tuple[str, ...]) -> ParamSpec:
-    def fail(problem: str) -> UsageError:
-        return UsageError(f"{path}: {_named(f'space.{name}')}: {problem}")
-
-    if name in NOT_SEARCHABLE or name in ("in_chans", "img_size", "num_classes"):
-        raise fail("is set by the stage, the dataset or the machine, not searched; remove it from [space].")
-    if name not in SEARCHABLE:
-        raise fail(f"is not a parameter of the model or the recipe; use one of {', '.join(sorted(SEARCHABLE))}.")
-    kinds = {"int": {"low", "high", "step", "log"}, "float": {"low", "high", "step", "log"}, "categorical": {"choices"}}
-    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) or spec["type"] not in kinds:
-        raise fail('needs type = "int", "float" or "categorical".')
-    kind = spec["type"]
-    for k in spec:
-        if k not in kinds[kind] | {"type", "datasets"}:
-            raise fail(f"unknown key {k!r}; a {kind} parameter takes {', '.join(sorted(kinds[kind] | {'datasets'}))}.")
-    on = spec.get("datasets", [])
-    if not isinstance(on, list) or not on and "datasets" in spec or any(d not in datasets for d in on):
-        raise fail(f"datasets must be a non-empty list of this study's datasets ({', '.join(datasets)}), got {on!r}.")
-    if kind == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise fail("needs a non-empty list of choices.")
-        if any(not isinstance(c, (str, int, float, bool)) for c in choices) or len(set(map(repr, choices))) != len(choices):
-            raise fail("choices must be distinct strings, numbers or booleans.")
-        return ParamSpec(name, kind, choices=tuple(choices), datasets=tuple(on))
-    low, high, step, log = spec.get("low"), spec.get("high"), spec.get("step"), spec.get("log", False)
-    number = (int,) if kind == "int" else (int, float)
-    for key, value in (("low", low), ("high", high)) + ((("step", step),) if step is not None else ()):
-        if isinstance(value, bool) or not isinstance(value, number) or value != value or abs(value) == float("inf"):
-            what = "a whole number" if kind == "int" else "a finite number"
-            raise fail(f"{key} must be {what}, got {value!r}.")
-        if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
-            raise fail(f"{key} does not fit in 64 bits; use a value from {INT64[0]} to {INT64[1]}.")
-    if not isinstance(log, bool):
-        raise fail(f"log must be true or false, got {log!r}.")
-    assert low is not None and high is not None  # the loop above raised unless both are numbers
-    if low >= high:
-        raise fail(f"the range {low}..{high} is empty or inverted; make low < high.")
-    if log and low <= 0:
-        raise fail("a log-scale range must have low > 0.")
-    if step is not None and (log or not step > 0):
-        raise fail("step must be > 0 and cannot be combined with log.")
-    return ParamSpec(name, kind, low=low, high=high, step=step, log=log, datasets=tuple(on))
-
-
-def _enqueued(path: str, index: int, values: dict, space: tuple[ParamSpec, ...]) -> dict:
-    specs = {p.name: p for p in space}
-    for key, value in values.items():
-        if key not in specs:
-            raise UsageError(f"{path}: {_named(f'enqueue[{index}].{key}')}: is not a searched parameter; use one of "
-                             f"{', '.join(specs)}.")
-        if not specs[key].contains(value):
-            raise UsageError(f"{path}: enqueue[{index}].{key}: {value!r} is outside the searched space "
-                             f"({specs[key].to_dict()}); change the value or widen the space.")
-    return dict(values)
-
-
-def _check_space(study: StudyConfig, fail) -> None:
+def _check_space(study: StudyConfig, fail: Fail) -> None:
     """Every value a searched range can produce (coupled parameters in every combination) makes a
     valid model and recipe on every dataset it applies to, and so do the enqueued configurations."""
     def check(params: dict) -> None:
