@@ -62,7 +62,7 @@ import optuna
 from optuna.trial import TrialState
 
 from nkat_search.config import RuntimeFailure
-from nkat_search.search import space, studies, worker
+from nkat_search.search import signals, space, studies, worker
 from nkat_search.search.study_file import StudyConfig, parse_study
 from nkat_search.storage import backends, lock, retrying
 
@@ -398,7 +398,7 @@ def work(job: dict, ready, go) -> None:
         w = worker.Worker(study, store, job["url"], config)
         injector = Injector(job)
         injector.install(store)
-        worker.install_signal_handlers()
+        signals.install_signal_handlers()
         ready.set()
         if go.wait(timeout=TIMEOUT):
             code = worker.run_loop(w, objective(config, job["seconds"]), poll_seconds=POLL)

@@ -20,7 +20,7 @@ from helpers import ROOT, storage_call
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from nkat_search.search import studies, worker
+from nkat_search.search import signals, studies, worker
 from nkat_search.search.space import suggest
 from nkat_search.search.study_file import load_study
 from nkat_search.storage import backends
@@ -129,7 +129,7 @@ def test_seeded_fault_schedules_keep_every_invariant_on_postgresql_and_the_journ
 def signal_handlers():
     """The worker's SIGTERM and SIGINT handlers in this process for one test."""
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    worker.install_signal_handlers()
+    signals.install_signal_handlers()
     yield
     for sig, handler in before.items():
         signal.signal(sig, handler)
@@ -164,7 +164,7 @@ def test_a_sigterm_that_arrives_inside_a_commit_fails_the_trial_and_queues_it_ag
         return sum(params.values())
 
     w = worker.Worker(study, store, pg_url, config)
-    with pytest.raises(worker.Interrupted):
+    with pytest.raises(signals.Interrupted):
         worker.run_loop(w, objective, poll_seconds=0.1)
     trials = study.get_trials()
     assert [(t.state, t.user_attrs.get("fail_reason")) for t in trials] == [
@@ -204,7 +204,7 @@ def test_a_worker_that_dies_while_failing_its_trial_loses_no_configuration(pg_ur
 
     sqlalchemy.event.listen(store.engine, "commit", die_after_a_commit)
     try:
-        worker.interrupt(a, trial_a, worker.Interrupted("SIGTERM"))
+        worker.interrupt(a, trial_a, signals.Interrupted("SIGTERM"))
     except WorkerDied:
         pass
     sqlalchemy.event.remove(store.engine, "commit", die_after_a_commit)

@@ -105,13 +105,13 @@ def _plan(args) -> tuple[list[str], int]:
 
 
 def _run(url: str, study_name: str, args, plan: tuple[list[str], int]) -> int:
-    from ..search import processes, worker
+    from ..search import processes, signals, worker
 
     devices, count = plan
     if count == 0:
         return 0
     if count == 1:
-        worker.install_signal_handlers()
+        signals.install_signal_handlers()
         return worker.run_worker(url, study_name, devices[0], max_failures=args.max_failures,
                                  data_root=_data_root(args))
     return processes.run_processes(url, study_name, devices, count, args.verbose, _data_root(args), args.max_failures)

@@ -12,11 +12,10 @@ from .. import configure_logging
 from ..config import RuntimeFailure, UsageError
 from ..storage import backends, lock
 from . import studies
+from .signals import deferred_signals, install_signal_handlers
 from .worker import (
     Worker,
-    deferred_signals,
     fail_dead_trials,
-    install_signal_handlers,
     run_worker,
 )
 

@@ -20,7 +20,6 @@ import datetime
 import functools
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -34,6 +33,7 @@ from ..config import RuntimeFailure, UsageError
 from ..storage import backends, lock, retrying, urls
 from . import studies
 from .kinds import sampler
+from .signals import deferred_signals
 from .study_file import StudyConfig
 
 log = logging.getLogger("nkat_search")
@@ -50,10 +50,6 @@ Objective = Callable[[optuna.Trial], float]
 
 class WorkerStopped(RuntimeFailure):
     """The worker gave up (too many consecutive failures): exit 1 with this message."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGINT arrived while a trial ran."""
 
 
 def worker_id() -> str:
@@ -351,54 +347,3 @@ def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_fai
     with HostShare(device) as share, view as progress:
         return run_loop(w, make_objective(config, load, progress), max_failures=max_failures,
                         poll_seconds=poll_seconds, on_end=on_end, before_trial=share.threads_for_next_trial)
-
-
-_interrupted = threading.Event()
-
-
-# Code that an exception raised in its midst can leave broken: SQLAlchemy took a transaction for
-# ended before the driver committed it (the pooled connection goes back inside it), or a ping's
-# clean-up raises in place of the interrupt; either way the clean-up's storage calls fail.
-DATABASE_MODULES = ("sqlalchemy", "psycopg", "pymysql", "MySQLdb")
-
-
-def in_database(frame) -> bool:
-    """Whether the stack of `frame` runs SQLAlchemy's or a database driver's code."""
-    while frame is not None:
-        if frame.f_globals.get("__name__", "").partition(".")[0] in DATABASE_MODULES:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def install_signal_handlers() -> None:
-    """SIGTERM (docker stop, Slurm, Kubernetes) and SIGINT (Ctrl-C) raise Interrupted in the main
-    thread, once: later signals while the first is being handled are logged and ignored, so the
-    clean-up (fail the trial, queue its retry) always finishes. A signal that arrives inside
-    SQLAlchemy or the driver is raised again 50 ms later, until it lands outside them (a storage
-    call takes milliseconds). SIGTERM where the platform has it."""
-    _interrupted.clear()
-
-    def handler(signum, frame):
-        name = signal.Signals(signum).name
-        if _interrupted.is_set():
-            log.warning("%s again: finishing the clean-up first", name)
-            return
-        if in_database(frame):
-            again = threading.Timer(0.05, signal.raise_signal, (signum,))
-            again.daemon = True
-            again.start()
-            return
-        _interrupted.set()
-        raise Interrupted(name)
-
-    for sig in (getattr(signal, "SIGTERM", None), signal.SIGINT):
-        if sig is not None:
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def deferred_signals() -> Iterator[None]:
-    """Within: an interrupt no longer raises (it is the clean-up of one)."""
-    _interrupted.set()
-    yield
