@@ -39,9 +39,11 @@ status=0
 .venv/bin/lint-imports || status=$?
 .venv/bin/mypy nkat_search || status=$?  # pyproject.toml [tool.mypy]
 # In parallel processes (pytest-xdist): most of a test's time is waiting (worker processes starting,
-# heartbeats going stale, a server restarting), so more processes than cores pay off; a group of
-# tests that shares session fixtures stays on one process (xdist_group marks).
-PARALLEL=(-n "${NKAT_TEST_PROCESSES:-3}" --dist loadgroup)
+# heartbeats going stale, a server restarting), so more processes than cores pay off. A module's
+# tests stay on one process (loadfile), so that a module's session fixtures (the bad-input table's
+# outcomes, the retrained study) are built once. (xdist_group marks did not group anything under
+# pytest 9.2 with xdist 3.8: measured, the bad-input table was built on all three processes.)
+PARALLEL=(-n "${NKAT_TEST_PROCESSES:-3}" --dist loadfile)
 .venv/bin/python -m pytest "${PARALLEL[@]}" || status=$?
 
 purelib() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }

@@ -30,9 +30,6 @@ import pytest
 from helpers import ROOT, TINY_STUDY
 from pg_server import PASSWORD
 
-# Its session fixtures are built once, on the one xdist worker that runs the group.
-pytestmark = pytest.mark.xdist_group("bad_input")
-
 DOC = ROOT / "docs" / "bad-input.md"
 STUDY_NAME = "tiny"
 WRONG_PASSWORD = "wrong-pw-SECRET"

@@ -17,7 +17,7 @@ from nkat_search.search import studies
 from nkat_search.search.study_file import load_study
 from nkat_search.storage import backends
 
-pytestmark = [pytest.mark.optuna_api, pytest.mark.xdist_group("retrained")]  # one worker builds the study
+pytestmark = [pytest.mark.optuna_api]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_PLOTS = ("optimization_history", "param_importances", "embed_dim_depth", "stage1_local_tpe",

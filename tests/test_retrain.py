@@ -18,9 +18,6 @@ from nkat_search.search import studies
 from nkat_search.search.study_file import load_study
 from nkat_search.storage import backends
 
-# Its session fixtures are built once, on the one xdist worker that runs the group.
-pytestmark = pytest.mark.xdist_group("retrained")
-
 
 @pytest.fixture(autouse=True)
 def _one_thread():
