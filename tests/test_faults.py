@@ -49,6 +49,7 @@ def test_every_schedule_leaves_a_worker_unsignalled_and_a_grace_period_the_setti
         assert len(signalled) < s.workers, s
         assert s.grace > s.retry + s.interval, s
         assert s.storage == "postgresql" or {f.kind for f in s.faults} <= {"sigkill", "sigterm"}, s
+        assert len(set(s.faults)) == len(s.faults), s
 
 
 PARAMS = {"embed_dim": 16, "temperature": 0.8}
