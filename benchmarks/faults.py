@@ -196,6 +196,11 @@ def draw(seed: int, storage: str) -> Schedule:
     calls = PG_CALLS if pg else JOURNAL_CALLS
     faults: list[Fault] = []
     signalled: set[int] = set()
+
+    def add(fault: Fault) -> None:
+        if fault not in faults:  # the same fault drawn twice is one
+            faults.append(fault)
+
     for _ in range(rng.randint(1, 3)):
         kind = rng.choice(KINDS[storage])
         if kind in ("sigkill", "sigterm") and len(signalled) == workers - 1:
@@ -205,29 +210,29 @@ def draw(seed: int, storage: str) -> Schedule:
         if not kind:
             continue
         if kind == "restart":
-            faults.append(Fault("restart", at=round(rng.uniform(0.1, 2.0), 2), down=round(rng.uniform(0, 1.0), 2),
-                                mode=rng.choice(("fast", "immediate"))))
+            add(Fault("restart", at=round(rng.uniform(0.1, 2.0), 2), down=round(rng.uniform(0, 1.0), 2),
+                      mode=rng.choice(("fast", "immediate"))))
             continue
         if kind in ("sigkill", "sigterm"):
             target = rng.choice([i for i in range(workers) if i not in signalled])
             signalled.add(target)
             if rng.random() < 0.3:
-                faults.append(Fault(kind, target, at=round(rng.uniform(0.05, 2.5), 2)))
+                add(Fault(kind, target, at=round(rng.uniform(0.05, 2.5), 2)))
                 continue
             call = rng.choice(sorted(calls))
             phase = rng.choice(("before", "commit", "after") if pg else ("before", "after"))
-            faults.append(Fault(kind, target, call, rng.randint(1, calls[call]), phase))
+            add(Fault(kind, target, call, rng.randint(1, calls[call]), phase))
             continue
         target = rng.randrange(workers)
         if kind == "drop":
             call = rng.choice(sorted(calls))
-            faults.append(Fault(kind, target, call, rng.randint(1, calls[call]), "before"))
+            add(Fault(kind, target, call, rng.randint(1, calls[call]), "before"))
         elif kind == "lost_reply":
             call = rng.choice(WRITES)
-            faults.append(Fault(kind, target, call, rng.randint(1, calls[call]), "after"))
+            add(Fault(kind, target, call, rng.randint(1, calls[call]), "after"))
         else:
             call = rng.choice(sorted(LOCKED_CALLS))
-            faults.append(Fault(kind, target, call, rng.randint(1, LOCKED_CALLS[call]), "before"))
+            add(Fault(kind, target, call, rng.randint(1, LOCKED_CALLS[call]), "before"))
     restart = any(f.kind == "restart" for f in faults)
     # A worker waits out a restart (a few seconds on a busy machine) within the retry bound, and a
     # dropped connection in one back-off step; the grace period must exceed the bound plus the
@@ -555,6 +560,11 @@ def run_schedule(schedule: Schedule, folder: Path, database: Database | None = N
             violations.append(f"worker {i} exited {proc.exitcode}" + (" after SIGTERM" if "sigterm" in kinds else ""))
     trials = study.get_trials(deepcopy=False)
     violations += check(trials, schedule.budget)
+    if violations:  # the study as it ended, beside the logs (the database is dropped for the next schedule)
+        (folder / "trials.json").write_text(json.dumps([{
+            "number": t.number, "state": t.state.name, "params": t.params, "user_attrs": t.user_attrs,
+            "system_attrs": t.system_attrs, "start": str(t.datetime_start), "complete": str(t.datetime_complete)}
+            for t in trials], indent=1, default=str))
     if hasattr(store, "engine"):
         store.engine.dispose()
     missed = [f for f in schedule.faults if f not in injected]
@@ -643,6 +653,8 @@ def run_campaign(schedules: list[Schedule], folder: Path, jobs: int = 6, launch=
                  progress=None) -> list[Outcome]:
     """Run the schedules, `jobs` at a time, each PostgreSQL slot on a server of its own (launch():
     tests/pg_server.launch by default); a schedule's folder (logs, events) is kept where it failed."""
+    if multiprocessing.parent_process() is not None:  # a worker that ran its parent's unguarded main again
+        raise RuntimeError("run_campaign in a child process: guard the main module with `if __name__ == '__main__'`")
     if launch is None:
         launch = _pg_server().launch
     slots = jobs if any(s.storage == "postgresql" for s in schedules) else 0

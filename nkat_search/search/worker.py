@@ -197,7 +197,9 @@ def budget_counts(w: Worker) -> tuple[int, int, int]:
 
 
 def next_trial(w: Worker):
-    """A new trial, WAIT (others' running trials may still fail) or DONE (the budget is finished).
+    """A new trial, WAIT (others' running trials may still fail) or DONE (the budget is finished
+    and no trial runs: an orphan of the last trial, created twice by Optuna after a lost reply, is
+    waited for until fail_dead_trials fails it, so that none is left RUNNING).
 
     Under the budget lock: dead trials are failed first, the trial is asked with a sampler seeded
     for its position in the study, and its first heartbeat and then its owner are recorded before
@@ -208,7 +210,7 @@ def next_trial(w: Worker):
     with lock.budget_lock(w.url, w.study.study_name) as held:
         fail_dead_trials(w)
         budget, done, started = budget_counts(w)
-        if done >= budget:
+        if done >= budget and started == done:
             return DONE
         if started >= budget:
             return WAIT
