@@ -98,7 +98,8 @@ LOST_LOCK = "not run: the budget lock was lost while asking"
 
 # What a trial may be FAILED for in these schedules: the objective never raises, so any other
 # reason (a storage error reaching a trial, say) is a violation.
-REASONS = ("interrupted", "worker ", "no heartbeat from worker ", "no owner and no heartbeat ", LOST_LOCK)
+REASONS = ("interrupted", "worker ", "no heartbeat from worker ", "no owner and no heartbeat ", LOST_LOCK,
+           worker.LOST_DATABASE)
 
 # How long the workers of one schedule may take before they count as hung.
 TIMEOUT = 90.0

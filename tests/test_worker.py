@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from nkat_search.config import UsageError
 from nkat_search.search import studies
 from nkat_search.search.study_file import load_study
-from nkat_search.search.worker import WorkerStopped, alive, run_worker
+from nkat_search.search.worker import LOST_DATABASE, Worker, WorkerStopped, alive, next_trial, run_trial, run_worker
 from nkat_search.storage import backends
 
 pytestmark = [pytest.mark.optuna_api]
@@ -243,3 +243,26 @@ def test_a_queued_configuration_given_up_before_it_ran_is_queued_again(tiny_stud
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(done) == 2 and wanted in [t.params for t in done]
     assert [t.user_attrs.get("retry_of") for t in done if t.params == wanted] == [given_up.number]
+
+
+def test_a_dropped_connection_inside_the_objective_fails_the_trial_and_queues_it_again(tiny_study, tmp_path):
+    # A storage call of the objective (a suggest, a report) meets a connection the server dropped:
+    # the database's fault, not the configuration's. Found by `benchmarks.faults --seed 13 --storage
+    # postgresql` (a restart); the trial was FAILED with the driver's error and never run again.
+    import sqlalchemy.exc
+
+    url = f"journal:{tmp_path / 's.journal'}"
+    config = load_study(tiny_study())
+    store = backends.open_storage(url)
+    study = studies.create_or_resume(store, url, config, 1)
+    w = Worker(study, store, url, config)
+    trial = next_trial(w)
+    trial.suggest_int("embed_dim", 8, 16, step=8)
+
+    def objective(t):
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+
+    assert run_trial(w, trial, objective) == TrialState.FAIL
+    trials = study.get_trials()
+    assert trials[0].user_attrs["fail_reason"].startswith(LOST_DATABASE)
+    assert [(t.state, t.user_attrs.get("retry_of")) for t in trials[1:]] == [(TrialState.WAITING, 0)]

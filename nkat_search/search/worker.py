@@ -41,6 +41,9 @@ log = logging.getLogger("nkat_search")
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
+# The reason of a trial whose objective lost the database connection (queued again).
+LOST_DATABASE = "the database connection was lost during the trial"
+
 
 WAIT, DONE = "wait", "done"
 
@@ -248,7 +251,10 @@ def run_trial(w: Worker, trial: optuna.Trial, objective: Objective,
                 raise
             except Exception as exc:  # a crash, an OOM, a bug: FAILED with the error on the trial
                 reason = f"{type(exc).__name__}: {urls.mask_text(str(exc), w.url)}"[:2000]
-                fail_trial(w, trial.number, reason, retry=False)
+                lost = retrying.connection_error(exc) is not None
+                if lost:  # a storage call of the objective met a dropped connection: not the configuration's fault
+                    reason = f"{LOST_DATABASE} ({reason})"[:2000]
+                fail_trial(w, trial.number, reason, retry=lost)
                 log.debug("trial %d failed: %s", trial.number, reason)
                 return TrialState.FAIL
         w.study.tell(trial, value, skip_if_finished=True)
