@@ -693,8 +693,12 @@ def run_campaign(schedules: list[Schedule], folder: Path, jobs: int = 6, launch=
 
         # The dearest first, so that no long schedule starts last; the outcomes in the schedules' order.
         dear = sorted(range(len(schedules)), key=lambda i: (-cost(schedules[i]), i))
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            done = dict(zip(dear, pool.map(one, dear)))
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
+            running = {i: pool.submit(one, i) for i in dear}
+            done = {i: future.result() for i, future in running.items()}
+        finally:  # stopped (Ctrl-C, SIGTERM): the schedules under way end, the others never start
+            pool.shutdown(cancel_futures=True)
         return [done[i] for i in range(len(schedules))]
     finally:
         with ThreadPoolExecutor(max_workers=max(len(servers), 1)) as pool:
@@ -774,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{len(done)}/{len(schedules)}] {state} {outcome.schedule} ({outcome.seconds:.1f} s; injected: "
                   f"{'; '.join(map(str, outcome.injected)) or 'none'})", flush=True)
 
+    # SIGTERM ends the campaign as Ctrl-C does: its servers are stopped and removed on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.monotonic()
     outcomes = run_campaign(schedules, folder, args.jobs, keep=args.keep or args.seed is not None, progress=progress)
     print(figures(outcomes, time.monotonic() - started))
