@@ -513,16 +513,17 @@ def run_schedule(schedule: Schedule, folder: Path, database: Database | None = N
                "faults": [dataclasses.asdict(f) for f in schedule.faults if f.worker == i]}
         readies.append(ctx.Event())
         procs.append(ctx.Process(target=work, args=(job, readies[-1], go), daemon=True))
-        procs[-1].start()
+        with _polling:  # start() polls every child multiprocessing knows
+            procs[-1].start()
     violations: list[str] = []
     sent: dict[int, str] = {}
     injected: list[Fault] = []
     try:
         for i, (proc, ready) in enumerate(zip(procs, readies)):
             while not ready.wait(0.2):
-                if not proc.is_alive() or time.monotonic() - started > TIMEOUT:
+                if exit_code(proc) is not None or time.monotonic() - started > TIMEOUT:
                     log = tail(folder / f"worker-{i}.log")
-                    raise RuntimeError(f"worker {i} did not attach (exit code {proc.exitcode})\n{log}")
+                    raise RuntimeError(f"worker {i} did not attach (exit code {exit_code(proc)})\n{log}")
         go.set()
         start = time.monotonic()
         for fault in sorted((f for f in schedule.faults if not f.call), key=lambda f: f.at):
@@ -532,20 +533,19 @@ def run_schedule(schedule: Schedule, folder: Path, database: Database | None = N
                 injected.append(fault)
                 time.sleep(fault.down)
                 database.server.start()
-            elif procs[fault.worker].is_alive():
+            elif exit_code(procs[fault.worker]) is None:
                 sent[fault.worker] = fault.kind
                 injected.append(fault)
                 os.kill(procs[fault.worker].pid, signal.SIGKILL if fault.kind == "sigkill" else signal.SIGTERM)
-        for proc in procs:
-            proc.join(max(0.0, start + TIMEOUT - time.monotonic()))
+        wait(procs, start + TIMEOUT)
     finally:
-        hung = [i for i, proc in enumerate(procs) if proc.is_alive()]
+        hung = [i for i, proc in enumerate(procs) if exit_code(proc) is None]
         for i in hung:
             procs[i].kill()
-            procs[i].join()
+        wait(procs, time.monotonic() + TIMEOUT)
         if database and not database.server.running:
             database.server.start()
-    for i, proc in enumerate(procs):
+    for i, code in enumerate(exit_code(proc) for proc in procs):
         events = read_events(folder / f"events-{i}.jsonl")
         fired = [Fault(**e) for e in events if "kind" in e]
         injected += fired
@@ -553,11 +553,11 @@ def run_schedule(schedule: Schedule, folder: Path, database: Database | None = N
         reported = next((e["exit"] for e in events if "exit" in e), None)
         if i in hung:
             violations.append(f"worker {i} did not end within {TIMEOUT:.0f} s of the start (hung)")
-        elif proc.exitcode == -signal.SIGKILL:
+        elif code == -signal.SIGKILL:
             if "sigkill" not in kinds:
                 violations.append(f"worker {i} was killed by no fault of this schedule")
-        elif reported != proc.exitcode or proc.exitcode not in ({0, 130} if "sigterm" in kinds else {0}):
-            violations.append(f"worker {i} exited {proc.exitcode}" + (" after SIGTERM" if "sigterm" in kinds else ""))
+        elif reported != code or code not in ({0, 130} if "sigterm" in kinds else {0}):
+            violations.append(f"worker {i} exited {code}" + (" after SIGTERM" if "sigterm" in kinds else ""))
     trials = study.get_trials(deepcopy=False)
     violations += check(trials, schedule.budget)
     if violations:  # the study as it ended, beside the logs (the database is dropped for the next schedule)
@@ -570,6 +570,23 @@ def run_schedule(schedule: Schedule, folder: Path, database: Database | None = N
     missed = [f for f in schedule.faults if f not in injected]
     return Outcome(schedule, injected, missed, violations, time.monotonic() - started, folder, queued_twice(trials),
                    len(displaced(trials)))
+
+
+# multiprocessing's Popen.poll is not thread-safe: when two threads poll one process (every
+# Process.start polls all the children it knows) and both see it end, the second reads its exit
+# code as 255. Every poll of the campaign's processes holds this lock, and none blocks.
+_polling = threading.Lock()
+
+
+def exit_code(proc) -> int | None:
+    with _polling:
+        return proc.exitcode
+
+
+def wait(procs: list, deadline: float) -> None:
+    """Until every process has ended or the deadline (time.monotonic()) has passed."""
+    while any(exit_code(proc) is None for proc in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def read_events(path: Path) -> list[dict]:
