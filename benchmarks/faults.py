@@ -289,16 +289,18 @@ class Injector:
         return due
 
     def fire(self, fault: Fault, dbapi=None) -> None:
-        if fault.kind == "lock_drop":
-            rows = self._sql(dbapi, "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_stat_activity a "
+        try:
+            if fault.kind == "lock_drop":
+                if self._sql(dbapi, "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_stat_activity a "
                              "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
                              "AND a.application_name = %s AND a.datname = current_database() "
-                             "AND l.pid <> pg_backend_pid()", (self.app,))
-            if rows:
-                self.record(dataclasses.asdict(fault))
-            return
-        if fault.phase == "after" and dbapi is not None:
-            dbapi.commit()  # what the call wrote has landed
+                             "AND l.pid <> pg_backend_pid()", (self.app,)):
+                    self.record(dataclasses.asdict(fault))
+                return
+            if fault.phase == "after" and dbapi is not None:
+                dbapi.commit()  # what the call wrote has landed
+        except Exception:  # the connection is gone already (a restart): not injected; SQLAlchemy's own call fails
+            return  # as it would (an error raised here, in its event, would reach the worker unwrapped)
         self.record(dataclasses.asdict(fault))
         if fault.kind in ("sigkill", "sigterm"):
             os.kill(os.getpid(), signal.SIGKILL if fault.kind == "sigkill" else signal.SIGTERM)
