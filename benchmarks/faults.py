@@ -290,16 +290,18 @@ class Injector:
         return due
 
     def fire(self, fault: Fault, dbapi=None) -> None:
-        if fault.kind == "lock_drop":
-            rows = self._sql(dbapi, "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_stat_activity a "
+        try:
+            if fault.kind == "lock_drop":
+                if self._sql(dbapi, "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_stat_activity a "
                              "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
                              "AND a.application_name = %s AND a.datname = current_database() "
-                             "AND l.pid <> pg_backend_pid()", (self.app,))
-            if rows:
-                self.record(dataclasses.asdict(fault))
-            return
-        if fault.phase == "after" and dbapi is not None:
-            dbapi.commit()  # what the call wrote has landed
+                             "AND l.pid <> pg_backend_pid()", (self.app,)):
+                    self.record(dataclasses.asdict(fault))
+                return
+            if fault.phase == "after" and dbapi is not None:
+                dbapi.commit()  # what the call wrote has landed
+        except Exception:  # the connection is gone already (a restart): not injected; SQLAlchemy's own call fails
+            return  # as it would (an error raised here, in its event, would reach the worker unwrapped)
         self.record(dataclasses.asdict(fault))
         if fault.kind in ("sigkill", "sigterm"):
             os.kill(os.getpid(), signal.SIGKILL if fault.kind == "sigkill" else signal.SIGTERM)
@@ -514,16 +516,17 @@ def run_schedule(schedule: Schedule, folder: Path, database: Database | None = N
                "faults": [dataclasses.asdict(f) for f in schedule.faults if f.worker == i]}
         readies.append(ctx.Event())
         procs.append(ctx.Process(target=work, args=(job, readies[-1], go), daemon=True))
-        procs[-1].start()
+        with _polling:  # start() polls every child multiprocessing knows
+            procs[-1].start()
     violations: list[str] = []
     sent: dict[int, str] = {}
     injected: list[Fault] = []
     try:
         for i, (proc, ready) in enumerate(zip(procs, readies)):
             while not ready.wait(0.2):
-                if not proc.is_alive() or time.monotonic() - started > TIMEOUT:
+                if exit_code(proc) is not None or time.monotonic() - started > TIMEOUT:
                     log = tail(folder / f"worker-{i}.log")
-                    raise RuntimeError(f"worker {i} did not attach (exit code {proc.exitcode})\n{log}")
+                    raise RuntimeError(f"worker {i} did not attach (exit code {exit_code(proc)})\n{log}")
         go.set()
         start = time.monotonic()
         for fault in sorted((f for f in schedule.faults if not f.call), key=lambda f: f.at):
@@ -533,20 +536,19 @@ def run_schedule(schedule: Schedule, folder: Path, database: Database | None = N
                 injected.append(fault)
                 time.sleep(fault.down)
                 database.server.start()
-            elif procs[fault.worker].is_alive():
+            elif exit_code(procs[fault.worker]) is None:
                 sent[fault.worker] = fault.kind
                 injected.append(fault)
                 os.kill(procs[fault.worker].pid, signal.SIGKILL if fault.kind == "sigkill" else signal.SIGTERM)
-        for proc in procs:
-            proc.join(max(0.0, start + TIMEOUT - time.monotonic()))
+        wait(procs, start + TIMEOUT)
     finally:
-        hung = [i for i, proc in enumerate(procs) if proc.is_alive()]
+        hung = [i for i, proc in enumerate(procs) if exit_code(proc) is None]
         for i in hung:
             procs[i].kill()
-            procs[i].join()
+        wait(procs, time.monotonic() + TIMEOUT)
         if database and not database.server.running:
             database.server.start()
-    for i, proc in enumerate(procs):
+    for i, code in enumerate(exit_code(proc) for proc in procs):
         events = read_events(folder / f"events-{i}.jsonl")
         fired = [Fault(**e) for e in events if "kind" in e]
         injected += fired
@@ -554,11 +556,11 @@ def run_schedule(schedule: Schedule, folder: Path, database: Database | None = N
         reported = next((e["exit"] for e in events if "exit" in e), None)
         if i in hung:
             violations.append(f"worker {i} did not end within {TIMEOUT:.0f} s of the start (hung)")
-        elif proc.exitcode == -signal.SIGKILL:
+        elif code == -signal.SIGKILL:
             if "sigkill" not in kinds:
                 violations.append(f"worker {i} was killed by no fault of this schedule")
-        elif reported != proc.exitcode or proc.exitcode not in ({0, 130} if "sigterm" in kinds else {0}):
-            violations.append(f"worker {i} exited {proc.exitcode}" + (" after SIGTERM" if "sigterm" in kinds else ""))
+        elif reported != code or code not in ({0, 130} if "sigterm" in kinds else {0}):
+            violations.append(f"worker {i} exited {code}" + (" after SIGTERM" if "sigterm" in kinds else ""))
     trials = study.get_trials(deepcopy=False)
     violations += check(trials, schedule.budget)
     if violations:  # the study as it ended, beside the logs (the database is dropped for the next schedule)
@@ -571,6 +573,23 @@ def run_schedule(schedule: Schedule, folder: Path, database: Database | None = N
     missed = [f for f in schedule.faults if f not in injected]
     return Outcome(schedule, injected, missed, violations, time.monotonic() - started, folder, queued_twice(trials),
                    len(displaced(trials)))
+
+
+# multiprocessing's Popen.poll is not thread-safe: when two threads poll one process (every
+# Process.start polls all the children it knows) and both see it end, the second reads its exit
+# code as 255. Every poll of the campaign's processes holds this lock, and none blocks.
+_polling = threading.Lock()
+
+
+def exit_code(proc) -> int | None:
+    with _polling:
+        return proc.exitcode
+
+
+def wait(procs: list, deadline: float) -> None:
+    """Until every process has ended or the deadline (time.monotonic()) has passed."""
+    while any(exit_code(proc) is None for proc in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def read_events(path: Path) -> list[dict]:
@@ -694,8 +713,12 @@ def run_campaign(schedules: list[Schedule], folder: Path, jobs: int = 6, launch=
 
         # The dearest first, so that no long schedule starts last; the outcomes in the schedules' order.
         dear = sorted(range(len(schedules)), key=lambda i: (-cost(schedules[i]), i))
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            done = dict(zip(dear, pool.map(one, dear)))
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
+            running = {i: pool.submit(one, i) for i in dear}
+            done = {i: future.result() for i, future in running.items()}
+        finally:  # stopped (Ctrl-C, SIGTERM): the schedules under way end, the others never start
+            pool.shutdown(cancel_futures=True)
         return [done[i] for i in range(len(schedules))]
     finally:
         with ThreadPoolExecutor(max_workers=max(len(servers), 1)) as pool:
@@ -775,6 +798,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{len(done)}/{len(schedules)}] {state} {outcome.schedule} ({outcome.seconds:.1f} s; injected: "
                   f"{'; '.join(map(str, outcome.injected)) or 'none'})", flush=True)
 
+    # SIGTERM ends the campaign as Ctrl-C does: its servers are stopped and removed on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.monotonic()
     outcomes = run_campaign(schedules, folder, args.jobs, keep=args.keep or args.seed is not None, progress=progress)
     print(figures(outcomes, time.monotonic() - started))

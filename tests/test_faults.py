@@ -1,7 +1,7 @@
 """The seeded fault campaign of benchmarks/faults.py in CI: schedules of dropped connections, lost
 replies, dropped budget locks, signals and database restarts against worker processes on a real
 PostgreSQL and the journal file, each ending with its invariants held. Also the campaign's own
-pieces (a seed is one schedule; the invariants catch what they should) and the two defects it
+pieces (a seed is one schedule; the invariants catch what they should) and the three defects it
 found, shrunk to deterministic tests."""
 
 from __future__ import annotations
@@ -144,8 +144,8 @@ def test_a_sigterm_that_arrives_inside_a_commit_fails_the_trial_and_queues_it_ag
     # second parameter (after SQLAlchemy took the transaction for ended, before the driver
     # committed) the connection went back to the pool inside its transaction; the clean-up's first
     # checkout then failed, not as a connection error, and the worker crashed with its trial
-    # RUNNING (found by the campaign, `benchmarks.faults --seed 29 --storage postgresql`; inside a
-    # pool's ping the ping's own clean-up raised in place of the interrupt, seed 201). The signal
+    # RUNNING (found by the campaign: seed 29 of an earlier draw of its schedules; inside a pool's
+    # ping the ping's own clean-up raised in place of the interrupt, seed 201 of it). The signal
     # is now raised again until it lands outside SQLAlchemy and the driver.
     config = load_study(tiny_study())
     store = backends.open_storage(pg_url)
@@ -186,7 +186,7 @@ def test_a_worker_that_dies_while_failing_its_trial_loses_no_configuration(pg_ur
     # Worker A, interrupted, fails its trial and queues it again; it dies after its `commits`-th
     # commit of that clean-up. Worker B finishes the budget: A's configuration must run. A failed
     # the trial first and queued it after: dying in between left a FAIL that nobody queued again
-    # (after its 7th to 9th commit here). Found by `benchmarks.faults --seed 53 --storage postgresql`.
+    # (after its 7th to 9th commit here). Found by the campaign: seed 53 of an earlier draw.
     config = load_study(tiny_study())
     store = backends.open_storage(pg_url)
     study = studies.create_or_resume(store, pg_url, config, 1)
