@@ -76,30 +76,64 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # with how many times one worker calls each in a schedule about half the time (measured without
 # faults): the n of a fault is drawn up to that, so that most faults are reached.
 PG_CALLS = {
-    "get_study_user_attrs": 4, "_get_stale_trial_ids": 3, "_get_trials": 8, "get_trial": 4,
-    "get_trial_id_from_study_id_trial_number": 4, "set_trial_user_attr": 2, "record_heartbeat": 1,
-    "set_trial_intermediate_value": 1, "set_trial_state_values": 2, "_create_new_trial": 1, "_set_trial_param": 3,
+    "get_study_user_attrs": 4,
+    "_get_stale_trial_ids": 3,
+    "_get_trials": 8,
+    "get_trial": 4,
+    "get_trial_id_from_study_id_trial_number": 4,
+    "set_trial_user_attr": 2,
+    "record_heartbeat": 1,
+    "set_trial_intermediate_value": 1,
+    "set_trial_state_values": 2,
+    "_create_new_trial": 1,
+    "_set_trial_param": 3,
 }
-WRITES = ("set_trial_user_attr", "record_heartbeat", "set_trial_intermediate_value", "set_trial_state_values",
-          "_create_new_trial", "_set_trial_param")
+WRITES = (
+    "set_trial_user_attr",
+    "record_heartbeat",
+    "set_trial_intermediate_value",
+    "set_trial_state_values",
+    "_create_new_trial",
+    "_set_trial_param",
+)
 # Calls a worker makes while it holds the budget lock (failing dead trials, counting, asking, claiming).
-LOCKED_CALLS = {"_get_stale_trial_ids": 2, "_get_trials": 4, "_create_new_trial": 1, "set_trial_state_values": 1,
-                "record_heartbeat": 1, "set_trial_user_attr": 1}
+LOCKED_CALLS = {
+    "_get_stale_trial_ids": 2,
+    "_get_trials": 4,
+    "_create_new_trial": 1,
+    "set_trial_state_values": 1,
+    "record_heartbeat": 1,
+    "set_trial_user_attr": 1,
+}
 JOURNAL_CALLS = {
-    "get_study_user_attrs": 4, "get_all_trials": 8, "get_trial": 4, "get_trial_id_from_study_id_trial_number": 4,
-    "create_new_trial": 1, "set_trial_param": 3, "set_trial_state_values": 2, "set_trial_intermediate_value": 1,
+    "get_study_user_attrs": 4,
+    "get_all_trials": 8,
+    "get_trial": 4,
+    "get_trial_id_from_study_id_trial_number": 4,
+    "create_new_trial": 1,
+    "set_trial_param": 3,
+    "set_trial_state_values": 2,
+    "set_trial_intermediate_value": 1,
     "set_trial_user_attr": 2,
 }
-KINDS = {"postgresql": ("drop", "lost_reply", "lock_drop", "sigkill", "sigterm", "restart"),
-         "journal": ("sigkill", "sigterm")}
+KINDS = {
+    "postgresql": ("drop", "lost_reply", "lock_drop", "sigkill", "sigterm", "restart"),
+    "journal": ("sigkill", "sigterm"),
+}
 ALL_KINDS = KINDS["postgresql"]
 
 LOST_LOCK = "not run: the budget lock was lost while asking"
 
 # What a trial may be FAILED for in these schedules: the objective never raises, so any other
 # reason (a storage error reaching a trial, say) is a violation.
-REASONS = ("interrupted", "worker ", "no heartbeat from worker ", "no owner and no heartbeat ", LOST_LOCK,
-           worker.LOST_DATABASE)
+REASONS = (
+    "interrupted",
+    "worker ",
+    "no heartbeat from worker ",
+    "no owner and no heartbeat ",
+    LOST_LOCK,
+    worker.LOST_DATABASE,
+)
 
 # How long the workers of one schedule may take before they count as hung.
 TIMEOUT = 90.0
@@ -184,9 +218,11 @@ class Schedule:
         return f".venv/bin/python -m benchmarks.faults --seed {self.seed} --storage {self.storage}"
 
     def __str__(self) -> str:
-        return (f"seed {self.seed} on {self.storage}: {self.workers} workers on {self.hosts} host(s), budget "
-                f"{self.budget} ({self.enqueued} enqueued), trials of {self.seconds} s, heartbeat {self.interval} s, "
-                f"grace {self.grace} s, retry {self.retry} s; faults: {'; '.join(map(str, self.faults)) or 'none'}")
+        return (
+            f"seed {self.seed} on {self.storage}: {self.workers} workers on {self.hosts} host(s), budget "
+            f"{self.budget} ({self.enqueued} enqueued), trials of {self.seconds} s, heartbeat {self.interval} s, "
+            f"grace {self.grace} s, retry {self.retry} s; faults: {'; '.join(map(str, self.faults)) or 'none'}"
+        )
 
 
 def draw(seed: int, storage: str) -> Schedule:
@@ -211,8 +247,14 @@ def draw(seed: int, storage: str) -> Schedule:
         if not kind:
             continue
         if kind == "restart":
-            add(Fault("restart", at=round(rng.uniform(0.1, 2.0), 2), down=round(rng.uniform(0, 1.0), 2),
-                      mode=rng.choice(("fast", "immediate"))))
+            add(
+                Fault(
+                    "restart",
+                    at=round(rng.uniform(0.1, 2.0), 2),
+                    down=round(rng.uniform(0, 1.0), 2),
+                    mode=rng.choice(("fast", "immediate")),
+                )
+            )
             continue
         if kind in ("sigkill", "sigterm"):
             target = rng.choice([i for i in range(workers) if i not in signalled])
@@ -239,9 +281,19 @@ def draw(seed: int, storage: str) -> Schedule:
     # dropped connection in one back-off step; the grace period must exceed the bound plus the
     # interval (urls.heartbeat_settings).
     interval, retry = 1, 4 if restart else 1
-    return Schedule(seed, storage, workers, budget=rng.randint(2, 6), enqueued=rng.choice((0, 0, 1, 2)),
-                    seconds=rng.choice((0.0, 0.05, 0.2)), hosts=rng.choice(("one", "many")) if pg else "one",
-                    faults=tuple(faults), interval=interval, grace=retry + interval + 1, retry=retry)
+    return Schedule(
+        seed,
+        storage,
+        workers,
+        budget=rng.randint(2, 6),
+        enqueued=rng.choice((0, 0, 1, 2)),
+        seconds=rng.choice((0.0, 0.05, 0.2)),
+        hosts=rng.choice(("one", "many")) if pg else "one",
+        faults=tuple(faults),
+        interval=interval,
+        grace=retry + interval + 1,
+        retry=retry,
+    )
 
 
 def study_config(schedule: Schedule) -> StudyConfig:
@@ -283,8 +335,11 @@ class Injector:
             due = [f for f in self.faults if f.kind != "lock_drop" and f.call == call and f.n == self.counts[call]]
             if self.locked:
                 self.locked_counts[call] += 1
-                due += [f for f in self.faults if f.kind == "lock_drop" and f.call == call
-                        and f.n == self.locked_counts[call]]
+                due += [
+                    f
+                    for f in self.faults
+                    if f.kind == "lock_drop" and f.call == call and f.n == self.locked_counts[call]
+                ]
             for f in due:
                 self.faults.remove(f)
         return due
@@ -292,10 +347,14 @@ class Injector:
     def fire(self, fault: Fault, dbapi=None) -> None:
         try:
             if fault.kind == "lock_drop":
-                if self._sql(dbapi, "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_stat_activity a "
-                             "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
-                             "AND a.application_name = %s AND a.datname = current_database() "
-                             "AND l.pid <> pg_backend_pid()", (self.app,)):
+                if self._sql(
+                    dbapi,
+                    "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_stat_activity a "
+                    "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+                    "AND a.application_name = %s AND a.datname = current_database() "
+                    "AND l.pid <> pg_backend_pid()",
+                    (self.app,),
+                ):
                     self.record(dataclasses.asdict(fault))
                 return
             if fault.phase == "after" and dbapi is not None:
@@ -394,8 +453,11 @@ def work(job: dict, ready, go) -> None:
     os.dup2(out, 1)
     os.dup2(out, 2)
     os.environ.update(job["env"])
-    logging.basicConfig(level=logging.INFO, force=True,
-                        format=f"%(asctime)s [worker {job['index']}, pid {os.getpid()}] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        force=True,
+        format=f"%(asctime)s [worker {job['index']}, pid {os.getpid()}] %(levelname)s %(message)s",
+    )
     injector = None
     code = 3
     try:
@@ -459,8 +521,16 @@ class Outcome:
 
 # What a worker imports only when it opens a storage (the driver, SQLAlchemy's dialect, Optuna's
 # schema check through alembic): imported once in the fork server instead of in every worker.
-PRELOAD = ("psycopg", "sqlalchemy.dialects.postgresql.psycopg", "optuna.storages._rdb.models", "alembic.command",
-           "alembic.migration", "alembic.script", "psutil", "filelock")
+PRELOAD = (
+    "psycopg",
+    "sqlalchemy.dialects.postgresql.psycopg",
+    "optuna.storages._rdb.models",
+    "alembic.command",
+    "alembic.migration",
+    "alembic.script",
+    "psutil",
+    "filelock",
+)
 
 _context = None
 
@@ -505,15 +575,25 @@ def run_schedule(schedule: Schedule, folder: Path, database: Database | None = N
     url = database.fresh() if database else f"journal:{folder / 'study.journal'}"
     store = backends.open_storage(url)
     study = studies.create_or_resume(store, url, study_config(schedule), schedule.budget)
-    env = {"NKAT_SEARCH_HEARTBEAT_INTERVAL": str(schedule.interval), "NKAT_SEARCH_GRACE_PERIOD": str(schedule.grace),
-           "NKAT_SEARCH_DB_RETRY_SECONDS": str(schedule.retry)}
+    env = {
+        "NKAT_SEARCH_HEARTBEAT_INTERVAL": str(schedule.interval),
+        "NKAT_SEARCH_GRACE_PERIOD": str(schedule.grace),
+        "NKAT_SEARCH_DB_RETRY_SECONDS": str(schedule.retry),
+    }
     ctx = context()
     go, readies, procs = ctx.Event(), [], []
     for i in range(schedule.workers):
-        job = {"index": i, "url": f"{url}?application_name=w{i}" if database else url, "app": f"w{i}",
-               "log": str(folder / f"worker-{i}.log"), "events": str(folder / f"events-{i}.jsonl"), "env": env,
-               "host": f"host-{i}" if schedule.hosts == "many" else "", "seconds": schedule.seconds,
-               "faults": [dataclasses.asdict(f) for f in schedule.faults if f.worker == i]}
+        job = {
+            "index": i,
+            "url": f"{url}?application_name=w{i}" if database else url,
+            "app": f"w{i}",
+            "log": str(folder / f"worker-{i}.log"),
+            "events": str(folder / f"events-{i}.jsonl"),
+            "env": env,
+            "host": f"host-{i}" if schedule.hosts == "many" else "",
+            "seconds": schedule.seconds,
+            "faults": [dataclasses.asdict(f) for f in schedule.faults if f.worker == i],
+        }
         readies.append(ctx.Event())
         procs.append(ctx.Process(target=work, args=(job, readies[-1], go), daemon=True))
         with _polling:  # start() polls every child multiprocessing knows
@@ -564,15 +644,37 @@ def run_schedule(schedule: Schedule, folder: Path, database: Database | None = N
     trials = study.get_trials(deepcopy=False)
     violations += check(trials, schedule.budget)
     if violations:  # the study as it ended, beside the logs (the database is dropped for the next schedule)
-        (folder / "trials.json").write_text(json.dumps([{
-            "number": t.number, "state": t.state.name, "params": t.params, "user_attrs": t.user_attrs,
-            "system_attrs": t.system_attrs, "start": str(t.datetime_start), "complete": str(t.datetime_complete)}
-            for t in trials], indent=1, default=str))
+        (folder / "trials.json").write_text(
+            json.dumps(
+                [
+                    {
+                        "number": t.number,
+                        "state": t.state.name,
+                        "params": t.params,
+                        "user_attrs": t.user_attrs,
+                        "system_attrs": t.system_attrs,
+                        "start": str(t.datetime_start),
+                        "complete": str(t.datetime_complete),
+                    }
+                    for t in trials
+                ],
+                indent=1,
+                default=str,
+            )
+        )
     if hasattr(store, "engine"):
         store.engine.dispose()
     missed = [f for f in schedule.faults if f not in injected]
-    return Outcome(schedule, injected, missed, violations, time.monotonic() - started, folder, queued_twice(trials),
-                   len(displaced(trials)))
+    return Outcome(
+        schedule,
+        injected,
+        missed,
+        violations,
+        time.monotonic() - started,
+        folder,
+        queued_twice(trials),
+        len(displaced(trials)),
+    )
 
 
 # multiprocessing's Popen.poll is not thread-safe: when two threads poll one process (every
@@ -614,8 +716,11 @@ def check(trials: list[optuna.trial.FrozenTrial], budget: int) -> list[str]:
     if finished != budget:
         out.append(f"{finished} trials finished (COMPLETE or PRUNED), not the budget of {budget}")
     kept = {t.number for t in displaced(trials)}
-    left = [f"{t.number} {t.state.name}" for t in trials
-            if t.state in (TrialState.RUNNING, TrialState.WAITING) and t.number not in kept]
+    left = [
+        f"{t.number} {t.state.name}"
+        for t in trials
+        if t.state in (TrialState.RUNNING, TrialState.WAITING) and t.number not in kept
+    ]
     if left:
         out.append(f"trials left unfinished: {', '.join(left)}")
     twice = sorted(n for n, c in Counter(t.number for t in trials).items() if c > 1)
@@ -640,8 +745,7 @@ def check(trials: list[optuna.trial.FrozenTrial], budget: int) -> list[str]:
         if not again:
             out.append(f"trial {t.number} FAILED ({reason}) and its configuration {handed} was not queued again")
         elif not handed.items() <= configuration(again[0]).items():
-            out.append(f"trial {again[0].number} retries trial {t.number} with {configuration(again[0])}, "
-                       f"not {handed}")
+            out.append(f"trial {again[0].number} retries trial {t.number} with {configuration(again[0])}, not {handed}")
         elif again[0].user_attrs.get("retry_of") != t.system_attrs.get("failed_trial", t.number):
             out.append(f"trial {again[0].number} retries trial {t.number} without retry_of naming the original")
     return out
@@ -656,9 +760,14 @@ def displaced(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Froze
     queued, not lost: it runs first once the budget is raised. An exact budget and a queue always
     emptied cannot both hold while a lock can be lost unnoticed."""
     numbers = {t.number: t for t in trials}
-    return [t for t in trials if t.state == TrialState.WAITING and t.system_attrs.get("retry_history")
-            and numbers.get(t.system_attrs["retry_history"][-1]) is not None
-            and numbers[t.system_attrs["retry_history"][-1]].user_attrs.get("fail_reason") == LOST_LOCK]
+    return [
+        t
+        for t in trials
+        if t.state == TrialState.WAITING
+        and t.system_attrs.get("retry_history")
+        and numbers.get(t.system_attrs["retry_history"][-1]) is not None
+        and numbers[t.system_attrs["retry_history"][-1]].user_attrs.get("fail_reason") == LOST_LOCK
+    ]
 
 
 def queued_twice(trials: list[optuna.trial.FrozenTrial]) -> int:
@@ -669,8 +778,9 @@ def queued_twice(trials: list[optuna.trial.FrozenTrial]) -> int:
     return sum(n > 1 for n in retried.values())
 
 
-def run_campaign(schedules: list[Schedule], folder: Path, jobs: int = 6, launch=None, keep: bool = False,
-                 progress=None) -> list[Outcome]:
+def run_campaign(
+    schedules: list[Schedule], folder: Path, jobs: int = 6, launch=None, keep: bool = False, progress=None
+) -> list[Outcome]:
     """Run the schedules, `jobs` at a time, each PostgreSQL slot on a server of its own (launch():
     tests/pg_server.launch by default); a schedule's folder (logs, events) is kept where it failed."""
     if multiprocessing.parent_process() is not None:  # a worker that ran its parent's unguarded main again
@@ -750,31 +860,46 @@ def figures(outcomes: list[Outcome], seconds: float) -> str:
     injected = Counter(f.kind for o in outcomes for f in o.injected)
     missed = sum(len(o.missed) for o in outcomes)
     failed = [o for o in outcomes if o.violations]
-    lines = [f"schedules run: {len(outcomes)} ({', '.join(f'{k} {v}' for k, v in sorted(storages.items()))}) "
-             f"in {seconds:.0f} s",
-             "faults injected: " + ", ".join(f"{k} {injected[k]}" for k in ALL_KINDS)
-             + f" ({sum(injected.values())} in all; {missed} scheduled but not reached)",
-             f"configurations queued again twice (run twice, none lost): {sum(o.twice for o in outcomes)}; "
-             f"left queued after a lost budget lock: {sum(o.displaced for o in outcomes)}",
-             f"violations: {sum(len(o.violations) for o in failed)}"
-             + (f" in {len(failed)} schedules" if failed else "")]
+    lines = [
+        f"schedules run: {len(outcomes)} ({', '.join(f'{k} {v}' for k, v in sorted(storages.items()))}) "
+        f"in {seconds:.0f} s",
+        "faults injected: "
+        + ", ".join(f"{k} {injected[k]}" for k in ALL_KINDS)
+        + f" ({sum(injected.values())} in all; {missed} scheduled but not reached)",
+        f"configurations queued again twice (run twice, none lost): {sum(o.twice for o in outcomes)}; "
+        f"left queued after a lost budget lock: {sum(o.displaced for o in outcomes)}",
+        f"violations: {sum(len(o.violations) for o in failed)}" + (f" in {len(failed)} schedules" if failed else ""),
+    ]
     for o in failed:
-        lines += [f"- {o.schedule}", *(f"    {v}" for v in o.violations),
-                  f"    logs: {o.folder}", f"    reproduce: {o.schedule.command}"]
+        lines += [
+            f"- {o.schedule}",
+            *(f"    {v}" for v in o.violations),
+            f"    logs: {o.folder}",
+            f"    reproduce: {o.schedule.command}",
+        ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.faults", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, help="run this one schedule (with --storage) and show its faults")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="with --seed: run it this many times (the interleaving of the workers varies)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="with --seed: run it this many times (the interleaving of the workers varies)",
+    )
     parser.add_argument("--schedules", type=int, default=100, help="how many schedules (seeds from --first-seed)")
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--storage", choices=("postgresql", "journal", "both"), default="both",
-                        help="both: seeds 4k+3 on the journal, the others on PostgreSQL")
-    parser.add_argument("--jobs", type=int, default=6,
-                        help="schedules at a time (on PostgreSQL each on a server of its own)")
+    parser.add_argument(
+        "--storage",
+        choices=("postgresql", "journal", "both"),
+        default="both",
+        help="both: seeds 4k+3 on the journal, the others on PostgreSQL",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=6, help="schedules at a time (on PostgreSQL each on a server of its own)"
+    )
     parser.add_argument("--folder", help="where the schedules' logs go (kept for violations; default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep every schedule's logs")
     args = parser.parse_args(argv)
@@ -784,8 +909,10 @@ def main(argv: list[str] | None = None) -> int:
         args.jobs = min(args.jobs, args.repeat)
     else:
         seeds = range(args.first_seed, args.first_seed + args.schedules)
-        schedules = [draw(s, args.storage if args.storage != "both" else
-                          ("journal" if s % 4 == 3 else "postgresql")) for s in seeds]
+        schedules = [
+            draw(s, args.storage if args.storage != "both" else ("journal" if s % 4 == 3 else "postgresql"))
+            for s in seeds
+        ]
     folder = Path(args.folder or tempfile.mkdtemp(prefix="nkat-faults-"))
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -795,8 +922,11 @@ def main(argv: list[str] | None = None) -> int:
         done.append(outcome)
         if args.seed is not None or outcome.violations or len(done) % 50 == 0:
             state = "VIOLATED" if outcome.violations else "ok"
-            print(f"[{len(done)}/{len(schedules)}] {state} {outcome.schedule} ({outcome.seconds:.1f} s; injected: "
-                  f"{'; '.join(map(str, outcome.injected)) or 'none'})", flush=True)
+            print(
+                f"[{len(done)}/{len(schedules)}] {state} {outcome.schedule} ({outcome.seconds:.1f} s; injected: "
+                f"{'; '.join(map(str, outcome.injected)) or 'none'})",
+                flush=True,
+            )
 
     # SIGTERM ends the campaign as Ctrl-C does: its servers are stopped and removed on the way out.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

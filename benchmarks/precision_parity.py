@@ -28,11 +28,14 @@ from nkat_search.train import fit
 # (name, model, recipe): a smoke-sized model with the smoke study's Stage-1 recipe, and the
 # research's baseline model for a short run of the research's recipe (lr 2e-4).
 RUNS = {
-    "smoke-sized (embed 64, depth 3, small stem, patch 2), 3 epochs, batch 64, lr 1e-3":
-        (ModelConfig(embed_dim=64, depth=3, num_heads=4, conv_stem="small", patch_size=2),
-         TrainConfig(epochs=3, warmup=1, batch_size=64, lr=1e-3)),
-    "research baseline (embed 384, depth 7, tiny stem, patch 2), 2 epochs, batch 32, lr 2e-4":
-        (ModelConfig(), TrainConfig(epochs=2, warmup=1, batch_size=32)),
+    "smoke-sized (embed 64, depth 3, small stem, patch 2), 3 epochs, batch 64, lr 1e-3": (
+        ModelConfig(embed_dim=64, depth=3, num_heads=4, conv_stem="small", patch_size=2),
+        TrainConfig(epochs=3, warmup=1, batch_size=64, lr=1e-3),
+    ),
+    "research baseline (embed 384, depth 7, tiny stem, patch 2), 2 epochs, batch 32, lr 2e-4": (
+        ModelConfig(),
+        TrainConfig(epochs=2, warmup=1, batch_size=32),
+    ),
 }
 
 
@@ -46,8 +49,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for every accuracy")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    splits = load_splits("cifar10", DataConfig(source="synthetic", synthetic_train=args.images, val_size=args.val,
-                                               synthetic_test=1))
+    splits = load_splits(
+        "cifar10", DataConfig(source="synthetic", synthetic_train=args.images, val_size=args.val, synthetic_test=1)
+    )
     results = {"cpu_native_bf16": list(cpu_bf16_flags() or ()), "torch": torch.__version__, "runs": {}}
     for index, (name, (model, recipe)) in enumerate(RUNS.items()):
         if args.only is not None and index != args.only:
@@ -62,12 +66,20 @@ def main() -> None:
                 accuracy[precision].append(result.accuracy)
         lo, hi = min(accuracy["fp32"]), max(accuracy["fp32"])
         mean = statistics.mean(accuracy["bf16"])
-        results["runs"][name] = {"accuracy": accuracy, "cpu_seconds": cpu, "fp32_spread": [lo, hi],
-                                 "bf16_mean": mean, "fp32_mean": statistics.mean(accuracy["fp32"]),
-                                 "within_spread": lo <= mean <= hi}
-        print(f"| {name} | {', '.join(f'{a:.4f}' for a in accuracy['fp32'])} | "
-              f"{', '.join(f'{a:.4f}' for a in accuracy['bf16'])} | {lo:.4f}-{hi:.4f} | {mean:.4f} | "
-              f"{'yes' if lo <= mean <= hi else 'no'} | {cpu['fp32'] / cpu['bf16']:.2f}x |", flush=True)
+        results["runs"][name] = {
+            "accuracy": accuracy,
+            "cpu_seconds": cpu,
+            "fp32_spread": [lo, hi],
+            "bf16_mean": mean,
+            "fp32_mean": statistics.mean(accuracy["fp32"]),
+            "within_spread": lo <= mean <= hi,
+        }
+        print(
+            f"| {name} | {', '.join(f'{a:.4f}' for a in accuracy['fp32'])} | "
+            f"{', '.join(f'{a:.4f}' for a in accuracy['bf16'])} | {lo:.4f}-{hi:.4f} | {mean:.4f} | "
+            f"{'yes' if lo <= mean <= hi else 'no'} | {cpu['fp32'] / cpu['bf16']:.2f}x |",
+            flush=True,
+        )
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=2)

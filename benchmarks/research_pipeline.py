@@ -91,8 +91,11 @@ class _Cutout:
         h, w = img.shape[-2:]
         cy, cx = random.randrange(h), random.randrange(w)
         img = img.clone()
-        img[:, max(0, cy - self.size // 2): cy + self.size - self.size // 2,
-            max(0, cx - self.size // 2): cx + self.size - self.size // 2] = 0
+        img[
+            :,
+            max(0, cy - self.size // 2) : cy + self.size - self.size // 2,
+            max(0, cx - self.size // 2) : cx + self.size - self.size // 2,
+        ] = 0
         return img
 
 
@@ -141,14 +144,22 @@ class ResearchStep:
     autocast: the dtype to autocast to, or None for fp32 (the research ran fp32 on the CPU).
     Call close() to end the loader's worker processes."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, batch: int,
-                 device: torch.device, autocast: torch.dtype | None):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        splits: Splits,
+        batch: int,
+        device: torch.device,
+        autocast: torch.dtype | None,
+    ):
         from torchvision.transforms import v2
 
         self.model = research_model(model_cfg).to(device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr,
-                                           weight_decay=train_cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
+        )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
         self.cfg, self.device, self.autocast = train_cfg, device, autocast
         k = splits.spec.num_classes
@@ -156,8 +167,15 @@ class ResearchStep:
         self.mixup = v2.MixUp(alpha=train_cfg.mixup, num_classes=k) if train_cfg.mixup else None
         dataset = PILDataset(splits.train_x, splits.train_y, pil_transform(splits.spec, train_cfg))
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=2, persistent_workers=True,
-            pin_memory=device.type == "cuda", multiprocessing_context="fork")
+            dataset,
+            batch_size=batch,
+            shuffle=True,
+            drop_last=True,
+            num_workers=2,
+            persistent_workers=True,
+            pin_memory=device.type == "cuda",
+            multiprocessing_context="fork",
+        )
         self.batches = _cycle(self.loader)
         self.losses: list[float] = []
 

@@ -49,15 +49,30 @@ def run(study: str, pruners: list[str], seeds: list[int], trials: int) -> list[d
     out = []
     for seed in seeds:
         for name in pruners:
-            config = dataclasses.replace(base, name=f"{base.name}-{name}-{seed}", pruner=PRUNERS[name] or base.pruner,
-                                         sampler=dataclasses.replace(base.sampler, seed=seed))
+            config = dataclasses.replace(
+                base,
+                name=f"{base.name}-{name}-{seed}",
+                pruner=PRUNERS[name] or base.pruner,
+                sampler=dataclasses.replace(base.sampler, seed=seed),
+            )
             result = bench_search(config, trials, torch.device("cpu"), share=False)
             label = name if PRUNERS[name] else f"{base.pruner.KIND} (the study's)"
-            out.append({"pruner": label, "seed": seed, "study": base.name, "trials": [
-                {k: r[k] for k in ("trial", "state", "value", "prune_reason", "cpu_seconds", "seconds")}
-                for r in result["per_trial"]]})
-            print(f"{label} seed {seed}: best {best(out[-1]):.4f} after {sum(t['cpu_seconds'] for t in out[-1]['trials']):.0f} "
-                  "CPU s", flush=True)
+            out.append(
+                {
+                    "pruner": label,
+                    "seed": seed,
+                    "study": base.name,
+                    "trials": [
+                        {k: r[k] for k in ("trial", "state", "value", "prune_reason", "cpu_seconds", "seconds")}
+                        for r in result["per_trial"]
+                    ],
+                }
+            )
+            print(
+                f"{label} seed {seed}: best {best(out[-1]):.4f} after {sum(t['cpu_seconds'] for t in out[-1]['trials']):.0f} "
+                "CPU s",
+                flush=True,
+            )
     return out
 
 
@@ -90,9 +105,12 @@ def summary(runs: list[dict]) -> str:
     spent = {id(r): sum(t["cpu_seconds"] for t in r["trials"]) for r in runs}
     budget = min(spent.values())  # every run spent at least this much: the fair point to compare
     target = 0.95 * max(best(r) for r in runs)
-    lines = [f"| pruner | seeds | CPU s per run | best Global TPE per seed | mean | mean best within {budget:.0f} CPU s | "
-             f"CPU s to reach {target:.2f} (95% of the best of all runs) | per run: pruned by pruner / by gate / "
-             "complete |", "|---" * 8 + "|"]
+    lines = [
+        f"| pruner | seeds | CPU s per run | best Global TPE per seed | mean | mean best within {budget:.0f} CPU s | "
+        f"CPU s to reach {target:.2f} (95% of the best of all runs) | per run: pruned by pruner / by gate / "
+        "complete |",
+        "|---" * 8 + "|",
+    ]
     for name in dict.fromkeys(r["pruner"] for r in runs):
         group = [r for r in runs if r["pruner"] == name]
         bests = [best(r) for r in group]
@@ -103,9 +121,11 @@ def summary(runs: list[dict]) -> str:
         by_gate = count(lambda t: (t.get("prune_reason") or "").startswith("gate"))
         by_pruner = count(lambda t: t["state"] == "PRUNED") - by_gate
         complete = count(lambda t: t["state"] == "COMPLETE")
-        lines.append(f"| {name} | {len(group)} | {statistics.mean(spent[id(r)] for r in group):.0f} | "
-                     f"{', '.join(f'{b:.2f}' for b in bests)} | {statistics.mean(bests):.2f} | "
-                     f"{statistics.mean(within):.2f} | {reach_text} | {by_pruner:.1f} / {by_gate:.1f} / {complete:.1f} |")
+        lines.append(
+            f"| {name} | {len(group)} | {statistics.mean(spent[id(r)] for r in group):.0f} | "
+            f"{', '.join(f'{b:.2f}' for b in bests)} | {statistics.mean(bests):.2f} | "
+            f"{statistics.mean(within):.2f} | {reach_text} | {by_pruner:.1f} / {by_gate:.1f} / {complete:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -115,8 +135,10 @@ def budget_table(runs: list[dict], fractions: tuple[float, ...] = (0.25, 0.5, 0.
     the median run had no completed trial yet."""
     cheapest = min(sum(t["cpu_seconds"] for t in r["trials"]) for r in runs)
     budgets = [cheapest * f for f in fractions]
-    lines = ["| pruner | " + " | ".join(f"best within {b:.0f} CPU s" for b in budgets) + " |",
-             "|---" * (len(budgets) + 1) + "|"]
+    lines = [
+        "| pruner | " + " | ".join(f"best within {b:.0f} CPU s" for b in budgets) + " |",
+        "|---" * (len(budgets) + 1) + "|",
+    ]
     for name in dict.fromkeys(r["pruner"] for r in runs):
         group = [r for r in runs if r["pruner"] == name]
         cells = []
@@ -165,8 +187,13 @@ def plot(runs: list[dict], png: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default="smoke", help="packaged study or file [%(default)s]")
-    parser.add_argument("--pruners", nargs="+", default=[p for p in PRUNERS if p != "study"], choices=list(PRUNERS),
-                        help="study: the study file's own pruner [all but study]")
+    parser.add_argument(
+        "--pruners",
+        nargs="+",
+        default=[p for p in PRUNERS if p != "study"],
+        choices=list(PRUNERS),
+        help="study: the study file's own pruner [all but study]",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="sampler seeds [0 1 2]")
     parser.add_argument("--trials", type=int, default=24, help="trials per run [%(default)s]")
     parser.add_argument("--out", help="JSON file for the runs")

@@ -30,7 +30,7 @@ class RuntimeFailure(RuntimeError):
 
 # Sizes far beyond any model or recipe this search is for: refused with a sentence instead of a
 # traceback from torch (or a run that never ends). Whole numbers must fit in 64 bits.
-INT64 = (-2**63, 2**63 - 1)
+INT64 = (-(2**63), 2**63 - 1)
 
 
 MAX_PIXELS = 256  # cutout side and crop padding; the images are 28 or 32 pixels wide
@@ -64,8 +64,10 @@ def check_types(obj) -> None:
             big = _beyond_64_bits(value)
             if big is not None:
                 digits = str(abs(big))
-                raise UsageError(f"{f.name} {'-' if big < 0 else ''}{digits[:12]}... ({len(digits)} digits) does not "
-                                 f"fit in 64 bits; use a whole number from {INT64[0]} to {INT64[1]}.")
+                raise UsageError(
+                    f"{f.name} {'-' if big < 0 else ''}{digits[:12]}... ({len(digits)} digits) does not "
+                    f"fit in 64 bits; use a whole number from {INT64[0]} to {INT64[1]}."
+                )
             raise UsageError(f"{f.name} must be {_describe(hints[f.name])}, got {_shown(value)}.")
         if conformed is not value:
             object.__setattr__(obj, f.name, conformed)
@@ -116,8 +118,13 @@ def _describe(kind) -> str:
     if origin is tuple:
         item = _describe(args[0]).removeprefix("a ")
         return f"a list of {item}s" if len(args) == 2 and args[1] is Ellipsis else f"a list of {len(args)} {item}s"
-    return {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string",
-            type(None): "absent"}.get(kind, str(kind))
+    return {
+        bool: "true or false",
+        int: "a whole number",
+        float: "a finite number",
+        str: "a string",
+        type(None): "absent",
+    }.get(kind, str(kind))
 
 
 def _beyond_64_bits(value) -> int | None:
@@ -139,8 +146,9 @@ def check_at_most(obj, limits: dict[str, float]) -> None:
     for name, limit in limits.items():
         if getattr(obj, name) > limit:
             shown = int(limit) if float(limit).is_integer() else limit
-            raise UsageError(f"{name} {getattr(obj, name)} is far beyond what this search can train; "
-                             f"use at most {shown}.")
+            raise UsageError(
+                f"{name} {getattr(obj, name)} is far beyond what this search can train; use at most {shown}."
+            )
 
 
 CONV_STEMS = ("off", "tiny", "small")
@@ -160,10 +168,16 @@ class ModelConfig:
     in_chans: int = 3
     img_size: int = 32
     num_classes: int = 10
-    conv_stem: str = opt("tiny", "hybrid conv stem before the patch embedding: off, tiny (32->64 ch, /4) or "
-                                 "small (64->128->128, /4)", choices=CONV_STEMS)
-    patch_size: int = opt(2, "patch side on the stem's feature map; must divide it (on 28x28 images a trial uses "
-                             "the largest divisor of the feature map that is no larger)")
+    conv_stem: str = opt(
+        "tiny",
+        "hybrid conv stem before the patch embedding: off, tiny (32->64 ch, /4) or small (64->128->128, /4)",
+        choices=CONV_STEMS,
+    )
+    patch_size: int = opt(
+        2,
+        "patch side on the stem's feature map; must divide it (on 28x28 images a trial uses "
+        "the largest divisor of the feature map that is no larger)",
+    )
     embed_dim: int = opt(384, "token width; a multiple of num_heads")
     depth: int = opt(7, "number of transformer blocks")
     num_heads: int = opt(8, "attention heads per block")
@@ -194,17 +208,23 @@ class ModelConfig:
             raise UsageError(
                 f"patch_size {self.patch_size} does not divide the {feature}x{feature} feature map that the "
                 f"{self.conv_stem!r} stem makes from {self.img_size}x{self.img_size} images; "
-                f"pick a divisor of {feature} ({divisors}).")
+                f"pick a divisor of {feature} ({divisors})."
+            )
         if self.num_heads < 1:
             raise UsageError(f"num_heads must be at least 1, got {self.num_heads}.")
         if self.embed_dim < 1:
-            raise UsageError(f"embed_dim must be at least 1, got {self.embed_dim}; use a positive multiple of "
-                             f"num_heads ({self.num_heads}).")
-        check_at_most(self, {"embed_dim": MAX_EMBED_DIM, "num_heads": MAX_HEADS, "depth": MAX_DEPTH,
-                             "mlp_ratio": MAX_MLP_RATIO})
+            raise UsageError(
+                f"embed_dim must be at least 1, got {self.embed_dim}; use a positive multiple of "
+                f"num_heads ({self.num_heads})."
+            )
+        check_at_most(
+            self, {"embed_dim": MAX_EMBED_DIM, "num_heads": MAX_HEADS, "depth": MAX_DEPTH, "mlp_ratio": MAX_MLP_RATIO}
+        )
         if self.embed_dim % self.num_heads:
-            raise UsageError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
-                             f"use a positive multiple of {self.num_heads}.")
+            raise UsageError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
+                f"use a positive multiple of {self.num_heads}."
+            )
         if self.depth < 1:
             raise UsageError(f"depth must be at least 1, got {self.depth}.")
         if not self.mlp_ratio > 0 or round(self.embed_dim * self.mlp_ratio) < 1:
@@ -225,7 +245,8 @@ class ModelConfig:
         if self.split_heads and self.num_heads < self.in_chans + 1:
             raise UsageError(
                 f"split_heads needs more heads ({self.num_heads}) than input channels ({self.in_chans}); "
-                "raise num_heads or turn split_heads off.")
+                "raise num_heads or turn split_heads off."
+            )
 
     @property
     def num_patches(self) -> int:
@@ -250,15 +271,15 @@ class TrainConfig:
     clip_grad: float = opt(1.0, "gradient-norm clipping; 0 = off")
     label_smoothing: float = opt(0.1, "label smoothing, in [0, 1)")
     mixup: float = opt(0.1, "MixUp Beta(alpha, alpha) on batches without CutMix; 0 = off")
-    mixup_prob: float = opt(1.0, "probability that a batch without CutMix uses MixUp (the research: 0.1 at "
-                                 "alpha 0.2)")
+    mixup_prob: float = opt(1.0, "probability that a batch without CutMix uses MixUp (the research: 0.1 at alpha 0.2)")
     cutmix: float = opt(0.2, "probability that a batch uses CutMix; 0 = off")
     randaugment: tuple[int, int] = opt((2, 9), "RandAugment ops per image N and magnitude M (0-30); N = 0 = off")
     cutout: int = opt(8, "side in pixels of the square erased per image; 0 = off")
     crop_padding: int = opt(4, "random crop after zero padding by this many pixels; 0 = off")
     seed: int = opt(0, "seed of initialisation, batches and augmentation")
-    precision: str = opt("auto", "auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32",
-                         choices=PRECISIONS)
+    precision: str = opt(
+        "auto", "auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32", choices=PRECISIONS
+    )
     limit_train: int = opt(0, "at most this many batches per epoch (recorded in the output); 0 = whole epochs")
     compile: bool = opt(False, "torch.compile the model (pays on CUDA for long runs only)")
 
@@ -294,12 +315,18 @@ class TrainConfig:
 class DataConfig:
     """Where the images come from and how the validation split is held out."""
 
-    source: str = opt("torchvision", "torchvision: the real datasets under the data root (downloaded when absent "
-                                     "and the network allows); synthetic: generated images with the real shapes "
-                                     "and class counts", choices=("torchvision", "synthetic"), flag="data_source")
+    source: str = opt(
+        "torchvision",
+        "torchvision: the real datasets under the data root (downloaded when absent "
+        "and the network allows); synthetic: generated images with the real shapes "
+        "and class counts",
+        choices=("torchvision", "synthetic"),
+        flag="data_source",
+    )
     root: str = opt("data", "folder of the real datasets", flag="data_root")
-    val_size: int | None = opt(None, "validation images held out from the training set [5000; a tenth of "
-                                     "synthetic_train for synthetic data]")
+    val_size: int | None = opt(
+        None, "validation images held out from the training set [5000; a tenth of synthetic_train for synthetic data]"
+    )
     split_seed: int = opt(0, "seed of the train/validation split")
     download: bool = opt(True, "download a real dataset that is absent")
     synthetic_train: int = opt(10000, "synthetic images generated for train + validation")
@@ -315,12 +342,19 @@ class DataConfig:
             raise UsageError("synthetic_train must be >= 2 and synthetic_test >= 1.")
         if self.val_size is not None and self.val_size < 1:
             raise UsageError(f"val_size must be at least 1, got {self.val_size}.")
-        check_at_most(self, {"synthetic_train": MAX_IMAGES, "synthetic_test": MAX_IMAGES,
-                             **({"val_size": MAX_IMAGES} if self.val_size is not None else {})})
+        check_at_most(
+            self,
+            {
+                "synthetic_train": MAX_IMAGES,
+                "synthetic_test": MAX_IMAGES,
+                **({"val_size": MAX_IMAGES} if self.val_size is not None else {}),
+            },
+        )
         if self.source == "synthetic" and self.validation_images >= self.synthetic_train:
             raise UsageError(
                 f"val_size {self.validation_images} leaves no training images out of synthetic_train "
-                f"{self.synthetic_train}; lower val_size or raise synthetic_train.")
+                f"{self.synthetic_train}; lower val_size or raise synthetic_train."
+            )
 
     @property
     def validation_images(self) -> int:

@@ -61,11 +61,16 @@ def mps_available() -> bool:
 
 def _note_mps() -> None:
     if os.environ.get(MPS_FALLBACK, "").strip() in ("", "0"):
-        log.info("device mps: an operation torch has no MPS kernel for will stop the run; set %s=1 to run "
-                 "such operations on the CPU", MPS_FALLBACK)
+        log.info(
+            "device mps: an operation torch has no MPS kernel for will stop the run; set %s=1 to run "
+            "such operations on the CPU",
+            MPS_FALLBACK,
+        )
     else:
-        log.info("device mps: operations torch has no MPS kernel for run on the CPU (%s=1; torch names each "
-                 "one once)", MPS_FALLBACK)
+        log.info(
+            "device mps: operations torch has no MPS kernel for run on the CPU (%s=1; torch names each one once)",
+            MPS_FALLBACK,
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,12 +92,16 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda":
         count = cuda_count()
         if (device.index or 0) >= count:
-            raise UsageError(f"device {name} does not exist: this machine has {count} CUDA device(s); "
-                             "use --device cpu or an index below the count.")
+            raise UsageError(
+                f"device {name} does not exist: this machine has {count} CUDA device(s); "
+                "use --device cpu or an index below the count."
+            )
     elif device.type == "mps":
         if not mps_available():
-            raise UsageError(f"device {name} does not exist: torch sees no Apple GPU (MPS) on this machine; "
-                             "use --device auto or --device cpu.")
+            raise UsageError(
+                f"device {name} does not exist: torch sees no Apple GPU (MPS) on this machine; "
+                "use --device auto or --device cpu."
+            )
         _note_mps()
     elif device.type != "cpu":
         raise UsageError(f"device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps.")
@@ -114,8 +123,10 @@ def parse_gpus(gpus: str | None) -> list[str]:
         if not part.strip().isdigit():
             raise UsageError(f"--gpus {gpus!r} is not a list of GPU indices; use e.g. --gpus 0,1 or --gpus cpu.")
         if int(part) >= count:
-            raise UsageError(f"GPU {int(part)} does not exist: this machine has {count} visible GPU(s); "
-                             "use an index below that or --gpus cpu.")
+            raise UsageError(
+                f"GPU {int(part)} does not exist: this machine has {count} visible GPU(s); "
+                "use an index below that or --gpus cpu."
+            )
         devices.append(f"cuda:{int(part)}")
     return devices
 

@@ -42,8 +42,11 @@ def out_of_memory(exc: BaseException) -> bool:
     """Whether exc is an allocation failure: MemoryError, torch's OutOfMemoryError, or the CPU
     allocator's RuntimeError ("DefaultCPUAllocator: not enough memory")."""
     text = str(exc).lower()
-    return isinstance(exc, MemoryError) or isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "not enough memory" in text or "failed to allocate" in text)
+    return (
+        isinstance(exc, MemoryError)
+        or isinstance(exc, RuntimeError)
+        and ("out of memory" in text or "not enough memory" in text or "failed to allocate" in text)
+    )
 
 
 @dataclass
@@ -170,8 +173,9 @@ def eval_batch(train_cfg: TrainConfig) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, splits: Splits, batch_size: int,
-             autocast: torch.dtype | None) -> float:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, splits: Splits, batch_size: int, autocast: torch.dtype | None
+) -> float:
     """Accuracy (fraction) over every image of x."""
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=x.device)
@@ -187,8 +191,14 @@ class TrainStep:
 
     `nkat-search bench` times this same object, so what it measures is what fit() runs."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, steps_per_epoch: int,
-                 compile_mode: str | None = None):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        device: torch.device,
+        steps_per_epoch: int,
+        compile_mode: str | None = None,
+    ):
         self.autocast = resolve_precision(train_cfg.precision, device)
         self.device_type, self.clip_grad = device.type, train_cfg.clip_grad
         self.model = build_model(model_cfg, device)
@@ -199,11 +209,12 @@ class TrainStep:
         # The fused kernel exists for CPU and CUDA: one pass over each parameter instead of ~8.
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=train_cfg.lr, fused=True,
+            lr=train_cfg.lr,
+            fused=True,
         )
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            warmup_cosine(train_cfg.warmup * steps_per_epoch, train_cfg.epochs * steps_per_epoch))
+            self.optimizer, warmup_cosine(train_cfg.warmup * steps_per_epoch, train_cfg.epochs * steps_per_epoch)
+        )
         self.ema = EMA(self.model, train_cfg.ema) if train_cfg.ema else None
         # compile_mode (e.g. "reduce-overhead": CUDA graphs) is torch.compile's mode; without it,
         # train_cfg.compile decides, with torch's default mode.
@@ -227,20 +238,58 @@ class TrainStep:
         return loss.detach()
 
 
-def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, *,
-        on_epoch: EpochCallback | None = None, eval_test: bool = False, timer: Timings | None = None,
-        compile_mode: str | None = None) -> FitResult:
+def _build(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, compile_mode: str | None):
+    """The seeded training batches and the step (model, optimiser, schedule, EMA) of one fit."""
+    torch.manual_seed(train_cfg.seed)
+    loader = BatchLoader(
+        splits.train_x,
+        splits.train_y,
+        splits.spec,
+        train_cfg.batch_size,
+        train=True,
+        train_cfg=train_cfg,
+        seed=train_cfg.seed,
+        limit=train_cfg.limit_train,
+    )
+    step = TrainStep(model_cfg, train_cfg, splits.train_x.device, len(loader), compile_mode)
+    return loader, step
+
+
+def _train_epoch(step: TrainStep, loader: BatchLoader, device, dataset: str, epoch: int) -> tuple[float, int]:
+    """One epoch of steps: the mean training loss and the number of images seen; a loss that is
+    not finite is a NonFiniteLossError."""
+    step.model.train()
+    loss_sum = torch.zeros((), device=device)
+    images = 0
+    for x, y in loader:
+        loss_sum += step(x, y).float()
+        images += len(x)
+    mean_loss = loss_sum.item() / len(loader)  # the one host synchronisation of the epoch
+    if not math.isfinite(mean_loss):
+        raise NonFiniteLossError(
+            f"the training loss of {dataset} became {mean_loss} in epoch {epoch}; "
+            "lower the learning rate or raise the temperature."
+        )
+    return mean_loss, images
+
+
+def fit(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    splits: Splits,
+    *,
+    on_epoch: EpochCallback | None = None,
+    eval_test: bool = False,
+    timer: Timings | None = None,
+    compile_mode: str | None = None,
+) -> FitResult:
     """Train model_cfg on splits with train_cfg; evaluate the EMA weights after every epoch.
 
     timer, when given, is charged "model build", "train steps", "evaluation" and "epoch callback".
     compile_mode compiles the model with that torch.compile mode (TrainStep)."""
     device = splits.train_x.device
     with _phase(timer, "model build"):
-        torch.manual_seed(train_cfg.seed)
-        loader = BatchLoader(splits.train_x, splits.train_y, splits.spec, train_cfg.batch_size, train=True,
-                             train_cfg=train_cfg, seed=train_cfg.seed, limit=train_cfg.limit_train)
-        steps = len(loader)
-        step = TrainStep(model_cfg, train_cfg, device, steps, compile_mode)
+        loader, step = _build(model_cfg, train_cfg, splits, compile_mode)
         model, autocast = step.model, step.autocast
         params = count_params(model)
         eval_model = step.ema.module if step.ema is not None else model
@@ -250,22 +299,14 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, *,
     for epoch in range(1, train_cfg.epochs + 1):
         epoch_start = time.perf_counter()
         with _phase(timer, "train steps"):
-            model.train()
-            loss_sum = torch.zeros((), device=device)
-            for images, targets in loader:
-                loss_sum += step(images, targets).float()
-                train_images += len(images)
-            mean_loss = loss_sum.item() / steps  # the one host synchronisation of the epoch
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLossError(
-                f"the training loss of {splits.spec.name} became {mean_loss} in epoch {epoch}; "
-                "lower the learning rate or raise the temperature.")
+            mean_loss, images = _train_epoch(step, loader, device, splits.spec.name, epoch)
+            train_images += images
         train_seconds += time.perf_counter() - epoch_start
         with _phase(timer, "evaluation"):
             accuracy = evaluate(eval_model, splits.val_x, splits.val_y, splits, eval_batch(train_cfg), autocast)
         tpe = local_tpe(accuracy, params)
-        history.append({"epoch": epoch, "train_loss": mean_loss, "val_accuracy": accuracy, "local_tpe": tpe,
-                        "seconds": time.perf_counter() - epoch_start})
+        seconds = time.perf_counter() - epoch_start
+        history.append(dict(epoch=epoch, train_loss=mean_loss, val_accuracy=accuracy, local_tpe=tpe, seconds=seconds))
         if on_epoch is not None:
             with _phase(timer, "epoch callback"):
                 on_epoch(epoch, accuracy, tpe)
@@ -275,9 +316,18 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, *,
         with _phase(timer, "evaluation"):
             test_accuracy = evaluate(eval_model, splits.test_x, splits.test_y, splits, eval_batch(train_cfg), autocast)
     return FitResult(
-        dataset=splits.spec.name, accuracy=accuracy, test_accuracy=test_accuracy, params=params,
-        lambda_=theory_size(params), local_tpe=tpe, epochs=train_cfg.epochs,
-        seconds=time.perf_counter() - started, images_per_second=train_images / max(train_seconds, 1e-9),
-        precision=str(autocast or torch.float32).removeprefix("torch."), device=str(device),
-        limit_train=train_cfg.limit_train, history=history, model=eval_model,
+        dataset=splits.spec.name,
+        accuracy=accuracy,
+        test_accuracy=test_accuracy,
+        params=params,
+        lambda_=theory_size(params),
+        local_tpe=tpe,
+        epochs=train_cfg.epochs,
+        seconds=time.perf_counter() - started,
+        images_per_second=train_images / max(train_seconds, 1e-9),
+        precision=str(autocast or torch.float32).removeprefix("torch."),
+        device=str(device),
+        limit_train=train_cfg.limit_train,
+        history=history,
+        model=eval_model,
     )

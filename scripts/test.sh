@@ -2,7 +2,7 @@
 # Sets up this machine for the test suite and runs it: Debian packages the tests need (PostgreSQL
 # server binaries, docker-compose to check the compose file, Chromium for the dashboard
 # screenshot, Slurm for a one-node cluster), a virtual environment with the project at the exact versions CI tests
-# (constraints/ci.txt), then ruff, the import contracts (lint-imports), mypy and pytest in parallel
+# (constraints/ci.txt), then ruff (lint and format), the import contracts (lint-imports), mypy and pytest in parallel
 # processes. Extra arguments go to pytest alone.
 #
 # Without arguments (as CI runs it) a second, shorter run follows: the worker, storage and
@@ -34,8 +34,9 @@ if [ $# -gt 0 ]; then
 fi
 
 status=0
-# Lint and the layout's import contracts (pyproject.toml: [tool.ruff], [tool.importlinter]).
+# Lint, format and the layout's import contracts (pyproject.toml: [tool.ruff], [tool.importlinter]).
 .venv/bin/ruff check --no-cache nkat_search tests benchmarks || status=$?
+.venv/bin/ruff format --check --no-cache nkat_search tests benchmarks || status=$?
 .venv/bin/lint-imports || status=$?
 .venv/bin/mypy nkat_search || status=$?  # pyproject.toml [tool.mypy]
 # In parallel processes (pytest-xdist): most of a test's time is waiting (worker processes starting,

@@ -95,15 +95,27 @@ def child_signals() -> None:
 def cli(*args: str, env: dict | None = None, timeout: float = 300, cwd=None) -> subprocess.CompletedProcess:
     """Run `nkat-search ARGS` in a subprocess, as a user would."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "nkat_search.cli", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=cwd or ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "nkat_search.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd or ROOT,
+    )
 
 
 def spawn(*args: str, env: dict | None = None, cwd=None) -> subprocess.Popen:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "nkat_search.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=full_env, cwd=cwd or ROOT,
-                            preexec_fn=child_signals)
+    return subprocess.Popen(
+        [sys.executable, "-m", "nkat_search.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
+        preexec_fn=child_signals,
+    )
 
 
 def unavailable(reason: str) -> None:
@@ -227,16 +239,43 @@ def create_study(url: str, path: str, budget: int) -> optuna.Study:
 class Workers:
     """count worker processes (the WORKERS script) released together; each logs to its own file."""
 
-    def __init__(self, count: int, url: str | list[str], folder: Path, study: str = "tiny", seconds: float = 0.0,
-                 steps: int = 1, env: dict | None = None, **storage_options) -> None:
+    def __init__(
+        self,
+        count: int,
+        url: str | list[str],
+        folder: Path,
+        study: str = "tiny",
+        seconds: float = 0.0,
+        steps: int = 1,
+        env: dict | None = None,
+        **storage_options,
+    ) -> None:
         urls = url if isinstance(url, list) else [url] * count
         self.folder, self.go, self.count = folder, folder / "go", count
-        jobs = [{"url": urls[i], "study": study, "seconds": seconds, "steps": steps, "log": str(self.log(i)),
-                 "ready": str(folder / f"ready-{i}"), "go": str(self.go), **storage_options} for i in range(count)]
+        jobs = [
+            {
+                "url": urls[i],
+                "study": study,
+                "seconds": seconds,
+                "steps": steps,
+                "log": str(self.log(i)),
+                "ready": str(folder / f"ready-{i}"),
+                "go": str(self.go),
+                **storage_options,
+            }
+            for i in range(count)
+        ]
         # Its own session, so that a timeout can kill the launcher and every child at once.
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKERS, json.dumps(jobs)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, **(env or {})},
-                                     start_new_session=True, preexec_fn=child_signals)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WORKERS, json.dumps(jobs)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            preexec_fn=child_signals,
+        )
 
     def log(self, i: int) -> Path:
         return self.folder / f"worker-{i}.log"
@@ -266,8 +305,10 @@ class Workers:
             self.proc.communicate()
 
     def output(self, tail: int = 4000) -> str:
-        return "\n".join(f"--- worker {i} ---\n" + (self.log(i).read_text()[-tail:] if self.log(i).exists() else "")
-                         for i in range(self.count))
+        return "\n".join(
+            f"--- worker {i} ---\n" + (self.log(i).read_text()[-tail:] if self.log(i).exists() else "")
+            for i in range(self.count)
+        )
 
 
 def worker_groups(tmp_path: Path):
@@ -288,7 +329,8 @@ def worker_groups(tmp_path: Path):
 def dropped_connection(statement: str = "COMMIT") -> sqlalchemy.exc.OperationalError:
     """The error SQLAlchemy raises when the server closed the connection (psycopg's wording)."""
     return sqlalchemy.exc.OperationalError(
-        statement, {}, Exception("consuming input failed: server closed the connection unexpectedly"))
+        statement, {}, Exception("consuming input failed: server closed the connection unexpectedly")
+    )
 
 
 def storage_call() -> str | None:

@@ -91,8 +91,15 @@ class PostgresServer:
         if self._prefix:
             shutil.chown(pwfile, "postgres", "postgres")
         self._run(
-            str(self.bindir / "initdb"), "-D", str(self.datadir), f"--username={USER}", f"--pwfile={pwfile}",
-            "--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8", "--no-sync",
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.datadir),
+            f"--username={USER}",
+            f"--pwfile={pwfile}",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--encoding=UTF8",
+            "--no-sync",
         )
         pwfile.unlink()
         with open(self.datadir / "postgresql.conf", "a") as conf:
@@ -105,7 +112,9 @@ class PostgresServer:
             )
 
     def start(self) -> None:
-        self._run(str(self.bindir / "pg_ctl"), "start", "-w", "-t", "30", "-D", str(self.datadir), "-l", str(self.logfile))
+        self._run(
+            str(self.bindir / "pg_ctl"), "start", "-w", "-t", "30", "-D", str(self.datadir), "-l", str(self.logfile)
+        )
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server; mode "immediate" is a crash (no shutdown checkpoint), "fast" a clean stop."""
@@ -139,9 +148,11 @@ class PostgresServer:
     def terminate_backends(self, dbname: str, pids: list[int] | None = None) -> int:
         """Drop every client connection of database `dbname` (or only those of the server processes
         `pids`), as a network fault or a failover would; gives how many were dropped."""
-        rows = self._admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
-                           "AND pid <> pg_backend_pid() AND (%s::int[] IS NULL OR pid = ANY(%s::int[]))",
-                           (dbname, pids, pids))
+        rows = self._admin(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+            "AND pid <> pg_backend_pid() AND (%s::int[] IS NULL OR pid = ANY(%s::int[]))",
+            (dbname, pids, pids),
+        )
         return sum(1 for (ended,) in rows if ended)
 
     def destroy(self) -> None:
@@ -174,7 +185,9 @@ def launch(max_connections: int = 200) -> PostgresServer:
         try:
             pwd.getpwnam("postgres")
         except KeyError:
-            raise PostgresUnavailable("running as root but there is no `postgres` OS user to run the server as") from None
+            raise PostgresUnavailable(
+                "running as root but there is no `postgres` OS user to run the server as"
+            ) from None
     root = Path(tempfile.mkdtemp(prefix="nkat-pg-"))
     if as_root:
         shutil.chown(root, "postgres", "postgres")

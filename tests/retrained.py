@@ -97,8 +97,15 @@ def tiny(tmp_path_factory):
 
 
 def report_args(url: str, out: Path, artifacts: Path, **kw) -> argparse.Namespace:
-    return argparse.Namespace(storage=url, study=None, top=kw.get("top", 1), epochs=kw.get("epochs", 1),
-                              out=str(out), device="cpu", artifacts=str(artifacts))
+    return argparse.Namespace(
+        storage=url,
+        study=None,
+        top=kw.get("top", 1),
+        epochs=kw.get("epochs", 1),
+        out=str(out),
+        device="cpu",
+        artifacts=str(artifacts),
+    )
 
 
 def attach(url: str):

@@ -42,6 +42,7 @@ MAX_SECONDS = 60  # a bad input fails fast; an unreachable database must not han
 # shows up as a failure until its line here is removed). docs/bad-input.md lists them too.
 KNOWN_DEFECTS: dict[str, str] = {}
 
+
 @dataclass(frozen=True)
 class Row:
     id: str
@@ -111,8 +112,10 @@ def _storage_state(tmp: Path, pg: str | None):
     if pg is not None:
         import optuna
 
-        return _files(tmp), sorted((s.study_name, s.n_trials, sorted(s.user_attrs.items()))
-                                   for s in optuna.get_all_study_summaries(pg, include_best_trial=False))
+        return _files(tmp), sorted(
+            (s.study_name, s.n_trials, sorted(s.user_attrs.items()))
+            for s in optuna.get_all_study_summaries(pg, include_best_trial=False)
+        )
     return _files(tmp)
 
 
@@ -175,8 +178,12 @@ def pg_outcomes(pg_server, tmp_path_factory) -> dict[str, Outcome]:
         pg_server.create_database(name)
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
-            outcomes = pool.map(lambda r: run_row(r, base / r.id, pg_server.url(names[r.id]),
-                                                  pg_server.url(names[r.id], password=WRONG_PASSWORD)), rows)
+            outcomes = pool.map(
+                lambda r: run_row(
+                    r, base / r.id, pg_server.url(names[r.id]), pg_server.url(names[r.id], password=WRONG_PASSWORD)
+                ),
+                rows,
+            )
             return {r.id: o for r, o in zip(rows, outcomes)}
     finally:
         for name in names.values():
@@ -193,17 +200,39 @@ def _param(row: Row):
 def test_the_table_covers_what_the_issue_lists():
     ids = {r.id for r in ROWS}
     assert len(ROWS) >= 15 and len(ids) == len(ROWS)
-    assert {"malformed-toml", "unknown-key", "inverted-range", "unknown-dataset", "unknown-scheme",
-            "unreachable-database", "pg-wrong-password", "study-not-found", "budget-zero", "different-definition",
-            "train-offline", "data-root-not-writable", "train-device-missing", "worker-gpu-missing"} <= ids
+    assert {
+        "malformed-toml",
+        "unknown-key",
+        "inverted-range",
+        "unknown-dataset",
+        "unknown-scheme",
+        "unreachable-database",
+        "pg-wrong-password",
+        "study-not-found",
+        "budget-zero",
+        "different-definition",
+        "train-offline",
+        "data-root-not-writable",
+        "train-device-missing",
+        "worker-gpu-missing",
+    } <= ids
     assert set(KNOWN_DEFECTS) <= ids, set(KNOWN_DEFECTS) - ids
     # Issue 15's classes of mistakes, several rows each (see the headings of docs/bad-input.md).
     text = DOC.read_text()
-    for heading in ("Passwords", "Wrong types in a study file", "Study files that would fail every trial", "Flags",
-                    "Files, folders and ports", "Read-only commands", "Study names"):
+    for heading in (
+        "Passwords",
+        "Wrong types in a study file",
+        "Study files that would fail every trial",
+        "Flags",
+        "Files, folders and ports",
+        "Read-only commands",
+        "Study names",
+    ):
         section = text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
         assert len(read_table_text(section)) >= 3, heading
-    listed = [line.split(":", 1)[0] for line in text.split("## Known defects", 1)[1].splitlines() if line.startswith("- ")]
+    listed = [
+        line.split(":", 1)[0] for line in text.split("## Known defects", 1)[1].splitlines() if line.startswith("- ")
+    ]
     documented = [rid for head in listed for rid in re.findall(r"`([a-z0-9-]+)`", head)]
     assert sorted(documented) == sorted(KNOWN_DEFECTS), "the document and KNOWN_DEFECTS list other rows"
 
@@ -249,17 +278,28 @@ def _cli_with_stdout(args: list[str], stdout: str, cwd: Path) -> subprocess.Comp
         err = proc.communicate(timeout=2 * MAX_SECONDS)[1]
         return subprocess.CompletedProcess(argv, proc.returncode, "", err)
     if stdout == "closed-fd":
-        return subprocess.run(["bash", "-c", 'exec "$@" >&-', "bash", *argv], capture_output=True, text=True,
-                              env=env, cwd=cwd, timeout=2 * MAX_SECONDS)
+        return subprocess.run(
+            ["bash", "-c", 'exec "$@" >&-', "bash", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=cwd,
+            timeout=2 * MAX_SECONDS,
+        )
     with open("/dev/full", "w") as full:
-        return subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                              timeout=2 * MAX_SECONDS)
+        return subprocess.run(
+            argv, stdout=full, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, timeout=2 * MAX_SECONDS
+        )
 
 
 STDOUT_CASES = {  # id: (how stdout is broken, the command, exit status, part of the one sentence)
     "status-into-closed-pipe": ("closed-pipe", ["status"], 141, "the output was closed before everything was written"),
-    "leaderboard-into-closed-pipe": ("closed-pipe", ["leaderboard", "--format", "csv"], 141,
-                                     "the output was closed before everything was written"),
+    "leaderboard-into-closed-pipe": (
+        "closed-pipe",
+        ["leaderboard", "--format", "csv"],
+        141,
+        "the output was closed before everything was written",
+    ),
     "status-with-stdout-closed": ("closed-fd", ["status"], 1, "the standard output is closed"),
     "status-into-full-disk": ("full", ["status"], 1, "No space left on device"),
 }
@@ -272,8 +312,9 @@ def stdout_outcomes(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     url = f"journal:{tmp}/study.journal"
     _create_study(tmp / "setup.toml", url)
     with ThreadPoolExecutor(max_workers=3) as pool:
-        runs = pool.map(lambda case: _cli_with_stdout([*case[1], "--storage", url], case[0], tmp),
-                        STDOUT_CASES.values())
+        runs = pool.map(
+            lambda case: _cli_with_stdout([*case[1], "--storage", url], case[0], tmp), STDOUT_CASES.values()
+        )
         return dict(zip(STDOUT_CASES, runs))
 
 
@@ -298,9 +339,14 @@ def test_dashboard_on_a_port_in_use_says_so_in_one_sentence(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, "-m", "nkat_search.cli", "dashboard", "--port", str(port),
-                                 "--storage", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nkat_search.cli", "dashboard", "--port", str(port), "--storage", url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            cwd=tmp_path,
+        )
         try:
             out, err = proc.communicate(timeout=2 * MAX_SECONDS)
         except subprocess.TimeoutExpired:  # it serves on a port someone else holds
@@ -318,9 +364,14 @@ def test_dashboard_on_a_port_in_use_says_so_in_one_sentence(tmp_path):
 def test_dashboard_on_a_wrong_host_names_it_in_one_sentence(tmp_path, host):
     url = f"journal:{tmp_path}/study.journal"
     _create_study(tmp_path / "setup.toml", url)
-    run = subprocess.run([sys.executable, "-m", "nkat_search.cli", "dashboard", "--host", host, "--port", "0",
-                          "--storage", url], capture_output=True, text=True, timeout=2 * MAX_SECONDS, cwd=tmp_path,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [sys.executable, "-m", "nkat_search.cli", "dashboard", "--host", host, "--port", "0", "--storage", url],
+        capture_output=True,
+        text=True,
+        timeout=2 * MAX_SECONDS,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert "Traceback" not in run.stdout + run.stderr and run.returncode == 2, run.stderr
     errors = _error_lines(run.stderr)
     assert len(errors) == 1 and run.stderr.rstrip().endswith(errors[0]), run.stderr
@@ -330,8 +381,10 @@ def test_dashboard_on_a_wrong_host_names_it_in_one_sentence(tmp_path, host):
 def test_a_model_too_large_for_memory_ends_train_with_one_sentence_and_exit_1(monkeypatch):
     from nkat_search.cli import main as cli
 
-    oom = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you "
-                       "tried to allocate 1099511627776 bytes.")
+    oom = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you "
+        "tried to allocate 1099511627776 bytes."
+    )
     monkeypatch.setattr("nkat_search.data.loader.load_splits", lambda *a, **k: None)
     monkeypatch.setattr("nkat_search.train.fit", mock.Mock(side_effect=oom))
     err = io.StringIO()
@@ -347,13 +400,22 @@ def test_read_only_commands_answer_without_loading_torch(tmp_path):
     """status, leaderboard, studies and --help answer (or refuse) in a second: they do not import torch."""
     url = f"journal:{tmp_path}/study.journal"
     _create_study(tmp_path / "setup.toml", url)
-    script = ("import contextlib, io, sys\nfrom nkat_search.cli import main as cli\nfor argv in sys.argv[1:]:\n"
-              "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
-              "        cli.main(argv.split())\nprint('torch' in sys.modules)")
-    commands = [f"status --storage {url}", f"leaderboard --storage {url}", f"status --storage {url}x", "studies",
-                "--help", "status --help"]
-    run = subprocess.run([sys.executable, "-c", script, *commands], capture_output=True, text=True, cwd=tmp_path,
-                         timeout=2 * MAX_SECONDS)
+    script = (
+        "import contextlib, io, sys\nfrom nkat_search.cli import main as cli\nfor argv in sys.argv[1:]:\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        cli.main(argv.split())\nprint('torch' in sys.modules)"
+    )
+    commands = [
+        f"status --storage {url}",
+        f"leaderboard --storage {url}",
+        f"status --storage {url}x",
+        "studies",
+        "--help",
+        "status --help",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-c", script, *commands], capture_output=True, text=True, cwd=tmp_path, timeout=2 * MAX_SECONDS
+    )
     assert run.stdout.strip() == "False", run.stdout + run.stderr
 
 
@@ -371,8 +433,12 @@ def test_a_foreign_study_name_cannot_lead_outputs_out_of_their_folder(tmp_path, 
 
     url = f"journal:{tmp_path}/study.journal"
     _create_study(tmp_path / "setup.toml", url)
-    optuna.copy_study(from_study_name=STUDY_NAME, from_storage=backends.open_storage(url), to_storage=backends.open_storage(url),
-                      to_study_name=name)
+    optuna.copy_study(
+        from_study_name=STUDY_NAME,
+        from_storage=backends.open_storage(url),
+        to_storage=backends.open_storage(url),
+        to_study_name=name,
+    )
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)

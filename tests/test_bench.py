@@ -53,8 +53,9 @@ def test_research_filter_keeps_the_same_keys_as_nucleus_mask(reference):
         assert torch.equal(kept, nucleus_mask(logits, top_k, top_p)), (top_k, top_p)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"split_heads": True}, {"nkat_strength": 2.0},
-                                    {"top_k": 0, "top_p": 1.0, "nkat_strength": 0.0}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"split_heads": True}, {"nkat_strength": 2.0}, {"top_k": 0, "top_p": 1.0, "nkat_strength": 0.0}]
+)
 def test_research_model_computes_the_same_function(reference, kwargs):
     # Our model folds the modulation into the logits and computes only the class token in its
     # last block; the reference does neither. Same weights must give the same outputs.
@@ -98,24 +99,33 @@ def test_fit_trains_through_train_step(monkeypatch):
 @pytest.mark.parametrize("native", [(), ("avx512_bf16",)])
 def test_train_figures_side_by_side_with_their_precision(splits, reference, monkeypatch, native):
     monkeypatch.setattr(devices, "cpu_bf16_flags", lambda: native)
-    out = steps.bench_train(TINY, TrainConfig(batch_size=16, precision="fp32"), splits, steps=1, warmup=1, repeats=1,
-                            reference=reference)
+    out = steps.bench_train(
+        TINY, TrainConfig(batch_size=16, precision="fp32"), splits, steps=1, warmup=1, repeats=1, reference=reference
+    )
     expected = {"real", "bare", "research"} | ({"real_bf16"} if native else set())
     assert set(out["variants"]) == expected
     precisions = {name: figure["precision"] for name, figure in out["variants"].items()}
-    assert precisions == {"real": "float32", "bare": "float32", "research": "float32",
-                          **({"real_bf16": "bfloat16"} if native else {})}
+    assert precisions == {
+        "real": "float32",
+        "bare": "float32",
+        "research": "float32",
+        **({"real_bf16": "bfloat16"} if native else {}),
+    }
     assert all(figure["img_per_s"] > 0 for figure in out["variants"].values())
     assert out["real_over_bare_cost"] > 0 and out["real_over_research_speed"] > 0
     assert out["memory"]["kind"] == "cpu_peak_rss" and out["memory"]["mib"] > 0
 
 
 def test_a_bf16_real_step_is_also_shown_at_fp32_beside_the_fp32_research(splits, reference):
-    out = steps.bench_train(TINY, TrainConfig(batch_size=16, precision="bf16"), splits, steps=1, warmup=0, repeats=1,
-                            reference=reference)
+    out = steps.bench_train(
+        TINY, TrainConfig(batch_size=16, precision="bf16"), splits, steps=1, warmup=0, repeats=1, reference=reference
+    )
     v = out["variants"]
     assert (v["real"]["precision"], v["real_fp32"]["precision"], v["research"]["precision"]) == (
-        "bfloat16", "float32", "float32")
+        "bfloat16",
+        "float32",
+        "float32",
+    )
     assert out["real_fp32_over_research_speed"] > 0
 
 
@@ -126,11 +136,24 @@ def test_without_the_reference_the_train_and_augment_figures_say_so(splits):
     aug = steps.bench_augment(splits, TrainConfig(), batch=32, images=64, repeats=1)
     assert aug["pil"] == timing.NO_REFERENCE and "speedup" not in aug
     assert "reference pipeline not available" in tables.table(
-        {"device": "cpu", "torch": "x", "threads": 1, "cpu": {"name": "x", "cores": 2},
-         "precision": {"dtype": "float32", "reason": "fp32 asked for"},
-         "config": {"model": dataclasses.asdict(TINY), "batch_size": 16, "warmup": 0, "repeats": 1, "steps": 1,
-                    "sections": ["train", "augment"]},
-         "train": out, "augment": aug})
+        {
+            "device": "cpu",
+            "torch": "x",
+            "threads": 1,
+            "cpu": {"name": "x", "cores": 2},
+            "precision": {"dtype": "float32", "reason": "fp32 asked for"},
+            "config": {
+                "model": dataclasses.asdict(TINY),
+                "batch_size": 16,
+                "warmup": 0,
+                "repeats": 1,
+                "steps": 1,
+                "sections": ["train", "augment"],
+            },
+            "train": out,
+            "augment": aug,
+        }
+    )
 
 
 def test_augment_and_eval_figures(splits, reference):
@@ -149,14 +172,17 @@ def test_peak_memory_is_read_portably():
     assert timing.peak_rss_mib() > 10  # a Python process with torch loaded
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(steps=0), "--steps must be at least 1"),
-    (dict(batch_size=0), "--batch-size must be at least 1"),
-    (dict(only=("train", "nonsense")), "--only takes sections"),
-    (dict(processes=(1, 0)), "--processes takes one or more counts"),
-    (dict(warmup=-1), "--warmup must be at least 0"),
-    (dict(steps="4"), "steps must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(steps=0), "--steps must be at least 1"),
+        (dict(batch_size=0), "--batch-size must be at least 1"),
+        (dict(only=("train", "nonsense")), "--only takes sections"),
+        (dict(processes=(1, 0)), "--processes takes one or more counts"),
+        (dict(warmup=-1), "--warmup must be at least 0"),
+        (dict(steps="4"), "steps must be a whole number"),
+    ],
+)
 def test_options_refuse_bad_values_with_a_sentence(change, message):
     with pytest.raises(UsageError, match=message):
         options.BenchOptions(**change)
@@ -164,25 +190,64 @@ def test_options_refuse_bad_values_with_a_sentence(change, message):
 
 def test_every_option_is_a_flag_and_the_flags_make_the_options():
     parser = cli.build_parser()
-    args = parser.parse_args(["bench", "--steps", "2", "--only", "train", "eval", "--processes", "1", "4",
-                              "--batch-size", "8", "--compile", "--reference", "ref.py"])
+    args = parser.parse_args(
+        [
+            "bench",
+            "--steps",
+            "2",
+            "--only",
+            "train",
+            "eval",
+            "--processes",
+            "1",
+            "4",
+            "--batch-size",
+            "8",
+            "--compile",
+            "--reference",
+            "ref.py",
+        ]
+    )
     opts = options.BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options.BenchOptions)})
-    assert opts == options.BenchOptions(steps=2, only=("train", "eval"), processes=(1, 4), batch_size=8,
-                                         compile=True, reference="ref.py")
+    assert opts == options.BenchOptions(
+        steps=2, only=("train", "eval"), processes=(1, 4), batch_size=8, compile=True, reference="ref.py"
+    )
     assert parser.parse_args(["bench"]).only == options.SECTIONS
     assert options.BenchOptions(search=True).sections == ("search",)
 
 
 def test_command_prints_one_json_object_with_the_precision_and_why(capsys):
-    args = cli.build_parser().parse_args(["bench", "--json", "--only", "eval", "--embed-dim", "32", "--depth", "1",
-                                          "--eval-images", "16", "--images", "16", "--batch-size", "16", "--repeats",
-                                          "1", "--device", "cpu"])
+    args = cli.build_parser().parse_args(
+        [
+            "bench",
+            "--json",
+            "--only",
+            "eval",
+            "--embed-dim",
+            "32",
+            "--depth",
+            "1",
+            "--eval-images",
+            "16",
+            "--images",
+            "16",
+            "--batch-size",
+            "16",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert args.func(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["eval"]["img_per_s"] > 0 and result["config"]["batch_size"] == 16
     dtype, reason = devices.choose_precision("auto", torch.device("cpu"))
-    assert result["precision"] == {"asked": "auto", "dtype": str(dtype or torch.float32).removeprefix("torch."),
-                                   "reason": reason}
+    assert result["precision"] == {
+        "asked": "auto",
+        "dtype": str(dtype or torch.float32).removeprefix("torch."),
+        "reason": reason,
+    }
     assert result["eval"]["precision"] == result["precision"]["dtype"]
 
 
@@ -204,10 +269,21 @@ def test_search_section_splits_every_trial_into_phases_that_add_up(tiny_study):
 @pytest.mark.slow
 def test_concurrent_processes_share_the_cores_through_the_registry(tmp_path):
     data = DataConfig(source="synthetic", val_size=16, synthetic_train=80, synthetic_test=8)
-    job = concurrent.Job((("cifar10", ModelConfig(embed_dim=8, depth=1, num_heads=2),
-                      TrainConfig(epochs=1, warmup=0, batch_size=32, precision="fp32")),))
-    shared = concurrent.run_concurrent([job] * 4, 2, device="cpu", sharing="on", data=data, cores=4, folder=str(tmp_path))
-    alone = concurrent.run_concurrent([job] * 4, 2, device="cpu", sharing="off", data=data, cores=4, folder=str(tmp_path))
+    job = concurrent.Job(
+        (
+            (
+                "cifar10",
+                ModelConfig(embed_dim=8, depth=1, num_heads=2),
+                TrainConfig(epochs=1, warmup=0, batch_size=32, precision="fp32"),
+            ),
+        )
+    )
+    shared = concurrent.run_concurrent(
+        [job] * 4, 2, device="cpu", sharing="on", data=data, cores=4, folder=str(tmp_path)
+    )
+    alone = concurrent.run_concurrent(
+        [job] * 4, 2, device="cpu", sharing="off", data=data, cores=4, folder=str(tmp_path)
+    )
     # 4 cores over 2 workers: 2 each, or 1 where this machine is busy with other programs; every core each
     assert shared["threads"] in ([1], [2]) and alone["threads"] == [4]
     assert shared["jobs"] == alone["jobs"] == 4 and shared["img_per_s"] > 0
@@ -216,17 +292,34 @@ def test_concurrent_processes_share_the_cores_through_the_registry(tmp_path):
 
 
 def test_share_table_prints_the_load_average_beside_each_row():
-    row = {"processes": 2, "sharing": "on", "jobs_per_minute": 3.0, "vs_one_shared": 1.5, "threads": [1],
-           "job_seconds": 40.0, "jobs_per_cpu_minute": 1.6, "load_average": 3.25}
-    lines = tables._share_table({"jobs": 6, "study": "nkat-smoke", "cores": 2, "precision": {"dtype": "bfloat16"},
-                                "rows": [row]})
+    row = {
+        "processes": 2,
+        "sharing": "on",
+        "jobs_per_minute": 3.0,
+        "vs_one_shared": 1.5,
+        "threads": [1],
+        "job_seconds": 40.0,
+        "jobs_per_cpu_minute": 1.6,
+        "load_average": 3.25,
+    }
+    lines = tables._share_table(
+        {"jobs": 6, "study": "nkat-smoke", "cores": 2, "precision": {"dtype": "bfloat16"}, "rows": [row]}
+    )
     assert lines[1].split()[-1] == "load" and lines[2].split()[-1] == "3.2"
 
 
 @pytest.mark.slow
 def test_procs_section_runs_k_processes_on_one_device():
-    out = concurrent.bench_procs(ModelConfig(embed_dim=8, depth=1, num_heads=2), torch.device("cpu"), counts=(1, 2), jobs=2,
-                            images=64, eval_images=16, batch=32, precision="fp32")
+    out = concurrent.bench_procs(
+        ModelConfig(embed_dim=8, depth=1, num_heads=2),
+        torch.device("cpu"),
+        counts=(1, 2),
+        jobs=2,
+        images=64,
+        eval_images=16,
+        batch=32,
+        precision="fp32",
+    )
     assert [(r["processes"], r["variant"]) for r in out["rows"]] == [(1, "eager"), (2, "eager")]  # no compile on CPU
     assert all(r["img_per_s"] > 0 and r["jobs_per_hour"] > 0 for r in out["rows"])
     assert "img/s" in "\n".join(tables._procs_table(out))
@@ -244,10 +337,20 @@ def _efficiency_script():
 
 def test_efficiency_budgets_take_the_median_seed_and_say_when_it_has_no_result():
     se = _efficiency_script()
-    run = lambda name, *trials: {"pruner": name, "seed": 0, "study": "s", "trials": [  # noqa: E731
-        {"state": state, "value": value, "cpu_seconds": cpu, "prune_reason": None} for state, value, cpu in trials]}
-    runs = [run("a", ("COMPLETE", 5.0, 10), ("COMPLETE", 6.0, 30)), run("a", ("PRUNED", 1.0, 20), ("COMPLETE", 4.0, 20)),
-            run("a", ("COMPLETE", 7.0, 40)), run("b", ("PRUNED", 1.0, 40))]
+    run = lambda name, *trials: {
+        "pruner": name,
+        "seed": 0,
+        "study": "s",
+        "trials": [  # noqa: E731
+            {"state": state, "value": value, "cpu_seconds": cpu, "prune_reason": None} for state, value, cpu in trials
+        ],
+    }
+    runs = [
+        run("a", ("COMPLETE", 5.0, 10), ("COMPLETE", 6.0, 30)),
+        run("a", ("PRUNED", 1.0, 20), ("COMPLETE", 4.0, 20)),
+        run("a", ("COMPLETE", 7.0, 40)),
+        run("b", ("PRUNED", 1.0, 40)),
+    ]
     lines = se.budget_table(runs, fractions=(0.25, 1.0)).splitlines()
     assert lines[0] == "| pruner | best within 10 CPU s | best within 40 CPU s |"
     # a at 10 s: 5.0, none yet, none yet -> the median seed has nothing; at 40 s: 6.0, 4.0, 7.0 -> 6.0
@@ -261,10 +364,36 @@ def test_ctrl_c_while_bench_processes_start_ends_with_one_line(tmp_path, after):
     # Ctrl-C reaches the whole process group: the bench, while it imports torch to parse its flags
     # (1.5 s) or while its spawned processes import, wait at the start barrier or train (6 s; 40 jobs
     # last well past that, 2 let the bench end just then). The command ends as any interrupted one does.
-    proc = subprocess.Popen([sys.executable, "-m", "nkat_search.cli", "bench", "--only", "procs", "--processes", "2",
-                             "--jobs", "40", "--images", "64", "--eval-images", "32", "--embed-dim", "32", "--depth", "1",
-                             "--batch-size", "16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=child_signals, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nkat_search.cli",
+            "bench",
+            "--only",
+            "procs",
+            "--processes",
+            "2",
+            "--jobs",
+            "40",
+            "--images",
+            "64",
+            "--eval-images",
+            "32",
+            "--embed-dim",
+            "32",
+            "--depth",
+            "1",
+            "--batch-size",
+            "16",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=child_signals,
+        cwd=tmp_path,
+    )
     time.sleep(after)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)

@@ -76,8 +76,13 @@ class Chaos:
 def worker_process(url: str, log: Path) -> subprocess.Popen:
     """`nkat-search worker` with its output in a file (a pipe nobody reads would fill up and block it)."""
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "nkat_search.cli", "worker", "--storage", url], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ))
+        return subprocess.Popen(
+            [sys.executable, "-m", "nkat_search.cli", "worker", "--storage", url],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=dict(os.environ),
+        )
 
 
 def owners_of_running_trials(url: str) -> dict[int, int]:
@@ -93,7 +98,8 @@ def owners_of_running_trials(url: str) -> dict[int, int]:
             rows = conn.execute(
                 "SELECT t.number, a.value_json FROM trials t JOIN trial_user_attributes a USING (trial_id) "
                 "WHERE t.state = 'RUNNING' AND a.key = 'worker' "
-                "AND EXISTS (SELECT 1 FROM trial_params p WHERE p.trial_id = t.trial_id)").fetchall()
+                "AND EXISTS (SELECT 1 FROM trial_params p WHERE p.trial_id = t.trial_id)"
+            ).fetchall()
     except psycopg.OperationalError:
         return {}
     return {number: int(json.loads(owner).rpartition(":")[2]) for number, owner in rows}
@@ -125,7 +131,8 @@ def running(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 @pytest.mark.long
 def test_workers_keep_the_budget_while_connections_drop_every_few_seconds_and_one_is_killed(
-        pg_server, pg_url, tiny_study, tmp_path):
+    pg_server, pg_url, tiny_study, tmp_path
+):
     # Tiny trials of 3 epochs, a second or a few each: two workers need a minute or more for the
     # budget, and every connection of the database is dropped every 3 s for a minute of that. (With
     # 20 trials a quiet machine finished the budget before a worker could be caught inside a trial.)
@@ -143,16 +150,22 @@ def test_workers_keep_the_budget_while_connections_drop_every_few_seconds_and_on
             time.sleep(3)
             # On a loaded machine both workers can spend a minute of drops waiting for the database,
             # outside any trial: up to three minutes to catch one inside a trial.
-            victim = wait_for(lambda: [p for p in procs if p.pid in owners_of_running_trials(pg_url).values()],
-                              "a worker inside a trial", timeout=180)[0]
+            victim = wait_for(
+                lambda: [p for p in procs if p.pid in owners_of_running_trials(pg_url).values()],
+                "a worker inside a trial",
+                timeout=180,
+            )[0]
             victim.send_signal(signal.SIGKILL)
             victim.wait()
             # Opening a storage fails fast by design (a worker that cannot connect at its start says
             # so and exits 2), so the drops pause while the replacement starts and attaches.
             chaos.running.clear()
             procs.append(worker_process(pg_url, logs[2]))
-            wait_for(lambda: " on cpu: study " in logs[2].read_text() or procs[2].poll() is not None,
-                     "the replacement to attach", timeout=180)
+            wait_for(
+                lambda: " on cpu: study " in logs[2].read_text() or procs[2].poll() is not None,
+                "the replacement to attach",
+                timeout=180,
+            )
             chaos.running.set()
             deadline = time.monotonic() + 400
             while len(codes) < 2 and time.monotonic() < deadline:
@@ -163,8 +176,7 @@ def test_workers_keep_the_budget_while_connections_drop_every_few_seconds_and_on
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    outputs = "\n".join(f"--- worker {i} (pid {p.pid}) ---\n{logs[i].read_text()[-5000:]}"
-                        for i, p in enumerate(procs))
+    outputs = "\n".join(f"--- worker {i} (pid {p.pid}) ---\n{logs[i].read_text()[-5000:]}" for i, p in enumerate(procs))
     assert len(codes) == 2, f"the workers did not end by themselves\n{outputs}"
     assert list(codes.values()) == [0, 0], outputs
     assert "Traceback" not in outputs, outputs
@@ -172,8 +184,10 @@ def test_workers_keep_the_budget_while_connections_drop_every_few_seconds_and_on
     study = optuna.load_study(study_name="tiny", storage=backends.open_storage(pg_url))
     trials = assert_exact_budget(study, budget)
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    summary = (f"chaos: {chaos.rounds} rounds dropped {chaos.dropped} connections in {chaos.active:.0f} s; FAIL: "
-               + "; ".join(f"{t.number}: {t.user_attrs.get('fail_reason')}" for t in failed))
+    summary = (
+        f"chaos: {chaos.rounds} rounds dropped {chaos.dropped} connections in {chaos.active:.0f} s; FAIL: "
+        + "; ".join(f"{t.number}: {t.user_attrs.get('fail_reason')}" for t in failed)
+    )
     print("\n" + summary)
     assert all(t.user_attrs.get("fail_reason") for t in failed), summary
     assert [t for t in failed if t.user_attrs.get("worker", "").endswith(f":{victim.pid}")], summary
@@ -186,7 +200,8 @@ def test_workers_keep_the_budget_while_connections_drop_every_few_seconds_and_on
 
 
 def test_a_lost_reply_after_a_committed_new_trial_leaves_an_orphan_that_is_failed_and_the_budget_kept(
-        pg_url, tiny_study):
+    pg_url, tiny_study
+):
     # The server commits the new trial and the connection drops before the reply arrives: the
     # worker cannot know the trial exists (Optuna's _create_new_trial tries again and makes
     # another). The first is RUNNING with no owner and no heartbeat: after the grace period a
@@ -210,20 +225,25 @@ def test_a_lost_reply_after_a_committed_new_trial_leaves_an_orphan_that_is_faile
     trials = assert_exact_budget(study, 3)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert [(t.params, t.user_attrs) for t in failed] == [
-        ({}, {"fail_reason": "no owner and no heartbeat for 6 s (its worker died or lost the reply while claiming it)"})]
+        ({}, {"fail_reason": "no owner and no heartbeat for 6 s (its worker died or lost the reply while claiming it)"})
+    ]
 
 
 class WorkerDied(BaseException):
     """A worker process gone at one line (SIGKILL, a lost host): nothing after it runs."""
 
 
-@pytest.mark.parametrize("dies_at, reason", [
-    ("record_heartbeat", "no owner and no heartbeat for 6 s (its worker died or lost the reply while claiming it)"),
-    ("worker_id", "no heartbeat from worker (unknown) for 6 s"),
-])
+@pytest.mark.parametrize(
+    "dies_at, reason",
+    [
+        ("record_heartbeat", "no owner and no heartbeat for 6 s (its worker died or lost the reply while claiming it)"),
+        ("worker_id", "no heartbeat from worker (unknown) for 6 s"),
+    ],
+)
 @pytest.mark.long
 def test_a_worker_that_dies_while_claiming_its_trial_leaves_no_trial_running_for_ever(
-        pg_url, tiny_study, monkeypatch, dies_at, reason):
+    pg_url, tiny_study, monkeypatch, dies_at, reason
+):
     # A worker dies after `ask` and before it recorded its trial's first heartbeat, or after the
     # heartbeat and before its owner: another worker, on any host (so no process check helps), must
     # still fail that trial after the grace period and finish the budget.
@@ -250,7 +270,8 @@ def test_a_worker_that_dies_while_claiming_its_trial_leaves_no_trial_running_for
 
 
 def test_without_optunas_stale_trial_query_a_dead_workers_trial_is_still_failed_and_retried(
-        pg_url, tiny_study, monkeypatch):
+    pg_url, tiny_study, monkeypatch
+):
     # Should an Optuna release rename the private query of stale trials, the worker falls back to
     # the public optuna.storages.fail_stale_trials: the trial is failed and queued again, without
     # its reason. Its worker (this process: no process check applies) claims it and is gone.
@@ -287,8 +308,9 @@ def test_a_dropped_lock_connection_while_asking_does_not_overrun_the_budget(pg_s
 
     def drop_a_lock_then_let_b_ask(conn, cursor, statement, parameters, context, executemany):
         if not b_ran and storage_call() == "_create_new_trial":
-            holders = [pid for (pid,) in pg_server.query(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted")]
+            holders = [
+                pid for (pid,) in pg_server.query("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted")
+            ]
             assert pg_server.terminate_backends(pg_url.rsplit("/", 1)[1], pids=holders) == 1
             trial = next_trial(b)
             b_ran.append(run_trial(b, trial, objective) if isinstance(trial, optuna.Trial) else trial)
@@ -312,8 +334,11 @@ def test_an_outage_longer_than_the_grace_period_fails_no_healthy_trial(pg_server
     # comes back first and runs its next trial while B's heartbeat is older than the grace period.
     grace, outage = 6, 10
     study = create_study(pg_url, tiny_study(), budget=4)
-    settings = {"grace": grace, "retry": 30,
-                "env": {"NKAT_SEARCH_DB_RETRY_SECONDS": "30", "NKAT_SEARCH_GRACE_PERIOD": "32"}}
+    settings = {
+        "grace": grace,
+        "retry": 30,
+        "env": {"NKAT_SEARCH_DB_RETRY_SECONDS": "30", "NKAT_SEARCH_GRACE_PERIOD": "32"},
+    }
     slow = workers(1, pg_url, seconds=25, steps=25, **settings)
     slow.release()
     long_trial = wait_for(lambda: [t for t in running(study) if t.intermediate_values], "worker B's trial")[0]

@@ -11,12 +11,36 @@ from nkat_search.cli.main import build_parser
 @pytest.mark.slow
 def test_train_json_has_the_documented_fields_and_learns():
     # The issue's own command: the research's recipe on a small model, three epochs.
-    run = cli("train", "--data-source", "synthetic", "--dataset", "cifar10", "--embed_dim", "64", "--depth", "2",
-              "--epochs", "3", "--json", "--eval-test")
+    run = cli(
+        "train",
+        "--data-source",
+        "synthetic",
+        "--dataset",
+        "cifar10",
+        "--embed_dim",
+        "64",
+        "--depth",
+        "2",
+        "--epochs",
+        "3",
+        "--json",
+        "--eval-test",
+    )
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
-    for key in ("dataset", "accuracy", "test_accuracy", "params", "lambda", "local_tpe", "epochs", "seconds",
-                "images_per_second", "limit_train", "data_source"):
+    for key in (
+        "dataset",
+        "accuracy",
+        "test_accuracy",
+        "params",
+        "lambda",
+        "local_tpe",
+        "epochs",
+        "seconds",
+        "images_per_second",
+        "limit_train",
+        "data_source",
+    ):
         assert key in out
     assert out["dataset"] == "cifar10" and out["epochs"] == 3 and out["data_source"] == "synthetic"
     assert out["accuracy"] > 0.18  # chance is 0.1; measured 0.235 on the coloured-object look-alikes (synthetic.py)
@@ -76,11 +100,14 @@ def test_every_config_field_with_help_has_a_train_flag():
                 assert args[f.name] is None  # not given: the dataclass default applies
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--nkat_strength", "nan"], "not a finite number"),
-    (["--lr", "inf"], "not a finite number"),
-    (["--depth", "2.5"], "not a whole number"),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--nkat_strength", "nan"], "not a finite number"),
+        (["--lr", "inf"], "not a finite number"),
+        (["--depth", "2.5"], "not a whole number"),
+    ],
+)
 def test_non_finite_and_wrong_type_flags_exit_2(flags, words, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["train", *flags])
@@ -89,7 +116,8 @@ def test_non_finite_and_wrong_type_flags_exit_2(flags, words, capsys):
 
 def test_augment_writes_the_grid_of_a_study_recipe(tmp_path):
     out = tmp_path / "grid.png"
-    run = cli("augment", "--study", "smoke", "--dataset", "fashion_mnist", "--out", str(out), "--rows", "2",
-              "--cols", "3")
+    run = cli(
+        "augment", "--study", "smoke", "--dataset", "fashion_mnist", "--out", str(out), "--rows", "2", "--cols", "3"
+    )
     assert run.returncode == 0, run.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "6 fashion_mnist training images" in run.stdout

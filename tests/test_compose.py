@@ -42,7 +42,10 @@ def run_compose_config(env_file: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in env_example()}
     return subprocess.run(
         [binary, "-f", str(COMPOSE), "--env-file", str(env_file), "config", "-q"],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
 
 
@@ -104,7 +107,9 @@ def test_dashboard_serves_the_artifact_volume_that_report_writes_to(monkeypatch)
             monkeypatch.setenv("NKAT_SEARCH_ARTIFACTS", value)
         store = build_parser().parse_args(argv).artifacts  # --artifacts, else its default from the environment
         mounts = {target: volume for volume, target in (v.split(":")[:2] for v in services[name]["volumes"])}
-        assert mounts.get(store) == "artifacts", f"{name} keeps its artifact store at {store}, not on the artifacts volume"
+        assert mounts.get(store) == "artifacts", (
+            f"{name} keeps its artifact store at {store}, not on the artifacts volume"
+        )
 
 
 def test_published_ports_bind_localhost_only():
@@ -130,7 +135,9 @@ def test_no_password_literal_in_compose_file():
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
-    joined = re.sub(r"\\\n", " ", "\n".join(ln for ln in DOCKERFILE.read_text().splitlines() if not ln.lstrip().startswith("#")))
+    joined = re.sub(
+        r"\\\n", " ", "\n".join(ln for ln in DOCKERFILE.read_text().splitlines() if not ln.lstrip().startswith("#"))
+    )
     pairs = [line.strip().split(None, 1) for line in joined.splitlines() if line.strip()]
     return [(p[0].upper(), p[1] if len(p) > 1 else "") for p in pairs]
 
@@ -143,8 +150,11 @@ def test_dockerfile_builds_on_the_cuda_pytorch_image_matching_the_torch_pin():
     assert match, f"not an official CUDA PyTorch runtime image: {image}"
     from packaging.requirements import Requirement
 
-    pins = dict(line.split("==") for line in (ROOT / "constraints" / "ci.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "constraints" / "ci.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     deps = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
     torch_range = next(r.specifier for r in deps if r.name == "torch")
     # The image's torch is the one CI tests, and inside pyproject's range: otherwise `pip install .`

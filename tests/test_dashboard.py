@@ -54,15 +54,28 @@ DEFINITION = {
     "pruner": {"kind": "median", "n_startup_trials": 3, "n_warmup_steps": 2},
     "stage1": {"dataset": "cifar10", "epochs": 4, "gate": 0.6},
     "stage2": {"datasets": DATASETS[1:], "epochs": 2, "train": {}},
-    "data": {"source": "synthetic"}, "model": {}, "train": {}, "report": {"epochs": 4, "warmup": 1}, "enqueue": [],
+    "data": {"source": "synthetic"},
+    "model": {},
+    "train": {},
+    "report": {"epochs": 4, "warmup": 1},
+    "enqueue": [],
 }
-DISTRIBUTIONS = {"patch_size": CategoricalDistribution([2, 4]), "embed_dim": IntDistribution(64, 256, step=32),
-                 "temperature": FloatDistribution(0.5, 2.0, log=True)}
+DISTRIBUTIONS = {
+    "patch_size": CategoricalDistribution([2, 4]),
+    "embed_dim": IntDistribution(64, 256, step=32),
+    "temperature": FloatDistribution(0.5, 2.0, log=True),
+}
 
 
 def dataset_attrs(d: str, accuracy: float) -> dict:
-    return {f"{d}_accuracy": accuracy, f"{d}_params": 1_234_567, f"{d}_lambda": 0.25,
-            f"{d}_local_tpe": accuracy * 0.9, f"{d}_seconds": 12.5, f"{d}_epochs": 4}
+    return {
+        f"{d}_accuracy": accuracy,
+        f"{d}_params": 1_234_567,
+        f"{d}_lambda": 0.25,
+        f"{d}_local_tpe": accuracy * 0.9,
+        f"{d}_seconds": 12.5,
+        f"{d}_epochs": 4,
+    }
 
 
 def make_study(path: Path) -> optuna.Study:
@@ -77,17 +90,45 @@ def make_study(path: Path) -> optuna.Study:
     params = {"patch_size": 4, "embed_dim": 128, "temperature": 1.0}
     for n, value in enumerate((0.71, 0.68)):
         attrs = {k: v for d in DATASETS for k, v in dataset_attrs(d, 0.8 + n / 100).items()}
-        attrs.update(global_tpe=value, consistency=0.9, robustness=0.85, stage1_seconds=50.0, stage2_seconds=80.0,
-                     worker="host:0")
-        study.add_trial(create_trial(state=TrialState.COMPLETE, value=value, params=params,
-                                     distributions=DISTRIBUTIONS, user_attrs=attrs,
-                                     intermediate_values={1: 0.5, 2: 0.6}))
-    study.add_trial(create_trial(
-        state=TrialState.PRUNED, params=params, distributions=DISTRIBUTIONS, intermediate_values={1: 0.3, 2: 0.4},
-        user_attrs={**dataset_attrs("cifar10", 0.45), "prune_reason": "gate: local TPE 0.4050 < 0.6 after epoch 4",
-                    "pruned_at_epoch": 4}))
-    study.add_trial(create_trial(state=TrialState.FAIL, params=params, distributions=DISTRIBUTIONS,
-                                 user_attrs={"fail_reason": "CUDA out of memory"}))
+        attrs.update(
+            global_tpe=value,
+            consistency=0.9,
+            robustness=0.85,
+            stage1_seconds=50.0,
+            stage2_seconds=80.0,
+            worker="host:0",
+        )
+        study.add_trial(
+            create_trial(
+                state=TrialState.COMPLETE,
+                value=value,
+                params=params,
+                distributions=DISTRIBUTIONS,
+                user_attrs=attrs,
+                intermediate_values={1: 0.5, 2: 0.6},
+            )
+        )
+    study.add_trial(
+        create_trial(
+            state=TrialState.PRUNED,
+            params=params,
+            distributions=DISTRIBUTIONS,
+            intermediate_values={1: 0.3, 2: 0.4},
+            user_attrs={
+                **dataset_attrs("cifar10", 0.45),
+                "prune_reason": "gate: local TPE 0.4050 < 0.6 after epoch 4",
+                "pruned_at_epoch": 4,
+            },
+        )
+    )
+    study.add_trial(
+        create_trial(
+            state=TrialState.FAIL,
+            params=params,
+            distributions=DISTRIBUTIONS,
+            user_attrs={"fail_reason": "CUDA out of memory"},
+        )
+    )
     annotate_study(study)
     for trial in study.get_trials():
         annotate_trial(study, trial)
@@ -107,16 +148,32 @@ def test_study_note_lists_space_gate_budget_and_search() -> None:
     assert "Pruner: `median` (n_startup_trials=3, n_warmup_steps=2)" in note
 
 
-@pytest.mark.parametrize("state, expected, absent", [
-    (TrialState.COMPLETE, ["| mnist | 0.8000 | 0.7200 | 1,234,567 | 0.2500 | 12.5000 | 4 |",
-                           "Global TPE: 0.7100", "Consistency: 0.9000", "Robustness: 0.8500"], "Pruned"),
-    (TrialState.PRUNED, ["Pruned (epoch 4): gate: local TPE"], "Global TPE"),
-    (TrialState.FAIL, ["Failed: CUDA out of memory"], "Global TPE"),
-])
+@pytest.mark.parametrize(
+    "state, expected, absent",
+    [
+        (
+            TrialState.COMPLETE,
+            [
+                "| mnist | 0.8000 | 0.7200 | 1,234,567 | 0.2500 | 12.5000 | 4 |",
+                "Global TPE: 0.7100",
+                "Consistency: 0.9000",
+                "Robustness: 0.8500",
+            ],
+            "Pruned",
+        ),
+        (TrialState.PRUNED, ["Pruned (epoch 4): gate: local TPE"], "Global TPE"),
+        (TrialState.FAIL, ["Failed: CUDA out of memory"], "Global TPE"),
+    ],
+)
 def test_trial_note_per_state(state: TrialState, expected: list[str], absent: str) -> None:
     attrs = {k: v for d in DATASETS for k, v in dataset_attrs(d, 0.8).items()}
-    attrs.update(consistency=0.9, robustness=0.85, prune_reason="gate: local TPE 0.4 < 0.6 after epoch 4",
-                 pruned_at_epoch=4, fail_reason="CUDA out of memory")
+    attrs.update(
+        consistency=0.9,
+        robustness=0.85,
+        prune_reason="gate: local TPE 0.4 < 0.6 after epoch 4",
+        pruned_at_epoch=4,
+        fail_reason="CUDA out of memory",
+    )
     trial = create_trial(state=state, value=0.71 if state == TrialState.COMPLETE else None, user_attrs=attrs)
     note = trial_note(trial, DATASETS)
     assert note.startswith(f"## Trial {trial.number}: {state.name}\n")
@@ -156,8 +213,9 @@ def free_port() -> int:
 @contextmanager
 def running(argv: list[str], port: int) -> Iterator[str]:
     """The base URL of the optuna-dashboard that argv starts on port, once it answers; stopped afterwards."""
-    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 15
@@ -182,9 +240,11 @@ def dashboard(tmp_path_factory):
     path = tmp_path_factory.mktemp("dashboard") / "study.journal"
     study = make_study(path)
     port = free_port()
-    code = ("import sys; from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage; "
-            "from nkat_search.outputs.dashboard import serve; p = sys.argv[1]; "
-            "serve(JournalStorage(JournalFileBackend(p, lock_obj=JournalFileOpenLock(p))), port=int(sys.argv[2]))")
+    code = (
+        "import sys; from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage; "
+        "from nkat_search.outputs.dashboard import serve; p = sys.argv[1]; "
+        "serve(JournalStorage(JournalFileBackend(p, lock_obj=JournalFileOpenLock(p))), port=int(sys.argv[2]))"
+    )
     with running(["-c", code, str(path), str(port)], port) as base:
         yield base, study._study_id
 
@@ -231,8 +291,17 @@ def test_dashboard_started_by_the_cli_serves_the_artifacts_in_its_artifact_store
     on_study = upload_artifact(artifact_store=store, file_path=str(weights), study_or_trial=study)
 
     port = free_port()
-    argv = ["-m", "nkat_search.cli", "dashboard", "--storage", f"journal:{path}", "--port", str(port),
-            "--artifacts", str(folder)]
+    argv = [
+        "-m",
+        "nkat_search.cli",
+        "dashboard",
+        "--storage",
+        f"journal:{path}",
+        "--port",
+        str(port),
+        "--artifacts",
+        str(folder),
+    ]
     with running(argv, port) as base:
         detail = get(f"{base}/api/studies/{study._study_id}")
         assert [a["artifact_id"] for a in detail["artifacts"]] == [on_study]
@@ -240,8 +309,10 @@ def test_dashboard_started_by_the_cli_serves_the_artifacts_in_its_artifact_store
         assert (listed["artifact_id"], listed["filename"]) == (on_trial, "weights.safetensors")
         # optuna-dashboard's download routes; without an artifact store they answer 400
         trial_id = detail["trials"][0]["trial_id"]
-        for url in (f"{base}/artifacts/{study._study_id}/{trial_id}/{on_trial}",
-                    f"{base}/artifacts/{study._study_id}/{on_study}"):
+        for url in (
+            f"{base}/artifacts/{study._study_id}/{trial_id}/{on_trial}",
+            f"{base}/artifacts/{study._study_id}/{on_study}",
+        ):
             with urllib.request.urlopen(url, timeout=5) as response:
                 assert response.read() == WEIGHTS, url
 
@@ -259,10 +330,21 @@ def chromium() -> str:
 def test_dashboard_page_renders_the_study_in_chromium(dashboard, tmp_path: Path) -> None:
     base, study_id = dashboard
     url = f"{base}/dashboard/studies/{study_id}"
-    flags = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000",
-             "--virtual-time-budget=10000"]
+    flags = [
+        chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,1000",
+        "--virtual-time-budget=10000",
+    ]
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=60).stdout
     # The single-page app fetched the study over the API and rendered its name and trials.
     assert f"dash-study (id={study_id})" in dom

@@ -23,7 +23,9 @@ NO_AUG = TrainConfig(mixup=0, cutmix=0, randaugment=(0, 9), cutout=0, crop_paddi
 
 
 def test_unknown_dataset_names_the_choices():
-    with pytest.raises(UsageError, match="unknown dataset 'svhn'; use one of cifar10, mnist, fashion_mnist, emnist_letters"):
+    with pytest.raises(
+        UsageError, match="unknown dataset 'svhn'; use one of cifar10, mnist, fashion_mnist, emnist_letters"
+    ):
         get_spec("svhn")
 
 
@@ -84,7 +86,9 @@ def _images(n, c, s, k, offset=0):
 
 def _idx(path: Path, t: torch.Tensor) -> None:
     # IDX: zero, zero, type 0x08 (uint8), number of dims; then big-endian dims; then the bytes.
-    path.write_bytes(struct.pack(">BBBB", 0, 0, 8, t.dim()) + struct.pack(f">{t.dim()}I", *t.shape) + t.numpy().tobytes())
+    path.write_bytes(
+        struct.pack(">BBBB", 0, 0, 8, t.dim()) + struct.pack(f">{t.dim()}I", *t.shape) + t.numpy().tobytes()
+    )
 
 
 def _write_idx_dataset(raw: Path, prefix, test_name, train_x, train_y, test_x, test_y):
@@ -158,7 +162,9 @@ def test_failed_download_gives_the_short_reason(tmp_path, monkeypatch):
         raise URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_network)
-    with pytest.raises(UsageError, match=r"could not be downloaded \(<urlopen error \[Errno -2\] Name or service not known>\)"):
+    with pytest.raises(
+        UsageError, match=r"could not be downloaded \(<urlopen error \[Errno -2\] Name or service not known>\)"
+    ):
         load_splits("mnist", DataConfig(root=str(tmp_path / "new"), download=True))
 
 
@@ -212,7 +218,9 @@ def test_eval_yields_every_image_once_in_order_normalised():
 def test_train_shuffles_each_epoch_and_covers_the_images():
     x, y = _images(64, 1, 28, 10)
     loader = BatchLoader(x, y, DATASETS["mnist"], 16, train=True, train_cfg=NO_AUG)
-    first, second = ([int(v * 0.3081 * 255 + 0.1307 * 255 + 0.5) for b in loader for v in b[0][:, 0, 0, 0]] for _ in range(2))
+    first, second = (
+        [int(v * 0.3081 * 255 + 0.1307 * 255 + 0.5) for b in loader for v in b[0][:, 0, 0, 0]] for _ in range(2)
+    )
     assert sorted(first) == list(range(64)) and first != second  # every image once, new order each epoch
 
 
@@ -324,7 +332,9 @@ def test_mixup_prob_is_the_share_of_batches_mixed(mixup_prob):
     cfg = TrainConfig(mixup=1.0, mixup_prob=mixup_prob, cutmix=0, randaugment=(0, 9), cutout=0, crop_padding=0)
     loader = BatchLoader(x, y, DATASETS["mnist"], 10, train=True, train_cfg=cfg)
     batches = [targets for _ in range(300) for _, targets in loader]
-    assert all(t.shape == (10, 10) and t.dtype == torch.float32 and torch.allclose(t.sum(1), torch.ones(10)) for t in batches)
+    assert all(
+        t.shape == (10, 10) and t.dtype == torch.float32 and torch.allclose(t.sum(1), torch.ones(10)) for t in batches
+    )
     share = sum(map(_mixed, batches)) / len(batches)
     assert share == pytest.approx(mixup_prob, abs=0.07)
 
@@ -350,8 +360,14 @@ def test_same_mix_for_the_images_and_the_labels():
     y = torch.arange(8) % 2
     spec = DatasetSpec("plain", 1, 28, 2, (0.0,), (1.0,), hflip=False)
     for kind in ("cutmix", "mixup"):
-        cfg = TrainConfig(mixup=1.0 if kind == "mixup" else 0, cutmix=1.0 if kind == "cutmix" else 0,
-                          randaugment=(0, 9), cutout=0, crop_padding=0, label_smoothing=0.0)
+        cfg = TrainConfig(
+            mixup=1.0 if kind == "mixup" else 0,
+            cutmix=1.0 if kind == "cutmix" else 0,
+            randaugment=(0, 9),
+            cutout=0,
+            crop_padding=0,
+            label_smoothing=0.0,
+        )
         for _ in range(5):
             images, targets = next(iter(BatchLoader(x, y, spec, 8, train=True, train_cfg=cfg, seed=_)))
             white = images.mean((1, 2, 3))  # normalisation with mean 0, std 1: pixel fraction

@@ -50,9 +50,13 @@ def kustomization(folder: Path = K8S) -> dict:
 
 def manifests(folders: tuple[Path, ...] = KUSTOMIZATIONS) -> list[tuple[str, dict]]:
     """(file, resource) for every document of every file the kustomizations in folders list."""
-    return [(str((folder / name).relative_to(K8S)), doc) for folder in folders
-            for name in kustomization(folder)["resources"]
-            for doc in yaml.safe_load_all((folder / name).read_text()) if doc]
+    return [
+        (str((folder / name).relative_to(K8S)), doc)
+        for folder in folders
+        for name in kustomization(folder)["resources"]
+        for doc in yaml.safe_load_all((folder / name).read_text())
+        if doc
+    ]
 
 
 def resource(kind: str, name: str) -> dict:
@@ -134,8 +138,9 @@ def test_every_manifest_is_valid_against_the_kubernetes_schemas(kubernetes_valid
             # strict: a misspelt or misplaced field is an error, not silently dropped by the API server
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            errors.append(f"{name} {doc['kind']}/{doc['metadata']['name']}: "
-                          f"{'.'.join(map(str, exc.path))}: {exc.message}")
+            errors.append(
+                f"{name} {doc['kind']}/{doc['metadata']['name']}: {'.'.join(map(str, exc.path))}: {exc.message}"
+            )
     assert not errors, "\n".join(errors)
 
 
@@ -165,7 +170,9 @@ def scalars(node, key: str = ""):
 
 
 def test_no_password_literal_in_any_manifest():
-    compose_example_password = re.search(r"^POSTGRES_PASSWORD=(.+)$", (ROOT / ".env.example").read_text(), re.M).group(1)
+    compose_example_password = re.search(r"^POSTGRES_PASSWORD=(.+)$", (ROOT / ".env.example").read_text(), re.M).group(
+        1
+    )
     for name, doc in manifests():
         # Secrets are created with `kubectl create secret` (README.md), so no value is ever committed
         assert doc["kind"] != "Secret", f"{name} holds a Secret"
@@ -178,14 +185,19 @@ def test_no_password_literal_in_any_manifest():
             for key, var in env(c).items():
                 if "PASSWORD" in key or key == "NKAT_SEARCH_STORAGE":
                     assert "value" not in var and "secretKeyRef" in var.get("valueFrom", {}), (
-                        f"{owner}/{c['name']}: {key} must come from a Secret")
+                        f"{owner}/{c['name']}: {key} must come from a Secret"
+                    )
 
 
 def test_the_readme_creates_every_secret_the_pods_read():
     readme = re.sub(r"\\\n\s*", "", K8S_README.read_text())  # join continued lines
-    refs = {(var["valueFrom"]["secretKeyRef"]["name"], var["valueFrom"]["secretKeyRef"]["key"])
-            for spec in pod_specs().values() for c in containers(spec) for var in env(c).values()
-            if "secretKeyRef" in var.get("valueFrom", {})}
+    refs = {
+        (var["valueFrom"]["secretKeyRef"]["name"], var["valueFrom"]["secretKeyRef"]["key"])
+        for spec in pod_specs().values()
+        for c in containers(spec)
+        for var in env(c).values()
+        if "secretKeyRef" in var.get("valueFrom", {})
+    }
     assert refs == {STORAGE_SECRET, ("nkat-search-postgres", "password")}
     for name, key in refs:
         assert f"kubectl create secret generic {name} --from-literal={key}=" in readme, (name, key)
@@ -219,7 +231,10 @@ def test_dashboard_is_a_clusterip_service_in_front_of_the_compose_command():
     assert service["spec"]["ports"][0]["targetPort"] in ports
     assert str(ports[service["spec"]["ports"][0]["targetPort"]]) == dashboard["command"][-1]
     selector = service["spec"]["selector"]
-    assert selector.items() <= resource("Deployment", "nkat-search-dashboard")["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        selector.items()
+        <= resource("Deployment", "nkat-search-dashboard")["spec"]["template"]["metadata"]["labels"].items()
+    )
 
 
 def test_workers_are_an_indexed_job_of_one_gpu_pods():
@@ -231,7 +246,9 @@ def test_workers_are_an_indexed_job_of_one_gpu_pods():
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
-@pytest.mark.parametrize("job_name, container_name", [("nkat-search-workers", "worker"), ("nkat-search-report", "report")])
+@pytest.mark.parametrize(
+    "job_name, container_name", [("nkat-search-workers", "worker"), ("nkat-search-report", "report")]
+)
 def test_gpu_jobs_retry_failures_but_fail_at_once_on_a_configuration_mistake(job_name, container_name):
     job = resource("Job", job_name)["spec"]
     assert job["backoffLimit"] >= 1
@@ -277,8 +294,11 @@ def test_datasets_are_downloaded_once_onto_a_shared_volume_the_workers_read():
     assert download["command"][:3] == ["nkat-search", "download", "--data-root"]
     root = download["command"][3]
     assert mount(start, download, "nkat-search-datasets")["mountPath"] == root
-    for owner, name in (("nkat-search-start", "start"), ("nkat-search-workers", "worker"),
-                        ("nkat-search-report", "report")):
+    for owner, name in (
+        ("nkat-search-start", "start"),
+        ("nkat-search-workers", "worker"),
+        ("nkat-search-report", "report"),
+    ):
         spec = pod_specs()[owner]
         c = container(spec, name)
         assert env(c)["NKAT_SEARCH_DATA_ROOT"]["value"] == root, owner
@@ -341,11 +361,15 @@ def test_clusters_doc_counts_the_connections_a_worker_holds():
     from nkat_search.storage import urls
 
     if not hasattr(urls, "LOCK_CONNECTIONS"):
-        pytest.skip("nkat_search.storage.urls does not name its pool sizes (POOL_SIZE, POOL_OVERFLOW, LOCK_CONNECTIONS)")
+        pytest.skip(
+            "nkat_search.storage.urls does not name its pool sizes (POOL_SIZE, POOL_OVERFLOW, LOCK_CONNECTIONS)"
+        )
     per_worker = urls.POOL_SIZE + urls.POOL_OVERFLOW + urls.LOCK_CONNECTIONS
     doc = " ".join((ROOT / "docs" / "clusters.md").read_text().split())
     assert f"at most {per_worker} connections per worker process" in doc
-    max_connections = int(re.search(r"max_connections=(\d+)", " ".join(compose_service("postgres")["command"])).group(1))
+    max_connections = int(
+        re.search(r"max_connections=(\d+)", " ".join(compose_service("postgres")["command"])).group(1)
+    )
     assert f"= {(max_connections - 3 - per_worker) // per_worker} workers" in doc
 
 
@@ -406,11 +430,19 @@ def stubs(tmp_path):
 
 
 def run_sbatch_script(stubs: Path, *args: str, path: str | None = None, **variables: str):
-    environ = {"PATH": f"{stubs / 'bin'}:{path or os.environ['PATH']}", "STUB_DIR": str(stubs),
-               "HOME": str(stubs), "SLURM_JOB_ID": "80", "SLURM_ARRAY_JOB_ID": "77",
-               "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_NODELIST": "gpu-node-7", **variables}
-    return subprocess.run(["bash", str(SBATCH), *args], capture_output=True, text=True, env=environ,
-                          cwd=stubs, timeout=30)
+    environ = {
+        "PATH": f"{stubs / 'bin'}:{path or os.environ['PATH']}",
+        "STUB_DIR": str(stubs),
+        "HOME": str(stubs),
+        "SLURM_JOB_ID": "80",
+        "SLURM_ARRAY_JOB_ID": "77",
+        "SLURM_ARRAY_TASK_ID": "3",
+        "SLURM_JOB_NODELIST": "gpu-node-7",
+        **variables,
+    }
+    return subprocess.run(
+        ["bash", str(SBATCH), *args], capture_output=True, text=True, env=environ, cwd=stubs, timeout=30
+    )
 
 
 def argv(stubs: Path, program: str) -> list[str] | None:
@@ -418,11 +450,14 @@ def argv(stubs: Path, program: str) -> list[str] | None:
     return path.read_text().splitlines() if path.exists() else None
 
 
-@pytest.mark.parametrize("args, variables, study", [
-    (("from-arg",), {"NKAT_SEARCH_STUDY": "from-env"}, "from-arg"),
-    ((), {"NKAT_SEARCH_STUDY": "from-env"}, "from-env"),
-    ((), {}, "nkat-round2"),
-])
+@pytest.mark.parametrize(
+    "args, variables, study",
+    [
+        (("from-arg",), {"NKAT_SEARCH_STUDY": "from-env"}, "from-arg"),
+        ((), {"NKAT_SEARCH_STUDY": "from-env"}, "from-env"),
+        ((), {}, "nkat-round2"),
+    ],
+)
 def test_sbatch_script_starts_one_worker_on_the_study(stubs, args, variables, study):
     done = run_sbatch_script(stubs, *args, NKAT_SEARCH_STORAGE=STORAGE_URL, **variables)
     assert done.returncode == 0, done.stderr
@@ -547,7 +582,9 @@ def slurm_cluster():
     """A one-node Slurm cluster (slurmctld + slurmd, no munge) for one test; its client environment."""
     missing = [b for b in SLURM_BINARIES if shutil.which(b, path=SLURM_PATH) is None]
     if missing:
-        unavailable(f"Slurm not installed ({', '.join(missing)} missing; apt-get install -y slurmctld slurmd slurm-client)")
+        unavailable(
+            f"Slurm not installed ({', '.join(missing)} missing; apt-get install -y slurmctld slurmd slurm-client)"
+        )
     if os.geteuid() != 0:
         pytest.skip("slurmd must run as root to start jobs")
     host = socket.gethostname().split(".")[0]
@@ -556,13 +593,21 @@ def slurm_cluster():
     for sub in ("state", "spool"):
         (folder / sub).mkdir()
     conf = folder / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(host=host, dir=folder, ctld_port=free_port(), d_port=free_port(),
-                                      cpus=os.cpu_count()))
+    conf.write_text(
+        SLURM_CONF.format(host=host, dir=folder, ctld_port=free_port(), d_port=free_port(), cpus=os.cpu_count())
+    )
     (folder / "gres.conf").write_text(GRES_CONF.format(host=host))
     environ = {**os.environ, "SLURM_CONF": str(conf), "PATH": SLURM_PATH}
-    daemons = [subprocess.Popen([shutil.which(d, path=SLURM_PATH), "-D", *extra], env=environ, cwd=folder,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-               for d, extra in (("slurmctld", ["-i"]), ("slurmd", ["-N", host]))]
+    daemons = [
+        subprocess.Popen(
+            [shutil.which(d, path=SLURM_PATH), "-D", *extra],
+            env=environ,
+            cwd=folder,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for d, extra in (("slurmctld", ["-i"]), ("slurmd", ["-N", host]))
+    ]
 
     def sinfo_idle() -> bool:
         done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=environ)
@@ -572,8 +617,10 @@ def slurm_cluster():
         try:
             until(sinfo_idle, 30, "the Slurm node to be idle")
         except AssertionError as exc:
-            logs = {name: (folder / name).read_text()[-2000:] if (folder / name).exists() else "(none)"
-                    for name in ("slurmctld.log", "slurmd.log")}
+            logs = {
+                name: (folder / name).read_text()[-2000:] if (folder / name).exists() else "(none)"
+                for name in ("slurmctld.log", "slurmd.log")
+            }
             raise AssertionError(f"{exc}\n" + "\n".join(f"--- {k}\n{v}" for k, v in logs.items())) from None
         yield environ
     finally:
@@ -604,17 +651,27 @@ def test_real_slurm_runs_the_array_and_requeues_tasks_stopped_by_sigterm(slurm_c
     (stub_dir / "bin").mkdir(parents=True)
     (stub_dir / "bin" / "nkat-search").write_text(REAL_STUB_NKAT_SEARCH)
     (stub_dir / "bin" / "nkat-search").chmod(0o755)
-    environ = {**slurm_cluster, "PATH": f"{stub_dir / 'bin'}:{slurm_cluster['PATH']}", "STUB_DIR": str(stub_dir),
-               "NKAT_SEARCH_STORAGE": STORAGE_URL, "NKAT_SEARCH_STUDY": "from-env"}
+    environ = {
+        **slurm_cluster,
+        "PATH": f"{stub_dir / 'bin'}:{slurm_cluster['PATH']}",
+        "STUB_DIR": str(stub_dir),
+        "NKAT_SEARCH_STORAGE": STORAGE_URL,
+        "NKAT_SEARCH_STUDY": "from-env",
+    }
     calls = stub_dir / "calls.txt"
 
     def lines(prefix: str) -> list[str]:
         return [ln for ln in calls.read_text().splitlines() if ln.startswith(prefix)] if calls.exists() else []
 
     # the partition's node is small: command-line options override the script's #SBATCH lines
-    submitted = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--mem=50M", "--cpus-per-task=1",
-                                str(SBATCH), "nkat-smoke"], capture_output=True, text=True, env=environ,
-                               cwd=tmp_path, timeout=30)
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--array=0-1", "--mem=50M", "--cpus-per-task=1", str(SBATCH), "nkat-smoke"],
+        capture_output=True,
+        text=True,
+        env=environ,
+        cwd=tmp_path,
+        timeout=30,
+    )
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
     until(lambda: len(lines("ready")) == 2, 30, "both array tasks to start their worker")
@@ -626,6 +683,7 @@ def test_real_slurm_runs_the_array_and_requeues_tasks_stopped_by_sigterm(slurm_c
     # what --signal=TERM@120 does before the time limit: SIGTERM to the job steps, not the batch shell
     subprocess.run(["scancel", "--signal=TERM", job], env=environ, check=True, timeout=30)
     until(lambda: len(lines("TERM")) == 2, 30, "the workers to receive SIGTERM")
+
     def requeued() -> dict:
         states = job_states(environ, job)
         return states if states and all(v == ("PENDING", 1) for v in states.values()) else {}
@@ -635,7 +693,10 @@ def test_real_slurm_runs_the_array_and_requeues_tasks_stopped_by_sigterm(slurm_c
         subprocess.run(["scontrol", "update", f"JobId={job}_{task}", "StartTime=now"], env=environ, check=True)
     until(lambda: len(lines("start")) == 4, 60, "the requeued tasks to start again")
     assert sorted(re.search(r"restart=(\d)", ln).group(1) for ln in lines("start")[2:]) == ["1", "1"]
-    until(lambda: not job_states(environ, job) or all(s == "COMPLETED" for s, _ in job_states(environ, job).values()),
-          60, "the tasks to complete")
+    until(
+        lambda: not job_states(environ, job) or all(s == "COMPLETED" for s, _ in job_states(environ, job).values()),
+        60,
+        "the tasks to complete",
+    )
     logs = "".join(p.read_text() for p in tmp_path.glob("nkat-search-worker-*.out"))
     assert f"requeueing {job}_0" in logs and f"requeueing {job}_1" in logs

@@ -56,16 +56,22 @@ PARAMS = {"embed_dim": 16, "temperature": 0.8}
 DISTRIBUTIONS = {"embed_dim": IntDistribution(8, 32, step=8), "temperature": FloatDistribution(0.6, 1.0)}
 
 
-def trial(number: int, state: TrialState, params: dict | None = None, reason: str | None = None,
-          retry_of: int | None = None) -> optuna.trial.FrozenTrial:
+def trial(
+    number: int, state: TrialState, params: dict | None = None, reason: str | None = None, retry_of: int | None = None
+) -> optuna.trial.FrozenTrial:
     """A trial as the workers leave one: params, fail_reason, and a retry's links (retrying.retry)."""
     params = PARAMS if params is None else params
     frozen = optuna.trial.create_trial(
-        state=state, value=1.0 if state == TrialState.COMPLETE else None, params=params,
+        state=state,
+        value=1.0 if state == TrialState.COMPLETE else None,
+        params=params,
         distributions={k: DISTRIBUTIONS[k] for k in params},
-        user_attrs={**({"fail_reason": reason} if reason else {}),
-                    **({"retry_of": retry_of} if retry_of is not None else {})},
-        system_attrs={"failed_trial": retry_of, "retry_history": [retry_of]} if retry_of is not None else {})
+        user_attrs={
+            **({"fail_reason": reason} if reason else {}),
+            **({"retry_of": retry_of} if retry_of is not None else {}),
+        },
+        system_attrs={"failed_trial": retry_of, "retry_history": [retry_of]} if retry_of is not None else {},
+    )
     frozen.number = number
     return frozen
 
@@ -74,28 +80,66 @@ KILLED = "worker vm:1 died"
 GIVEN_BACK = faults.LOST_LOCK
 
 
-@pytest.mark.parametrize("trials, violation", [
-    ([trial(0, TrialState.FAIL, reason=KILLED), trial(1, TrialState.COMPLETE, retry_of=0),
-      trial(2, TrialState.PRUNED)], None),
-    ([trial(0, TrialState.COMPLETE), trial(1, TrialState.COMPLETE), trial(2, TrialState.COMPLETE)],
-     "3 trials finished (COMPLETE or PRUNED), not the budget of 2"),
-    ([trial(0, TrialState.COMPLETE), trial(1, TrialState.RUNNING), trial(2, TrialState.PRUNED)],
-     "trials left unfinished: 1 RUNNING"),
-    ([trial(0, TrialState.COMPLETE), trial(1, TrialState.COMPLETE), trial(2, TrialState.WAITING, params={})],
-     "trials left unfinished: 2 WAITING"),
-    ([trial(0, TrialState.COMPLETE), trial(0, TrialState.COMPLETE)], "trial numbers twice: [0]"),
-    ([trial(0, TrialState.FAIL), trial(1, TrialState.COMPLETE, retry_of=0), trial(2, TrialState.COMPLETE)],
-     "trial 0 FAILED without a fail_reason"),
-    ([trial(0, TrialState.FAIL, reason="StorageInternalError: ..."), trial(1, TrialState.COMPLETE, retry_of=0),
-      trial(2, TrialState.COMPLETE)], "trial 0 FAILED for a reason no fault explains: StorageInternalError: ..."),
-    ([trial(0, TrialState.FAIL, reason=KILLED), trial(1, TrialState.COMPLETE), trial(2, TrialState.COMPLETE)],
-     f"trial 0 FAILED ({KILLED}) and its configuration {PARAMS} was not queued again"),
-    ([trial(0, TrialState.FAIL, reason=KILLED), trial(1, TrialState.COMPLETE, {"embed_dim": 8}, retry_of=0),
-      trial(2, TrialState.COMPLETE)], f"trial 1 retries trial 0 with {{'embed_dim': 8}}, not {PARAMS}"),
-    # Given back after a lost budget lock while another worker drew a new point: left queued (faults.displaced).
-    ([trial(0, TrialState.COMPLETE), trial(1, TrialState.FAIL, reason=GIVEN_BACK), trial(2, TrialState.COMPLETE),
-      trial(3, TrialState.WAITING, retry_of=1)], None),
-])
+@pytest.mark.parametrize(
+    "trials, violation",
+    [
+        (
+            [
+                trial(0, TrialState.FAIL, reason=KILLED),
+                trial(1, TrialState.COMPLETE, retry_of=0),
+                trial(2, TrialState.PRUNED),
+            ],
+            None,
+        ),
+        (
+            [trial(0, TrialState.COMPLETE), trial(1, TrialState.COMPLETE), trial(2, TrialState.COMPLETE)],
+            "3 trials finished (COMPLETE or PRUNED), not the budget of 2",
+        ),
+        (
+            [trial(0, TrialState.COMPLETE), trial(1, TrialState.RUNNING), trial(2, TrialState.PRUNED)],
+            "trials left unfinished: 1 RUNNING",
+        ),
+        (
+            [trial(0, TrialState.COMPLETE), trial(1, TrialState.COMPLETE), trial(2, TrialState.WAITING, params={})],
+            "trials left unfinished: 2 WAITING",
+        ),
+        ([trial(0, TrialState.COMPLETE), trial(0, TrialState.COMPLETE)], "trial numbers twice: [0]"),
+        (
+            [trial(0, TrialState.FAIL), trial(1, TrialState.COMPLETE, retry_of=0), trial(2, TrialState.COMPLETE)],
+            "trial 0 FAILED without a fail_reason",
+        ),
+        (
+            [
+                trial(0, TrialState.FAIL, reason="StorageInternalError: ..."),
+                trial(1, TrialState.COMPLETE, retry_of=0),
+                trial(2, TrialState.COMPLETE),
+            ],
+            "trial 0 FAILED for a reason no fault explains: StorageInternalError: ...",
+        ),
+        (
+            [trial(0, TrialState.FAIL, reason=KILLED), trial(1, TrialState.COMPLETE), trial(2, TrialState.COMPLETE)],
+            f"trial 0 FAILED ({KILLED}) and its configuration {PARAMS} was not queued again",
+        ),
+        (
+            [
+                trial(0, TrialState.FAIL, reason=KILLED),
+                trial(1, TrialState.COMPLETE, {"embed_dim": 8}, retry_of=0),
+                trial(2, TrialState.COMPLETE),
+            ],
+            f"trial 1 retries trial 0 with {{'embed_dim': 8}}, not {PARAMS}",
+        ),
+        # Given back after a lost budget lock while another worker drew a new point: left queued (faults.displaced).
+        (
+            [
+                trial(0, TrialState.COMPLETE),
+                trial(1, TrialState.FAIL, reason=GIVEN_BACK),
+                trial(2, TrialState.COMPLETE),
+                trial(3, TrialState.WAITING, retry_of=1),
+            ],
+            None,
+        ),
+    ],
+)
 def test_the_invariants_name_each_violation(trials, violation):
     assert faults.check(trials, budget=2) == ([violation] if violation else [])
 
@@ -138,8 +182,9 @@ def signal_handlers():
 
 
 @pytest.mark.postgres
-def test_a_sigterm_that_arrives_inside_a_commit_fails_the_trial_and_queues_it_again(pg_url, tiny_study,
-                                                                                   signal_handlers):
+def test_a_sigterm_that_arrives_inside_a_commit_fails_the_trial_and_queues_it_again(
+    pg_url, tiny_study, signal_handlers
+):
     # The handler raised wherever the main thread was. Inside SQLAlchemy's commit of the trial's
     # second parameter (after SQLAlchemy took the transaction for ended, before the driver
     # committed) the connection went back to the pool inside its transaction; the clean-up's first
@@ -170,7 +215,9 @@ def test_a_sigterm_that_arrives_inside_a_commit_fails_the_trial_and_queues_it_ag
         worker.run_loop(w, objective, poll_seconds=0.1)
     trials = study.get_trials()
     assert [(t.state, t.user_attrs.get("fail_reason")) for t in trials] == [
-        (TrialState.FAIL, "interrupted (SIGTERM)"), (TrialState.WAITING, None)]
+        (TrialState.FAIL, "interrupted (SIGTERM)"),
+        (TrialState.WAITING, None),
+    ]
     assert trials[1].params == trials[0].params and len(trials[0].params) == 2
 
 
@@ -181,8 +228,7 @@ class WorkerDied(BaseException):
 @pytest.mark.postgres
 @pytest.mark.slow
 @pytest.mark.parametrize("commits", range(1, 10))
-def test_a_worker_that_dies_while_failing_its_trial_loses_no_configuration(pg_url, tiny_study, monkeypatch,
-                                                                           commits):
+def test_a_worker_that_dies_while_failing_its_trial_loses_no_configuration(pg_url, tiny_study, monkeypatch, commits):
     # Worker A, interrupted, fails its trial and queues it again; it dies after its `commits`-th
     # commit of that clean-up. Worker B finishes the budget: A's configuration must run. A failed
     # the trial first and queued it after: dying in between left a FAIL that nobody queued again
@@ -216,14 +262,16 @@ def test_a_worker_that_dies_while_failing_its_trial_loses_no_configuration(pg_ur
     assert worker.run_loop(b, lambda t: sum(suggest(t, config).values()), poll_seconds=0.1) == 0
     trials = b.study.get_trials()
     assert [(t.state, t.params, t.user_attrs.get("retry_of")) for t in trials if t.state != TrialState.FAIL] == [
-        (TrialState.COMPLETE, params, trial_a.number)]
+        (TrialState.COMPLETE, params, trial_a.number)
+    ]
     # B fails A's trial by A's process (gone), or by its heartbeat when B comes past the grace period
     # (a loaded machine), unless A's own clean-up got that far.
     grace = os.environ["NKAT_SEARCH_GRACE_PERIOD"]
     assert [t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL] in (
-        [f"worker {socket.gethostname()}:{gone.pid} died"], ["interrupted (SIGTERM)"],
-        [f"no heartbeat from worker {socket.gethostname()}:{gone.pid} for {grace} s"])
-
+        [f"worker {socket.gethostname()}:{gone.pid} died"],
+        ["interrupted (SIGTERM)"],
+        [f"no heartbeat from worker {socket.gethostname()}:{gone.pid} for {grace} s"],
+    )
 
 
 @pytest.mark.postgres
@@ -263,4 +311,5 @@ def test_an_orphan_of_the_last_trial_is_failed_before_the_workers_call_the_budge
     trials = study.get_trials()
     assert [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials] == [
         (0, TrialState.FAIL, "no owner and no heartbeat for 6 s (its worker died or lost the reply while claiming it)"),
-        (1, TrialState.COMPLETE, None)]
+        (1, TrialState.COMPLETE, None),
+    ]

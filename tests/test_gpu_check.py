@@ -31,9 +31,26 @@ def test_gpu_check_runs_every_stage_on_the_cpu_and_writes_one_json(tmp_path, tin
     out = tmp_path / "out" / "gpu-check.json"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "NKAT_SEARCH_STORAGE")}
     env["NKAT_GPU_CHECK_STUDY"] = tiny_study(name="gpu-check", trials=2)  # smoke's trials take minutes on 2 busy cores
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--device", "cpu", "--tiny",
-                           "--python", sys.executable, "--wheels", str(wheels), "--out", str(out)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1200)
+    done = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "scripts" / "gpu-check.sh"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--python",
+            sys.executable,
+            "--wheels",
+            str(wheels),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=1200,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     stages = report["stages"]

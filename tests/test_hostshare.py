@@ -25,27 +25,33 @@ time.sleep(120)
 """
 
 
-@pytest.mark.parametrize("kind, cores, cpu, gpu, threads", [
-    ("cpu", 2, 1, 0, 2),  # alone: every core
-    ("cpu", 2, 2, 0, 1),
-    ("cpu", 2, 3, 0, 1),  # never below one thread
-    ("cpu", 16, 3, 0, 5),
-    ("cpu", 16, 2, 4, 6),  # each GPU worker keeps one core busy launching kernels
-    ("cpu", 2, 1, 4, 1),
-    ("gpu", 16, 0, 4, 1),
-])
+@pytest.mark.parametrize(
+    "kind, cores, cpu, gpu, threads",
+    [
+        ("cpu", 2, 1, 0, 2),  # alone: every core
+        ("cpu", 2, 2, 0, 1),
+        ("cpu", 2, 3, 0, 1),  # never below one thread
+        ("cpu", 16, 3, 0, 5),
+        ("cpu", 16, 2, 4, 6),  # each GPU worker keeps one core busy launching kernels
+        ("cpu", 2, 1, 4, 1),
+        ("gpu", 16, 0, 4, 1),
+    ],
+)
 def test_share_of_the_cores(kind, cores, cpu, gpu, threads):
     assert share_of(kind, cores, cpu, gpu) == threads
 
 
-@pytest.mark.parametrize("cores, cpu, elsewhere, limit, threads", [
-    (2, 1, 0, None, 2),
-    (2, 1, 1, None, 1),  # another program keeps a core busy
-    (2, 1, 13, None, 1),  # a machine swamped by others: one thread, never a team that waits
-    (16, 2, 4, None, 6),
-    (16, 1, 0, 4, 4),  # the user's limit (e.g. OMP_NUM_THREADS) wins
-    (2, 1, 0, 1, 1),
-])
+@pytest.mark.parametrize(
+    "cores, cpu, elsewhere, limit, threads",
+    [
+        (2, 1, 0, None, 2),
+        (2, 1, 1, None, 1),  # another program keeps a core busy
+        (2, 1, 13, None, 1),  # a machine swamped by others: one thread, never a team that waits
+        (16, 2, 4, None, 6),
+        (16, 1, 0, 4, 4),  # the user's limit (e.g. OMP_NUM_THREADS) wins
+        (2, 1, 0, 1, 1),
+    ],
+)
 def test_other_programs_and_the_users_limit_lower_the_share(cores, cpu, elsewhere, limit, threads):
     assert share_of("cpu", cores, cpu, 0, elsewhere, limit) == threads
 

@@ -37,12 +37,15 @@ def requirements() -> dict[str, Requirement]:
 
 def test_dependencies_are_ranges_and_the_floors_are_what_ci_tests_at_the_bottom() -> None:
     reqs = requirements()
-    assert not [str(r) for r in reqs.values() if any(s.operator == "==" for s in r.specifier)], \
+    assert not [str(r) for r in reqs.values() if any(s.operator == "==" for s in r.specifier)], (
         "exact pins belong in constraints/ci.txt"
+    )
     oldest = pins(ROOT / "constraints" / "min.txt")
     for name in ("optuna", "optuna-dashboard"):
         (floor,) = [s.version for s in reqs[name].specifier if s.operator == ">="]
-        assert Version(oldest[name]) == Version(floor), f"constraints/min.txt tests {name} {oldest[name]}, pyproject admits {floor}"
+        assert Version(oldest[name]) == Version(floor), (
+            f"constraints/min.txt tests {name} {oldest[name]}, pyproject admits {floor}"
+        )
     for name in FLOORED:
         assert any(s.operator == ">=" for s in reqs[name].specifier), name
 
@@ -87,8 +90,9 @@ def torch_only_site(target: Path) -> Path:
 
 
 def freeze(python: Path) -> dict[str, str]:
-    out = subprocess.run([str(python), "-m", "pip", "freeze", "--all"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [str(python), "-m", "pip", "freeze", "--all"], capture_output=True, text=True, check=True
+    ).stdout
     return {canonicalize_name(n): v for n, v in re.findall(r"^([A-Za-z0-9._-]+)==(\S+)$", out, re.MULTILINE)}
 
 
@@ -100,8 +104,14 @@ def test_pip_install_into_an_environment_with_torch_keeps_that_torch_and_ships_t
     env_dir = tmp_path / "env"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
-    own_site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                   capture_output=True, text=True, check=True).stdout.strip())
+    own_site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     (own_site / "user-environment.pth").write_text(f"{base}\n")
     before = freeze(python)
     assert before["torch"] == md.version("torch") and before["torchvision"] == md.version("torchvision")
@@ -117,19 +127,26 @@ def test_pip_install_into_an_environment_with_torch_keeps_that_torch_and_ships_t
     wheels = tmp_path / "wheels"
     subprocess.run([str(python), "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(src)], check=True)
     (wheel,) = wheels.glob("nkat_search-*.whl")
-    assert {"nkat_search/studies/round2.toml", "nkat_search/studies/smoke.toml"} <= set(zipfile.ZipFile(wheel).namelist())
+    assert {"nkat_search/studies/round2.toml", "nkat_search/studies/smoke.toml"} <= set(
+        zipfile.ZipFile(wheel).namelist()
+    )
 
     # --no-compile: byte-compiling plotly's thousands of modules is most of an install's time.
-    done = subprocess.run([str(python), "-m", "pip", "install", "--no-compile", str(src)], capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [str(python), "-m", "pip", "install", "--no-compile", str(src)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     after = freeze(python)
     assert (after["torch"], after["torchvision"]) == (before["torch"], before["torchvision"])
     installed = re.search(r"^Successfully installed (.*)$", done.stdout, re.MULTILINE).group(1).split()
     assert not [p for p in installed if p.startswith(("torch-", "torchvision-", "nvidia", "triton-"))], installed
     assert not list(own_site.glob("torch*")), "pip put a second torch into the environment"
-    version = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('nkat-search'))"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    version = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('nkat-search'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert version == PYPROJECT["project"]["version"]
 
     # From an empty folder (no checkout, no study files beside it) the packaged studies are there,
@@ -140,8 +157,14 @@ def test_pip_install_into_an_environment_with_torch_keeps_that_torch_and_ships_t
     env["OMP_NUM_THREADS"] = "1"
 
     def nkat(*args: str, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(env_dir / "bin" / "nkat-search"), *args], cwd=empty, capture_output=True,
-                              text=True, env={**env, **extra}, timeout=300)
+        return subprocess.run(
+            [str(env_dir / "bin" / "nkat-search"), *args],
+            cwd=empty,
+            capture_output=True,
+            text=True,
+            env={**env, **extra},
+            timeout=300,
+        )
 
     def one_sentence(done: subprocess.CompletedProcess) -> str:
         assert done.returncode == 2, done.stdout + done.stderr
@@ -170,8 +193,18 @@ def test_pip_install_into_an_environment_with_torch_keeps_that_torch_and_ships_t
     # No --study means Round 2, whose Stage 1 needs CIFAR-10 from torchvision. With every download
     # sent to a closed port, start stops before it writes the default journal into the folder.
     closed = "http://127.0.0.1:9"
-    refused = nkat("start", "--trials", "50", "--workers", "0",
-                   HTTP_PROXY=closed, HTTPS_PROXY=closed, http_proxy=closed, https_proxy=closed, NO_PROXY="",
-                   no_proxy="")
+    refused = nkat(
+        "start",
+        "--trials",
+        "50",
+        "--workers",
+        "0",
+        HTTP_PROXY=closed,
+        HTTPS_PROXY=closed,
+        http_proxy=closed,
+        https_proxy=closed,
+        NO_PROXY="",
+        no_proxy="",
+    )
     assert "cifar10" in one_sentence(refused)
     assert not list(empty.glob("*.journal*")), sorted(p.name for p in empty.iterdir())

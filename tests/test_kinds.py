@@ -32,12 +32,17 @@ PRUNER_TABLES = {
     "percentile": 'kind = "percentile"\npercentile = 25.0\nn_startup_trials = 2\nn_warmup_steps = 1',
     "hyperband": 'kind = "hyperband"\nmin_resource = 1\nreduction_factor = 3',
     "successive_halving": 'kind = "successive_halving"\nmin_resource = 1\nreduction_factor = 2\n'
-                          'min_early_stopping_rate = 0',
+    "min_early_stopping_rate = 0",
 }
-OPTUNA_CLASSES = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
-                  "none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
-                  "percentile": optuna.pruners.PercentilePruner, "hyperband": optuna.pruners.HyperbandPruner,
-                  "successive_halving": optuna.pruners.SuccessiveHalvingPruner}
+OPTUNA_CLASSES = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "none": optuna.pruners.NopPruner,
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+}
 
 
 def with_tables(path: str, sampler: str | None = None, pruner: str | None = None, epochs: int = 1) -> str:

@@ -31,13 +31,16 @@ def test_baseline_matches_the_research_count():
     assert count_params(NKATViT(ModelConfig())) == 12_614_999 + 7 * 3
 
 
-@pytest.mark.parametrize("cfg", [
-    ModelConfig(),
-    ModelConfig(conv_stem="off", patch_size=4, embed_dim=448, depth=5, nkat_strength=0),
-    ModelConfig(conv_stem="small", patch_size=2, embed_dim=512, depth=9),
-    ModelConfig(in_chans=1, img_size=28, num_classes=26, conv_stem="off", patch_size=7, embed_dim=64, depth=2),
-    ModelConfig(conv_stem="tiny", patch_size=1, embed_dim=64, depth=3, color_norm=False),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ModelConfig(),
+        ModelConfig(conv_stem="off", patch_size=4, embed_dim=448, depth=5, nkat_strength=0),
+        ModelConfig(conv_stem="small", patch_size=2, embed_dim=512, depth=9),
+        ModelConfig(in_chans=1, img_size=28, num_classes=26, conv_stem="off", patch_size=7, embed_dim=64, depth=2),
+        ModelConfig(conv_stem="tiny", patch_size=1, embed_dim=64, depth=3, color_norm=False),
+    ],
+)
 def test_param_count_matches_formula(cfg):
     assert count_params(NKATViT(cfg)) == formula_params(cfg)
 
@@ -47,8 +50,16 @@ def test_param_count_matches_formula(cfg):
 @pytest.mark.parametrize("patch", [1, 2, 4, 7])
 def test_shapes_for_every_stem_patch_and_channel_count(stem, chans, size, classes, patch):
     feature = size // (1 if stem == "off" else 4)
-    kwargs = dict(in_chans=chans, img_size=size, num_classes=classes, conv_stem=stem, patch_size=patch,
-                  embed_dim=32, depth=1, num_heads=4)
+    kwargs = dict(
+        in_chans=chans,
+        img_size=size,
+        num_classes=classes,
+        conv_stem=stem,
+        patch_size=patch,
+        embed_dim=32,
+        depth=1,
+        num_heads=4,
+    )
     if feature % patch:
         with pytest.raises(UsageError, match="does not divide"):
             ModelConfig(**kwargs)
@@ -60,10 +71,18 @@ def test_shapes_for_every_stem_patch_and_channel_count(stem, chans, size, classe
     assert model.pos_embed.shape[1] == (feature // patch) ** 2 + 1
 
 
-@pytest.mark.parametrize("img, stem, patch, expected", [
-    (32, "tiny", 2, 2), (32, "off", 4, 4), (28, "tiny", 2, 1), (28, "tiny", 4, 1), (28, "off", 4, 4),
-    (28, "off", 2, 2), (28, "small", 4, 1),
-])
+@pytest.mark.parametrize(
+    "img, stem, patch, expected",
+    [
+        (32, "tiny", 2, 2),
+        (32, "off", 4, 4),
+        (28, "tiny", 2, 1),
+        (28, "tiny", 4, 1),
+        (28, "off", 4, 4),
+        (28, "off", 2, 2),
+        (28, "small", 4, 1),
+    ],
+)
 def test_adapt_patch_size_picks_largest_divisor_not_above_request(img, stem, patch, expected):
     assert adapt_patch_size(img, stem, patch) == expected
 
@@ -116,8 +135,7 @@ def _explicit_attention(attn: NKATAttention, x: torch.Tensor, top_k: int, top_p:
 
 @pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.8), (6, 0.8), (0, 1.0)])
 def test_attention_is_the_same_in_train_and_eval_mode(top_k, top_p):
-    cfg = ModelConfig(embed_dim=32, num_heads=4, depth=1, top_k=top_k, top_p=top_p, nkat_strength=0,
-                      dropout_attn=0.0)
+    cfg = ModelConfig(embed_dim=32, num_heads=4, depth=1, top_k=top_k, top_p=top_p, nkat_strength=0, dropout_attn=0.0)
     attn = NKATAttention(cfg, layer=0)
     assert attn.fused == (top_k == 0 and top_p == 1.0)
     x = torch.randn(2, 10, 32)
@@ -145,15 +163,18 @@ def test_attention_maps_are_distributions_over_patches():
     assert (maps >= 0).all() and (maps.sum(-1) <= 1 + 1e-5).all()
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(embed_dim=100), "not divisible by num_heads"),
-    (dict(top_p=0.0), "top_p must be in (0, 1]"),
-    (dict(top_p=1.2), "top_p must be in (0, 1]"),
-    (dict(temperature=0.0), "temperature must be > 0"),
-    (dict(patch_size=3), "does not divide the 8x8 feature map"),
-    (dict(conv_stem="huge"), "conv_stem 'huge' is unknown"),
-    (dict(top_k=-1), "top_k must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(embed_dim=100), "not divisible by num_heads"),
+        (dict(top_p=0.0), "top_p must be in (0, 1]"),
+        (dict(top_p=1.2), "top_p must be in (0, 1]"),
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(patch_size=3), "does not divide the 8x8 feature map"),
+        (dict(conv_stem="huge"), "conv_stem 'huge' is unknown"),
+        (dict(top_k=-1), "top_k must be >= 0"),
+    ],
+)
 def test_bad_model_config_is_one_clear_sentence(kwargs, words):
     with pytest.raises(UsageError) as err:
         ModelConfig(**kwargs)
@@ -162,8 +183,19 @@ def test_bad_model_config_is_one_clear_sentence(kwargs, words):
 
 def test_grayscale_input_is_not_erased_by_the_colour_norm():
     # A LayerNorm over one channel maps every pixel to its bias: the model must not apply it.
-    cfg = ModelConfig(in_chans=1, img_size=28, num_classes=10, conv_stem="off", patch_size=7, embed_dim=32,
-                      depth=1, num_heads=4, nkat_strength=0, dropout_embed=0, dropout_attn=0)
+    cfg = ModelConfig(
+        in_chans=1,
+        img_size=28,
+        num_classes=10,
+        conv_stem="off",
+        patch_size=7,
+        embed_dim=32,
+        depth=1,
+        num_heads=4,
+        nkat_strength=0,
+        dropout_embed=0,
+        dropout_attn=0,
+    )
     model = NKATViT(cfg).eval()
     a, b = torch.zeros(1, 1, 28, 28), torch.ones(1, 1, 28, 28)
     assert not torch.allclose(model(a), model(b))

@@ -20,8 +20,15 @@ from nkat_search.storage import backends
 pytestmark = [pytest.mark.optuna_api]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ALL_PLOTS = ("optimization_history", "param_importances", "embed_dim_depth", "stage1_local_tpe",
-             "stage1_learning_curves", "top_trials_accuracy", "accuracy_vs_size")
+ALL_PLOTS = (
+    "optimization_history",
+    "param_importances",
+    "embed_dim_depth",
+    "stage1_local_tpe",
+    "stage1_learning_curves",
+    "top_trials_accuracy",
+    "accuracy_vs_size",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -57,8 +64,9 @@ def test_plots_writes_html_png_and_dashboard_figures(tiny, tmp_path, capsys):
     study_id = store.get_study_id_from_name(study.study_name)
 
     def stored():
-        return store.get_study_system_attrs(study_id), optuna.load_study(study_name=study.study_name,
-                                                                         storage=store).user_attrs
+        return store.get_study_system_attrs(study_id), optuna.load_study(
+            study_name=study.study_name, storage=store
+        ).user_attrs
 
     ids = {f"nkat-{n.replace('_', '-')}" for n in ALL_PLOTS}
     system, user = stored()
@@ -87,8 +95,15 @@ def test_gate_figure_draws_the_study_gate(tiny):
 def test_attention_writes_one_png_per_image_and_a_summary(reported, tmp_path):
     folder, url, report = reported
     trial = report["trials"][0]["trial"]
-    args = argparse.Namespace(storage=url, study=None, trial=trial, dataset="cifar10", images=3,
-                              out=str(tmp_path), artifacts=str(folder / "artifacts"))
+    args = argparse.Namespace(
+        storage=url,
+        study=None,
+        trial=trial,
+        dataset="cifar10",
+        images=3,
+        out=str(tmp_path),
+        artifacts=str(folder / "artifacts"),
+    )
     assert commands.cmd_attention(args) == 0
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["attention_00.png", "attention_01.png", "attention_02.png", "summary.png"]
@@ -131,10 +146,15 @@ def _size_study(points: dict[int, tuple[float, float]]):
         acc, lam = points.get(i, (0.1, 0.2))
         attrs = {f"{d}_{k}": v for d in datasets for k, v in (("accuracy", acc), ("lambda", lam))}
         state = TrialState.COMPLETE if i in points else TrialState.PRUNED
-        study.add_trial(create_trial(state=state, value=acc / math.log10(1 + lam) if i in points else None,
-                                     params={"embed_dim": 80 + 16 * (i % 5)},
-                                     distributions={"embed_dim": IntDistribution(80, 144, step=16)},
-                                     user_attrs=attrs))
+        study.add_trial(
+            create_trial(
+                state=state,
+                value=acc / math.log10(1 + lam) if i in points else None,
+                params={"embed_dim": 80 + 16 * (i % 5)},
+                distributions={"embed_dim": IntDistribution(80, 144, step=16)},
+                user_attrs=attrs,
+            )
+        )
     return study
 
 
@@ -165,14 +185,17 @@ def test_accuracy_vs_size_is_left_out_without_completed_trials():
     assert report.pareto(report.leaderboard(study, load_study("smoke")), load_study("smoke")).empty
 
 
-@pytest.mark.parametrize("values, expected", [
-    ([3.1, 9.7], [2, 5, 10]),  # fewer than three round values inside: their neighbours join them
-    ([3.0, 30.0], [5, 10, 20]),
-    ([12.0, 13.0], [10, 20]),  # none inside: the ones on either side
-    ([0.4, 0.45], [0.2, 0.5]),
-    ([3.5, 13.0], [2, 5, 10, 20]),
-    ([1.0, 1000.0], [1, 10, 100, 1000]),  # thinned to about `count` lines
-])
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([3.1, 9.7], [2, 5, 10]),  # fewer than three round values inside: their neighbours join them
+        ([3.0, 30.0], [5, 10, 20]),
+        ([12.0, 13.0], [10, 20]),  # none inside: the ones on either side
+        ([0.4, 0.45], [0.2, 0.5]),
+        ([3.5, 13.0], [2, 5, 10, 20]),
+        ([1.0, 1000.0], [1, 10, 100, 1000]),  # thinned to about `count` lines
+    ],
+)
 def test_iso_levels_are_round_numbers_around_the_trials(values, expected):
     assert plots.iso_levels(values, count=4) == pytest.approx(expected)
 

@@ -25,7 +25,12 @@ print(sum(t.state.name == "COMPLETE" for t in study.get_trials()), "fcntl" in sy
 
 
 def test_a_two_trial_journal_study_runs_without_fcntl_or_fork_hooks(tiny_study, tmp_path):
-    run = subprocess.run([sys.executable, "-c", SCRIPT, tiny_study(trials=2), str(tmp_path / "s.journal")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT, tiny_study(trials=2), str(tmp_path / "s.journal")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["2", "None"]

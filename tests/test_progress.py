@@ -48,12 +48,25 @@ def _study(budget: int = 50) -> optuna.Study:
     return study
 
 
-@pytest.mark.parametrize("params, line", [
-    ({"conv_stem": "tiny", "patch_size": 2, "embed_dim": 384, "depth": 7, "temperature": 0.7053, "top_p": 0.85,
-      "lr": 2.1234e-4}, "stem=tiny p=2 d=384x7 T=0.71 top_p=0.85 lr=2.1e-4"),
-    ({"lr": 0.003, "embed_dim": 96, "nkat_strength": 0.0024, "top_k": 6}, "d=96 lr=3e-3 s=2.4e-3 top_k=6"),
-    ({"mixup": 0.25, "color_norm": False}, "mixup=0.25 color_norm=False"),
-])
+@pytest.mark.parametrize(
+    "params, line",
+    [
+        (
+            {
+                "conv_stem": "tiny",
+                "patch_size": 2,
+                "embed_dim": 384,
+                "depth": 7,
+                "temperature": 0.7053,
+                "top_p": 0.85,
+                "lr": 2.1234e-4,
+            },
+            "stem=tiny p=2 d=384x7 T=0.71 top_p=0.85 lr=2.1e-4",
+        ),
+        ({"lr": 0.003, "embed_dim": 96, "nkat_strength": 0.0024, "top_k": 6}, "d=96 lr=3e-3 s=2.4e-3 top_k=6"),
+        ({"mixup": 0.25, "color_norm": False}, "mixup=0.25 color_norm=False"),
+    ],
+)
 def test_compact_parameters(params, line):
     assert counts.compact(params) == line
 
@@ -65,8 +78,9 @@ def test_counts_come_from_the_storage():
     assert c.mean_seconds == pytest.approx((10 + 30 + 5 + 2 + 3) / 5)
     # 45 trials left at 10 s each, one running at a time.
     assert c.eta() == pytest.approx(450)
-    assert counts.summary("nkat-smoke", c) == ("nkat-smoke: 5 of 50 finished, running 1, pruned 3 "
-                                                "(pruner 1, gate 1, other 1), failed 1")
+    assert counts.summary("nkat-smoke", c) == (
+        "nkat-smoke: 5 of 50 finished, running 1, pruned 3 (pruner 1, gate 1, other 1), failed 1"
+    )
     # Warm-start copies (or anything `counted` rejects) stay out of the counts.
     assert counts.count(_study(), counted=lambda t: t.number != 1).best_value == 9.5
 
@@ -198,8 +212,9 @@ def test_a_parent_shows_what_its_worker_processes_relay(caplog):
         study.tell(trial, 30.0)
         worker.trial_ended(study.trials[-1], 2.0)
     # Leaving listen shows what the workers left: trial 7 ended, trial 8 runs on.
-    assert parent.current == {8: {"stage": 2, "dataset": "mnist", "epoch": 3, "epochs": 4, "accuracy": 0.75,
-                                  "tpe": 9.0}}
+    assert parent.current == {
+        8: {"stage": 2, "dataset": "mnist", "epoch": 3, "epochs": 4, "accuracy": 0.75, "tpe": 9.0}
+    }
     assert [r.getMessage() for r in caplog.records if r.name == "nkat_search"] == [
         "[cpu pid 9] attached",
         "trial 7 started: d=96",
@@ -246,8 +261,13 @@ def test_a_real_terminal_gets_the_live_display():
     """One process with its stderr on a pseudo-terminal, as `nkat-search start` in a shell."""
     master, slave = pty.openpty()
     script = CHILD.format(tests=os.path.dirname(__file__))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=slave, env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"},
+    )
     os.close(slave)
     chunks, deadline = [], time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -41,8 +41,13 @@ BASES = {
     "smoke": tomllib.loads((ROOT / "nkat_search" / "studies" / "smoke.toml").read_text()),
     "round2": tomllib.loads((ROOT / "nkat_search" / "studies" / "round2.toml").read_text()),
 }
-SETTINGS = settings(max_examples=100, derandomize=True, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+SETTINGS = settings(
+    max_examples=100,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 MAX_COMBINATIONS = 60  # searched-value combinations checked per accepted file (all of them when fewer)
 RANDOM_TRIALS = 3  # and this many trials drawn by Optuna, the way a worker draws them
 
@@ -72,8 +77,11 @@ def _value(value) -> str:
 def to_toml(raw: dict) -> str:
     """A study file from its tables: top-level values first, then [section] tables, [[enqueue]]
     arrays of tables; tables inside a section are written inline."""
-    lines = [f"{_key(k)} = {_value(v)}" for k, v in raw.items()
-             if not isinstance(v, dict) and not (isinstance(v, list) and v and all(isinstance(e, dict) for e in v))]
+    lines = [
+        f"{_key(k)} = {_value(v)}"
+        for k, v in raw.items()
+        if not isinstance(v, dict) and not (isinstance(v, list) and v and all(isinstance(e, dict) for e in v))
+    ]
     for name, value in raw.items():
         if isinstance(value, dict):
             lines += ["", f"[{_key(name)}]"] + [f"{_key(k)} = {_value(v)}" for k, v in value.items()]
@@ -98,19 +106,95 @@ def _same(a, b) -> bool:
 # Mutations
 
 
-WORDS = ["", "abc", "tpe", "random", "median", "none", "hyperband", "int", "float", "categorical", "uniform",
-         "cifar10", "mnist", "svhn", "tiny", "small", "off", "fp32", "0.6", "8", "true", "../x", "a b"]
-NUMBERS = [0, 1, 2, 3, 4, 7, 8, 16, 64, -1, -8, 2**31, 2**63, 0.0, 0.5, 1.0, 1.5, -0.5, 1e-300, 1e300,
-           math.nan, math.inf, -math.inf]
-scalars = st.one_of(st.sampled_from(WORDS), st.booleans(), st.sampled_from(NUMBERS), st.integers(-3, 70),
-                    st.floats(-2, 70, allow_nan=False), st.text("abcxyz_-. \n", max_size=6))
+WORDS = [
+    "",
+    "abc",
+    "tpe",
+    "random",
+    "median",
+    "none",
+    "hyperband",
+    "int",
+    "float",
+    "categorical",
+    "uniform",
+    "cifar10",
+    "mnist",
+    "svhn",
+    "tiny",
+    "small",
+    "off",
+    "fp32",
+    "0.6",
+    "8",
+    "true",
+    "../x",
+    "a b",
+]
+NUMBERS = [
+    0,
+    1,
+    2,
+    3,
+    4,
+    7,
+    8,
+    16,
+    64,
+    -1,
+    -8,
+    2**31,
+    2**63,
+    0.0,
+    0.5,
+    1.0,
+    1.5,
+    -0.5,
+    1e-300,
+    1e300,
+    math.nan,
+    math.inf,
+    -math.inf,
+]
+scalars = st.one_of(
+    st.sampled_from(WORDS),
+    st.booleans(),
+    st.sampled_from(NUMBERS),
+    st.integers(-3, 70),
+    st.floats(-2, 70, allow_nan=False),
+    st.text("abcxyz_-. \n", max_size=6),
+)
 # Keys a user can write (quoted TOML keys may hold anything, a line break too:
 # test_an_unknown_key_with_a_line_break_is_named_on_one_line).
-values = st.one_of(scalars, st.lists(scalars, max_size=3),
-                   st.dictionaries(st.sampled_from(["x", "low", "high", "type", "lr", "kind"]), scalars, max_size=2))
-new_keys = st.one_of(st.sampled_from(["x", "warmpu", "lr", "seed", "epochs", "low", "step", "log", "choices", "kind",
-                                      "datasets", "gate", "type", "name", "mnist", "train", "percentile"]),
-                     st.text("abcxyz_-. \n", min_size=1, max_size=6))
+values = st.one_of(
+    scalars,
+    st.lists(scalars, max_size=3),
+    st.dictionaries(st.sampled_from(["x", "low", "high", "type", "lr", "kind"]), scalars, max_size=2),
+)
+new_keys = st.one_of(
+    st.sampled_from(
+        [
+            "x",
+            "warmpu",
+            "lr",
+            "seed",
+            "epochs",
+            "low",
+            "step",
+            "log",
+            "choices",
+            "kind",
+            "datasets",
+            "gate",
+            "type",
+            "name",
+            "mnist",
+            "train",
+            "percentile",
+        ]
+    ),
+    st.text("abcxyz_-. \n", min_size=1, max_size=6),
+)
 
 
 def _leaves(raw: dict, prefix: tuple = ()) -> list[tuple]:
@@ -135,13 +219,20 @@ def _parent(raw, path):
 def mutation(draw, raw: dict):
     """Change raw in place one way; return a description for the failure report."""
     paths = _leaves(raw)
-    kind = draw(st.sampled_from(["replace", "replace", "delete", "add", "range", "range", "kind", "tweak", "tweak", "tweak"]))
-    numbers = [p for p in paths if isinstance(_parent(raw, p)[p[-1]], (int, float))
-               and not isinstance(_parent(raw, p)[p[-1]], bool)]
+    kind = draw(
+        st.sampled_from(["replace", "replace", "delete", "add", "range", "range", "kind", "tweak", "tweak", "tweak"])
+    )
+    numbers = [
+        p
+        for p in paths
+        if isinstance(_parent(raw, p)[p[-1]], (int, float)) and not isinstance(_parent(raw, p)[p[-1]], bool)
+    ]
     if kind == "tweak" and numbers:  # a plausible number of the same type: often still a valid file
         path = draw(st.sampled_from(numbers))
         old = _parent(raw, path)[path[-1]]
-        choices = [0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128] if isinstance(old, int) else [0.0, 0.05, 0.1, 0.5, 0.9, 1.0, 2.0]
+        choices = (
+            [0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128] if isinstance(old, int) else [0.0, 0.05, 0.1, 0.5, 0.9, 1.0, 2.0]
+        )
         _parent(raw, path)[path[-1]] = draw(st.sampled_from(choices))
         return f"{path} = {_parent(raw, path)[path[-1]]!r}"
     if kind == "replace" and paths:
@@ -161,9 +252,11 @@ def mutation(draw, raw: dict):
         return f"{where}.{key} = {value!r}"
     if kind == "range" and isinstance(raw.get("space"), dict) and raw["space"]:
         name = draw(st.sampled_from(sorted(raw["space"])))
-        spec = {"type": draw(st.sampled_from(["int", "int", "float"])),
-                "low": draw(st.sampled_from([0, 1, 2, 4, 8, 16, 0.05, 0.5])),
-                "high": draw(st.sampled_from([2, 3, 4, 8, 16, 20, 64, 100, 1.0, 1.5]))}
+        spec = {
+            "type": draw(st.sampled_from(["int", "int", "float"])),
+            "low": draw(st.sampled_from([0, 1, 2, 4, 8, 16, 0.05, 0.5])),
+            "high": draw(st.sampled_from([2, 3, 4, 8, 16, 20, 64, 100, 1.0, 1.5])),
+        }
         if draw(st.booleans()):
             spec["step"] = draw(st.sampled_from([1, 2, 3, 6, 7, 8, 0.5, 0, -1]))
         if draw(st.booleans()):
@@ -204,8 +297,14 @@ def _grid(p) -> list:
         count = (int(p.high) - int(p.low)) // step + 1
         if count <= 300:
             return list(range(int(p.low), int(p.high) + 1, step))
-        return sorted({int(p.low), int(p.low) + step, int(p.high) - (int(p.high) - int(p.low)) % step,
-                       int(p.low) + step * (count // 2)})
+        return sorted(
+            {
+                int(p.low),
+                int(p.low) + step,
+                int(p.high) - (int(p.high) - int(p.low)) % step,
+                int(p.low) + step * (count // 2),
+            }
+        )
     if p.step:
         top = p.low + p.step * math.floor((p.high - p.low) / p.step + 1e-9)
         return [p.low, (p.low + top) / 2, top]
@@ -219,8 +318,11 @@ def trials_that_cannot_be_built(config: StudyConfig) -> list[str]:
     grids = [[(p.name, v) for v in _grid(p)] for p in config.space]
     total = math.prod(len(g) for g in grids)
     rng = random.Random(0)
-    combos = (itertools.product(*grids) if total <= MAX_COMBINATIONS
-              else (tuple(rng.choice(g) for g in grids) for _ in range(MAX_COMBINATIONS)))
+    combos = (
+        itertools.product(*grids)
+        if total <= MAX_COMBINATIONS
+        else (tuple(rng.choice(g) for g in grids) for _ in range(MAX_COMBINATIONS))
+    )
     params = [dict(c) for c in combos]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(RANDOM_TRIALS):
@@ -259,8 +361,9 @@ def start_in_process(path: Path, folder: Path) -> tuple[int, str]:
     """`nkat-search start --study PATH --workers 0` on a fresh journal in folder: (exit, stderr)."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = cli.main(["start", "--study", str(path), "--storage", f"journal:{folder}/study.journal",
-                         "--workers", "0"])
+        code = cli.main(
+            ["start", "--study", str(path), "--storage", f"journal:{folder}/study.journal", "--workers", "0"]
+        )
     return code, err.getvalue()
 
 
@@ -308,15 +411,24 @@ def _study(tmp_path: Path, edits: list[tuple[str, str]]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("edits", [
-    pytest.param([("num_heads = 2", "num_heads = 4"), ("high = 16", "high = 20"), ("step = 8", "log = true")],
-                 id="log-int-range-interior"),
-    pytest.param([("[space.temperature]", "[space.mlp_ratio]"), ("low = 0.6", "low = 0.05")],
-                 id="mlp-ratio-with-searched-width"),
-    pytest.param([("num_heads = 2", "num_heads = 4"), ("high = 16", "high = 20"), ("step = 8", "step = 6")],
-                 id="stepped-range-interior"),
-    pytest.param([("step = 8", "step = 0.5")], id="int-step-fraction"),
-])
+@pytest.mark.parametrize(
+    "edits",
+    [
+        pytest.param(
+            [("num_heads = 2", "num_heads = 4"), ("high = 16", "high = 20"), ("step = 8", "log = true")],
+            id="log-int-range-interior",
+        ),
+        pytest.param(
+            [("[space.temperature]", "[space.mlp_ratio]"), ("low = 0.6", "low = 0.05")],
+            id="mlp-ratio-with-searched-width",
+        ),
+        pytest.param(
+            [("num_heads = 2", "num_heads = 4"), ("high = 16", "high = 20"), ("step = 8", "step = 6")],
+            id="stepped-range-interior",
+        ),
+        pytest.param([("step = 8", "step = 0.5")], id="int-step-fraction"),
+    ],
+)
 def test_a_study_file_whose_trials_would_fail_is_refused(tmp_path, edits):
     assert check_study_file(_study(tmp_path, edits))[0] == "refused"
 
@@ -350,11 +462,41 @@ def _train_flags() -> list[tuple[str, int]]:
 TRAIN_FLAGS = _train_flags()
 # What a user may type for a number: 2**31 is a large but usable seed; beyond 64 bits is refused
 # (test_configs_refuse_values_that_training_cannot_use).
-FLAG_TEXT = ["nan", "NaN", "inf", "-inf", "1e999", "-1e999", "0", "-1", "1", "2", "3", "8", "0.5", "1.5", "-0.5", "1e300",
-             "1e-300", "2147483648", "99999999999999999999999", "abc", "", "true", "0x10", " 3", "1_000", "4.", "fp32",
-             "tiny"]
-flag_sets = st.lists(st.tuples(st.sampled_from(TRAIN_FLAGS), st.lists(st.sampled_from(FLAG_TEXT), min_size=2, max_size=2)),
-                     min_size=1, max_size=3)
+FLAG_TEXT = [
+    "nan",
+    "NaN",
+    "inf",
+    "-inf",
+    "1e999",
+    "-1e999",
+    "0",
+    "-1",
+    "1",
+    "2",
+    "3",
+    "8",
+    "0.5",
+    "1.5",
+    "-0.5",
+    "1e300",
+    "1e-300",
+    "2147483648",
+    "99999999999999999999999",
+    "abc",
+    "",
+    "true",
+    "0x10",
+    " 3",
+    "1_000",
+    "4.",
+    "fp32",
+    "tiny",
+]
+flag_sets = st.lists(
+    st.tuples(st.sampled_from(TRAIN_FLAGS), st.lists(st.sampled_from(FLAG_TEXT), min_size=2, max_size=2)),
+    min_size=1,
+    max_size=3,
+)
 
 
 def _argv(flag_set) -> list[str]:
@@ -369,8 +511,11 @@ def _argv(flag_set) -> list[str]:
 def test_train_flags_are_accepted_or_refused_with_exit_2_and_one_sentence(flag_set):
     argv = ["train", "--data-source", "synthetic", *_argv(flag_set)]
     err = io.StringIO()
-    with mock.patch("nkat_search.data.loader.load_splits", side_effect=_Accepted), \
-            contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with (
+        mock.patch("nkat_search.data.loader.load_splits", side_effect=_Accepted),
+        contextlib.redirect_stderr(err),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         try:
             code = cli.main(argv)
         except SystemExit as exc:  # argparse
@@ -386,22 +531,25 @@ def test_train_flags_are_accepted_or_refused_with_exit_2_and_one_sentence(flag_s
     assert len(errors) == 1 and stderr.rstrip().endswith(errors[0]) and "error: " in errors[0], (argv, stderr)
 
 
-@pytest.mark.parametrize("cls, values", [
-    pytest.param(TrainConfig, {"seed": 10**23}, id="seed"),
-    pytest.param(DataConfig, {"split_seed": 10**23}, id="split_seed"),
-    pytest.param(DataConfig, {"source": "synthetic", "synthetic_test": 10**23}, id="synthetic_test"),
-    pytest.param(TrainConfig, {"cutout": 10**23}, id="cutout"),
-    pytest.param(TrainConfig, {"crop_padding": 10**23}, id="crop_padding"),
-    pytest.param(TrainConfig, {"randaugment": (10**23, 9)}, id="randaugment-N"),
-    pytest.param(ModelConfig, {"embed_dim": 8 * 10**22}, id="embed_dim"),
-    pytest.param(ModelConfig, {"depth": 10**23}, id="depth"),
-    pytest.param(ModelConfig, {"mlp_ratio": 1e300}, id="mlp_ratio"),
-    pytest.param(ModelConfig, {"depth": 10**9}, id="depth-in-64-bits"),
-    pytest.param(ModelConfig, {"embed_dim": 2**40}, id="embed_dim-in-64-bits"),
-    pytest.param(TrainConfig, {"randaugment": (10**6, 9)}, id="randaugment-N-in-64-bits"),
-    pytest.param(TrainConfig, {"cutout": 10**6}, id="cutout-in-64-bits"),
-    pytest.param(DataConfig, {"source": "synthetic", "synthetic_train": 10**12}, id="synthetic_train-in-64-bits"),
-])
+@pytest.mark.parametrize(
+    "cls, values",
+    [
+        pytest.param(TrainConfig, {"seed": 10**23}, id="seed"),
+        pytest.param(DataConfig, {"split_seed": 10**23}, id="split_seed"),
+        pytest.param(DataConfig, {"source": "synthetic", "synthetic_test": 10**23}, id="synthetic_test"),
+        pytest.param(TrainConfig, {"cutout": 10**23}, id="cutout"),
+        pytest.param(TrainConfig, {"crop_padding": 10**23}, id="crop_padding"),
+        pytest.param(TrainConfig, {"randaugment": (10**23, 9)}, id="randaugment-N"),
+        pytest.param(ModelConfig, {"embed_dim": 8 * 10**22}, id="embed_dim"),
+        pytest.param(ModelConfig, {"depth": 10**23}, id="depth"),
+        pytest.param(ModelConfig, {"mlp_ratio": 1e300}, id="mlp_ratio"),
+        pytest.param(ModelConfig, {"depth": 10**9}, id="depth-in-64-bits"),
+        pytest.param(ModelConfig, {"embed_dim": 2**40}, id="embed_dim-in-64-bits"),
+        pytest.param(TrainConfig, {"randaugment": (10**6, 9)}, id="randaugment-N-in-64-bits"),
+        pytest.param(TrainConfig, {"cutout": 10**6}, id="cutout-in-64-bits"),
+        pytest.param(DataConfig, {"source": "synthetic", "synthetic_train": 10**12}, id="synthetic_train-in-64-bits"),
+    ],
+)
 def test_configs_refuse_values_that_training_cannot_use(cls, values):
     with pytest.raises(UsageError):
         cls(**values)

@@ -23,14 +23,17 @@ from nkat_search.train import fit
 MNIST_FAMILY = ("mnist", "fashion_mnist", "emnist_letters")
 AUGMENTATION = ("randaugment", "cutout", "cutmix", "mixup", "crop_padding", "label_smoothing")
 
-MODEL = ModelConfig(in_chans=1, img_size=28, num_classes=10, conv_stem="tiny", patch_size=1, embed_dim=64, depth=2,
-                    num_heads=4)
+MODEL = ModelConfig(
+    in_chans=1, img_size=28, num_classes=10, conv_stem="tiny", patch_size=1, embed_dim=64, depth=2, num_heads=4
+)
 VAL_SIZE, TEST_SIZE = 300, 500
 
 
 def _idx(path: Path, t: torch.Tensor) -> None:
     # IDX: zero, zero, type 0x08 (uint8), number of dims; then big-endian dims; then the bytes.
-    path.write_bytes(struct.pack(">BBBB", 0, 0, 8, t.dim()) + struct.pack(f">{t.dim()}I", *t.shape) + t.numpy().tobytes())
+    path.write_bytes(
+        struct.pack(">BBBB", 0, 0, 8, t.dim()) + struct.pack(f">{t.dim()}I", *t.shape) + t.numpy().tobytes()
+    )
 
 
 def write_digits(root: Path) -> None:

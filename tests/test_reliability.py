@@ -24,8 +24,14 @@ def test_killed_worker_trial_is_failed_and_retried_while_others_carry_on(pg_url,
     assert cli("start", "--study", path, "--storage", pg_url, "--workers", "0").returncode == 0
     victim, other = spawn("worker", "--storage", pg_url), spawn("worker", "--storage", pg_url)
     study = _study(pg_url)
-    wait_for(lambda: [t for t in study.get_trials(states=(TrialState.RUNNING,))
-                       if t.params and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")], what="the victim's trial")
+    wait_for(
+        lambda: [
+            t
+            for t in study.get_trials(states=(TrialState.RUNNING,))
+            if t.params and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
+        ],
+        what="the victim's trial",
+    )
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     out = other.communicate(timeout=300)[0]
@@ -33,7 +39,10 @@ def test_killed_worker_trial_is_failed_and_retried_while_others_carry_on(pg_url,
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1 and f":{victim.pid}" in failed[0].user_attrs["worker"]
     owner, grace = failed[0].user_attrs["worker"], os.environ["NKAT_SEARCH_GRACE_PERIOD"]  # conftest: 6
-    assert failed[0].user_attrs["fail_reason"] in (f"worker {owner} died", f"no heartbeat from worker {owner} for {grace} s")
+    assert failed[0].user_attrs["fail_reason"] in (
+        f"worker {owner} died",
+        f"no heartbeat from worker {owner} for {grace} s",
+    )
     retries = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == failed[0].number]
     assert len(retries) == 1 and retries[0].params == failed[0].params
     assert_exact_budget(study, 4)
@@ -46,8 +55,10 @@ def test_database_restart_while_a_worker_runs_loses_nothing(pg_server, pg_url, t
     study = _study(pg_url)
     # Inside training (an epoch reported): a restart that lands while the worker asks (the trial is
     # RUNNING from ask() on) costs the lock and re-queues the trial, a FAIL this test does not allow.
-    wait_for(lambda: [t for t in study.get_trials(states=(TrialState.RUNNING,)) if t.intermediate_values],
-             what="a trial inside training")
+    wait_for(
+        lambda: [t for t in study.get_trials(states=(TrialState.RUNNING,)) if t.intermediate_values],
+        what="a trial inside training",
+    )
     pg_server.stop()
     time.sleep(3)
     pg_server.start()
@@ -63,7 +74,9 @@ def test_database_restart_while_a_worker_runs_loses_nothing(pg_server, pg_url, t
 def test_database_down_past_the_bound_stops_the_worker_then_the_trial_is_retried(pg_server, pg_url, tiny_study):
     path = with_stage1_epochs(tiny_study(trials=1), 50)
     assert cli("start", "--study", path, "--storage", pg_url, "--workers", "0").returncode == 0
-    worker = spawn("worker", "--storage", pg_url, env={"NKAT_SEARCH_DB_RETRY_SECONDS": "2", "NKAT_SEARCH_GRACE_PERIOD": "4"})
+    worker = spawn(
+        "worker", "--storage", pg_url, env={"NKAT_SEARCH_DB_RETRY_SECONDS": "2", "NKAT_SEARCH_GRACE_PERIOD": "4"}
+    )
     study = _study(pg_url)
     wait_for(lambda: study.get_trials(states=(TrialState.RUNNING,)), what="a running trial")
     pg_server.stop()

@@ -23,13 +23,21 @@ def smoke():
 def _trial(number_value: float, accuracy: float, lam: float, state=TrialState.COMPLETE, **extra):
     attrs = {"consistency": 0.81234, "robustness": 0.7, **extra}
     for i, d in enumerate(DATASETS):
-        attrs.update({f"{d}_accuracy": accuracy + 0.01 * i, f"{d}_local_tpe": 12.3456, f"{d}_params": int(lam * 1e6),
-                      f"{d}_lambda": lam})
-    return create_trial(state=state, value=number_value if state == TrialState.COMPLETE else None,
-                        params={"embed_dim": 96, "lr": 1.2345e-3},
-                        distributions={"embed_dim": IntDistribution(80, 144, step=16),
-                                       "lr": FloatDistribution(3e-4, 6e-3, log=True)},
-                        user_attrs=attrs)
+        attrs.update(
+            {
+                f"{d}_accuracy": accuracy + 0.01 * i,
+                f"{d}_local_tpe": 12.3456,
+                f"{d}_params": int(lam * 1e6),
+                f"{d}_lambda": lam,
+            }
+        )
+    return create_trial(
+        state=state,
+        value=number_value if state == TrialState.COMPLETE else None,
+        params={"embed_dim": 96, "lr": 1.2345e-3},
+        distributions={"embed_dim": IntDistribution(80, 144, step=16), "lr": FloatDistribution(3e-4, 6e-3, log=True)},
+        user_attrs=attrs,
+    )
 
 
 @pytest.fixture
@@ -47,8 +55,18 @@ def test_default_table_fits_100_columns_with_the_columns_a_person_needs(study, s
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= 100
     header = lines[1].split()
-    assert header == ["trial", "global", "TPE", "consistency", "robustness", "cifar10", "mnist", "fashion", "emnist",
-                      "lambda"]
+    assert header == [
+        "trial",
+        "global",
+        "TPE",
+        "consistency",
+        "robustness",
+        "cifar10",
+        "mnist",
+        "fashion",
+        "emnist",
+        "lambda",
+    ]
     assert len(lines) == 2 + 120  # a note, the header, one line per completed trial
     # The first row is the best trial; lambda is the mean over the four datasets.
     best = frame.iloc[0]
@@ -126,11 +144,14 @@ def test_pareto_uses_the_mean_over_datasets(smoke):
     assert front["lambda"].item() == pytest.approx(0.175)
 
 
-@pytest.mark.parametrize("flags, first_line", [
-    ([], "accuracy on the validation splits; lambda: M parameters, mean over the datasets"),
-    (["--wide"], "trial"),
-    (["--pareto"], "Pareto front of mean validation accuracy against lambda (smallest first)"),
-])
+@pytest.mark.parametrize(
+    "flags, first_line",
+    [
+        ([], "accuracy on the validation splits; lambda: M parameters, mean over the datasets"),
+        (["--wide"], "trial"),
+        (["--pareto"], "Pareto front of mean validation accuracy against lambda (smallest first)"),
+    ],
+)
 def test_leaderboard_command_table_wide_and_pareto(flags, first_line, study, smoke, monkeypatch, capsys):
     from nkat_search.cli import commands, main
 

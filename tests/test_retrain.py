@@ -13,6 +13,7 @@ from nkat_search.cli import commands, main
 from nkat_search.config import TrainConfig, UsageError
 from nkat_search.data.loader import load_splits
 from nkat_search.outputs import official as retrain
+from nkat_search.outputs import weights
 from nkat_search.outputs.tables import datasets_of
 from nkat_search.search import studies
 from nkat_search.search.study_file import load_study
@@ -28,8 +29,20 @@ def _one_thread():
 def test_report_writes_every_field(reported, capsys):
     folder, url, report = reported
     study, config = attach(url)
-    for key in ("study", "created", "split", "budget", "targets", "device", "device_name", "software", "trials",
-                "wall_seconds", "artifact_store", "data"):
+    for key in (
+        "study",
+        "created",
+        "split",
+        "budget",
+        "targets",
+        "device",
+        "device_name",
+        "software",
+        "trials",
+        "wall_seconds",
+        "artifact_store",
+        "data",
+    ):
         assert key in report, key
     assert report["split"] == "test" and report["budget"]["epochs"] == 1 and report["budget"]["source"] == "--epochs"
     assert {"python", "torch", "optuna"} <= set(report["software"])
@@ -58,14 +71,17 @@ def test_report_metrics_are_nkat_metrics_of_test_accuracies(reported):
     assert t["stage2"]["robustness"]["value"] == metrics.robustness(tpes)
     for check in t["stage2"].values():
         assert check["ok"] == (check["value"] >= check["target"])
-        assert check["short_by"] is None if check["ok"] else math.isclose(check["short_by"],
-                                                                           check["target"] - check["value"])
+        assert (
+            check["short_by"] is None
+            if check["ok"]
+            else math.isclose(check["short_by"], check["target"] - check["value"])
+        )
     # Test accuracies, not the search's validation ones: the saved weights scored again on the
     # test split give exactly the reported figure.
     folder, url, _ = reported
     _, config = attach(url)
     for r in t["datasets"]:
-        model = retrain.load_model(folder / "report" / r["weights"])
+        model = weights.load_model(folder / "report" / r["weights"])
         splits = load_splits(r["dataset"], config.data, "cpu")
         with one_thread():
             autocast = torch.bfloat16 if r["precision"] == "bfloat16" else None  # as the report trained and scored
@@ -85,10 +101,15 @@ def test_rerun_reuses_finished_datasets(reported, monkeypatch):
     assert all(r["reused"] for r in again["trials"][0]["datasets"])
     assert again["trials"][0]["stage2"] == first["trials"][0]["stage2"]
     # An interrupted report: one dataset's weights lost, only that one is trained again.
-    (folder / "report" / f"trial-{first['trials'][0]['trial']}" /
-     f"trial-{first['trials'][0]['trial']}-mnist.safetensors").unlink()
+    (
+        folder
+        / "report"
+        / f"trial-{first['trials'][0]['trial']}"
+        / f"trial-{first['trials'][0]['trial']}-mnist.safetensors"
+    ).unlink()
     assert commands.cmd_report(report_args(url, folder / "report", folder / "artifacts")) == 0
     assert len(calls) == 1 and calls[0][1].epochs == 1
+
     # Another budget is another run: it trains again from the first dataset.
     class Trained(Exception):
         pass
@@ -107,8 +128,8 @@ def test_artifact_round_trips(reported):
     study, config = attach(url)
     row = report["trials"][0]["datasets"][0]
     store = FileSystemArtifactStore(base_path=str(folder / "artifacts"))
-    from_file = retrain.load_model(row["weights"])
-    from_artifact = retrain.load_model(row["artifact_id"], artifact_store=store)
+    from_file = weights.load_model(row["weights"])
+    from_artifact = weights.load_model(row["artifact_id"], artifact_store=store)
     a, b = from_file.state_dict(), from_artifact.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     splits = load_splits(row["dataset"], config.data)
@@ -135,7 +156,7 @@ def test_no_completed_trials_is_a_usage_error(tmp_path):
 
 def test_missing_weights_file_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="not a file"):
-        retrain.load_model(tmp_path / "nothing.safetensors")
+        weights.load_model(tmp_path / "nothing.safetensors")
 
 
 def test_report_flags():

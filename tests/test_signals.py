@@ -89,18 +89,42 @@ def run_burst(folder, workers: int) -> Burst:
     # Many short Stage-1 epochs: the trial is still running when the burst arrives, and it reports
     # an epoch every few seconds, so the burst can land inside training or inside a storage write.
     path = folder / "tiny.toml"
-    path.write_text(TINY_STUDY.format(name="tiny", trials=2, gate=0.01).replace("epochs = 1\ngate", "epochs = 500\ngate"))
+    path.write_text(
+        TINY_STUDY.format(name="tiny", trials=2, gate=0.01).replace("epochs = 1\ngate", "epochs = 500\ngate")
+    )
     url = f"journal:{folder / 's.journal'}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "nkat_search.cli", "start", "--study", str(path), "--trials", "2",
-                             "--storage", url, "--workers", str(workers), "--gpus", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=folder,
-                            start_new_session=True, preexec_fn=child_signals)  # its own process group, as a shell job has
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nkat_search.cli",
+            "start",
+            "--study",
+            str(path),
+            "--trials",
+            "2",
+            "--storage",
+            url,
+            "--workers",
+            str(workers),
+            "--gpus",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=folder,
+        start_new_session=True,
+        preexec_fn=child_signals,
+    )  # its own process group, as a shell job has
     try:
         wait_for(lambda: _study_exists(folder / "s.journal", url), "the study to be created", 240, proc)
         study = optuna.load_study(study_name="tiny", storage=backends.open_storage(url, create=False))
-        running = wait_for(lambda: _running_in_training(study, workers), f"{workers} trial(s) running inside training",
-                           300, proc)
+        running = wait_for(
+            lambda: _running_in_training(study, workers), f"{workers} trial(s) running inside training", 300, proc
+        )
         sent = time.monotonic()
         pgid = os.getpgid(proc.pid)
         _burst(proc, pgid)

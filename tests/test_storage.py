@@ -59,10 +59,22 @@ def sqlite_url(tmp_path_factory) -> str:
 # Every call the worker loop makes into RDBStorage (Study and Trial reach some of them through
 # Optuna's _CachedStorage, which calls the private methods), and how many of its statements fail.
 STORAGE_CALLS = [
-    *((name, 1) for name in (
-        "get_study_id_from_name", "get_study_user_attrs", "_get_stale_trial_ids", "get_trial",
-        "get_trial_id_from_study_id_trial_number", "set_trial_user_attr", "set_trial_system_attr",
-        "record_heartbeat", "set_trial_intermediate_value", "set_trial_state_values", "_create_new_trial")),
+    *(
+        (name, 1)
+        for name in (
+            "get_study_id_from_name",
+            "get_study_user_attrs",
+            "_get_stale_trial_ids",
+            "get_trial",
+            "get_trial_id_from_study_id_trial_number",
+            "set_trial_user_attr",
+            "set_trial_system_attr",
+            "record_heartbeat",
+            "set_trial_intermediate_value",
+            "set_trial_state_values",
+            "_create_new_trial",
+        )
+    ),
     *((name, 1) for name in ("_get_trials", "_set_trial_param")),
     # Optuna's _create_new_trial tries five times within a few seconds, then raises; the worker
     # loop waits for the database and asks again.
@@ -72,8 +84,9 @@ STORAGE_CALLS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("call", "drops"), STORAGE_CALLS)
-def test_a_connection_dropped_in_any_storage_call_of_the_worker_loop_costs_no_trial(call, drops, sqlite_url,
-                                                                                   tiny_study):
+def test_a_connection_dropped_in_any_storage_call_of_the_worker_loop_costs_no_trial(
+    call, drops, sqlite_url, tiny_study
+):
     # The connection drops at the first statement of that call (nothing of it landed), `drops`
     # times in a row: the worker must go on (retrying the call, or asking again) and fail no trial.
     config = load_study(tiny_study(name=f"{call.strip('_').replace('_', '-')}-{drops}"))
@@ -147,11 +160,14 @@ def _peak_connections(port: int, dbname: str, stop: threading.Event, peaks: dict
     import psycopg
     from pg_server import PASSWORD, USER
 
-    with psycopg.connect(host="127.0.0.1", port=port, user=USER, password=PASSWORD, dbname="postgres",
-                         autocommit=True) as conn:
+    with psycopg.connect(
+        host="127.0.0.1", port=port, user=USER, password=PASSWORD, dbname="postgres", autocommit=True
+    ) as conn:
         while not stop.is_set():
-            rows = conn.execute("SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = %s "
-                                "GROUP BY application_name", (dbname,)).fetchall()
+            rows = conn.execute(
+                "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = %s GROUP BY application_name",
+                (dbname,),
+            ).fetchall()
             per_worker = {name: n for name, n in rows if name.startswith("worker-")}
             peaks["all"] = max(peaks.get("all", 0), sum(per_worker.values()))
             peaks["per_worker"] = max([peaks.get("per_worker", 0), *per_worker.values()])
@@ -191,11 +207,15 @@ def test_48_workers_fit_a_server_with_100_connections_and_finish_the_budget_exac
     assert codes == [0] * count, group.output(tail=1500)
     trials = assert_exact_budget(optuna.load_study(study_name="tiny", storage=backends.open_storage(url)), budget)
     assert not [t for t in trials if t.state == TrialState.FAIL]
-    print(f"\n48 workers: peak {peaks['all']} connections in all, at most {peaks['per_worker']} per worker, "
-          f"{peaks['workers_connected']} workers connected at once; "
-          f"{len({t.user_attrs['worker'] for t in trials})} workers ran trials")
+    print(
+        f"\n48 workers: peak {peaks['all']} connections in all, at most {peaks['per_worker']} per worker, "
+        f"{peaks['workers_connected']} workers connected at once; "
+        f"{len({t.user_attrs['worker'] for t in trials})} workers ran trials"
+    )
     assert peaks["workers_connected"] == count
-    assert peaks["per_worker"] <= urls.POOL_SIZE + urls.POOL_OVERFLOW + urls.LOCK_CONNECTIONS  # the bound storage.py states
+    assert (
+        peaks["per_worker"] <= urls.POOL_SIZE + urls.POOL_OVERFLOW + urls.LOCK_CONNECTIONS
+    )  # the bound storage.py states
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,12 +245,15 @@ def test_a_url_whose_password_holds_an_at_sign_is_masked_whole_and_refused(url, 
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("url, shown", [
-    ("postgresql+psycopg://nkat:pw@127.0.0.1:5432/x", "postgresql+psycopg://nkat:***@127.0.0.1:5432/x"),
-    ("postgresql+psycopg://nkat:SE%40CRET@127.0.0.1/x", "postgresql+psycopg://nkat:***@127.0.0.1/x"),
-    ("postgresql+psycopg://user@server:SECRET@host/x", "postgresql+psycopg://user%40server:***@host/x"),
-    ("sqlite:///folder@home/study@1.db", "sqlite:///folder@home/study@1.db"),
-])
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("postgresql+psycopg://nkat:pw@127.0.0.1:5432/x", "postgresql+psycopg://nkat:***@127.0.0.1:5432/x"),
+        ("postgresql+psycopg://nkat:SE%40CRET@127.0.0.1/x", "postgresql+psycopg://nkat:***@127.0.0.1/x"),
+        ("postgresql+psycopg://user@server:SECRET@host/x", "postgresql+psycopg://user%40server:***@host/x"),
+        ("sqlite:///folder@home/study@1.db", "sqlite:///folder@home/study@1.db"),
+    ],
+)
 def test_a_url_that_reads_one_way_is_shown_with_its_password_masked(url, shown):
     assert urls.mask(url) == shown
     assert urls.parse_url(url) is not None
@@ -239,8 +262,10 @@ def test_a_url_that_reads_one_way_is_shown_with_its_password_masked(url, shown):
 def test_masking_a_message_leaves_its_words_alone_when_the_password_is_short():
     text = "connection to server at 127.0.0.1 failed: password authentication failed for user nkat"
     assert urls.mask_text(text, "postgresql+psycopg://nkat:e@127.0.0.1/x") == text
-    assert urls.mask_text("rejected hunter22 as a password", "postgresql://nkat:hunter22@h/x") == \
-        "rejected *** as a password"
+    assert (
+        urls.mask_text("rejected hunter22 as a password", "postgresql://nkat:hunter22@h/x")
+        == "rejected *** as a password"
+    )
 
 
 @pytest.mark.parametrize("create", [True, False])

@@ -73,14 +73,23 @@ def test_generation_is_fast():
 
 
 def _tiny_cnn(channels: int, classes: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(channels, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.GELU(),
-                         nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.GELU(), nn.Flatten(), nn.LazyLinear(classes))
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 3, 2, 1),
+        nn.BatchNorm2d(16),
+        nn.GELU(),
+        nn.Conv2d(16, 32, 3, 2, 1),
+        nn.BatchNorm2d(32),
+        nn.GELU(),
+        nn.Flatten(),
+        nn.LazyLinear(classes),
+    )
 
 
 # Measured with this test's recipe (about 1-2 s each): cifar10 0.73, mnist 1.00, fashion_mnist 1.00, emnist_letters 0.95.
 @pytest.mark.slow
-@pytest.mark.parametrize("name, at_least", [("cifar10", 0.5), ("mnist", 0.8), ("fashion_mnist", 0.8),
-                                            ("emnist_letters", 0.6)])
+@pytest.mark.parametrize(
+    "name, at_least", [("cifar10", 0.5), ("mnist", 0.8), ("fashion_mnist", 0.8), ("emnist_letters", 0.6)]
+)
 def test_classes_are_learnable_by_a_tiny_model_in_seconds(name, at_least):
     spec = DATASETS[name]
     torch.manual_seed(0)

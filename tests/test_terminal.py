@@ -35,9 +35,16 @@ def on_terminal(*args: str, cwd, timeout: float = 180) -> tuple[int, list[str]]:
     env = {key: value for key, value in os.environ.items() if key not in RICH_OVERRIDES}
     # This checkout's code, whatever the current folder (the study's, here) and the environment hold.
     path = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen([sys.executable, "-m", "nkat_search.cli", *args], stdin=slave, stdout=slave,
-                            stderr=slave, cwd=cwd, env={**env, "TERM": "xterm-256color", "PYTHONPATH": path},
-                            start_new_session=True, preexec_fn=child_signals)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nkat_search.cli", *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        cwd=cwd,
+        env={**env, "TERM": "xterm-256color", "PYTHONPATH": path},
+        start_new_session=True,
+        preexec_fn=child_signals,
+    )
     os.close(slave)
     screen = pyte.HistoryScreen(COLUMNS, ROWS, history=10_000)
     stream = pyte.ByteStream(screen)
@@ -81,19 +88,33 @@ def test_the_final_screen_holds_one_line_per_trial_and_the_counts_once(tiny_stud
     finished trial, the log lines, each on a line of its own, and the display's last frame once.
     With worker processes the parent owns the terminal and prints the workers' lines."""
     trials = 4
-    code, lines = on_terminal("start", "--study", tiny_study(trials=trials), "--trials", str(trials), "--workers",
-                              str(workers), "--storage", f"journal:{tmp_path / 'tiny.journal'}", cwd=tmp_path)
+    code, lines = on_terminal(
+        "start",
+        "--study",
+        tiny_study(trials=trials),
+        "--trials",
+        str(trials),
+        "--workers",
+        str(workers),
+        "--storage",
+        f"journal:{tmp_path / 'tiny.journal'}",
+        cwd=tmp_path,
+    )
     screen = "\n".join(lines)
     assert code == 0, screen
     # One line per trial: its number, its state, then its value or its reason, and its time.
-    ended = [m for line in lines if (m := re.search(r"\btrial (\d+) (complete|pruned|failed)( by \w+ \w+)? after ",
-                                                    line))]
+    ended = [
+        m for line in lines if (m := re.search(r"\btrial (\d+) (complete|pruned|failed)( by \w+ \w+)? after ", line))
+    ]
     assert sorted(int(m.group(1)) for m in ended) == list(range(trials)), screen
     # The counts and the best so far: the display's last frame, once, not a copy left per redraw.
     counts = [line for line in lines if line.startswith("tiny: ")]
     assert len(counts) == 1, screen
-    assert re.fullmatch(rf"tiny: {trials} of {trials} finished, running 0, pruned \d+ \(pruner \d+, gate \d+\), "
-                        r"failed 0", counts[0]), screen
+    assert re.fullmatch(
+        rf"tiny: {trials} of {trials} finished, running 0, pruned \d+ \(pruner \d+, gate \d+\), "
+        r"failed 0",
+        counts[0],
+    ), screen
     assert sum("best Global TPE" in line for line in lines) == 1, screen
     # No line written into another: a log line starts its screen line and is the only one on it,
     # and no running trial's row (its epoch bar) is left behind.

@@ -77,8 +77,19 @@ def test_test_split_is_used_only_when_asked(splits):
 
 def test_summary_has_the_documented_json_fields(splits):
     summary = fit(TINY, ONE_EPOCH, splits).summary()
-    for key in ("dataset", "accuracy", "test_accuracy", "params", "lambda", "local_tpe", "epochs", "seconds",
-                "images_per_second", "precision", "device"):
+    for key in (
+        "dataset",
+        "accuracy",
+        "test_accuracy",
+        "params",
+        "lambda",
+        "local_tpe",
+        "epochs",
+        "seconds",
+        "images_per_second",
+        "precision",
+        "device",
+    ):
         assert key in summary
     assert summary["lambda"] == summary["params"] / 1e6
     assert summary["precision"] == "float32" and summary["device"] == "cpu"
@@ -94,9 +105,15 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
 CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx2 avx512f {extra}\n"
 
 
-@pytest.mark.parametrize("extra, found", [("", ()), ("avx512_bf16", ("avx512_bf16",)),
-                                          ("amx_tile amx_bf16", ("amx_bf16",)),
-                                          ("avx512_bf16 amx_bf16", ("avx512_bf16", "amx_bf16"))])
+@pytest.mark.parametrize(
+    "extra, found",
+    [
+        ("", ()),
+        ("avx512_bf16", ("avx512_bf16",)),
+        ("amx_tile amx_bf16", ("amx_bf16",)),
+        ("avx512_bf16 amx_bf16", ("avx512_bf16", "amx_bf16")),
+    ],
+)
 def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, extra, found):
     path = tmp_path / "cpuinfo"
     path.write_text(CPUINFO.format(extra=extra))
@@ -107,16 +124,19 @@ def test_without_a_cpuinfo_the_flags_are_unknown(tmp_path):
     assert devices.cpu_bf16_flags(str(tmp_path / "absent")) is None
 
 
-@pytest.mark.parametrize("precision, device, flags, dtype, why", [
-    ("auto", "cpu", ("avx512_bf16",), torch.bfloat16, "native bf16 (avx512_bf16)"),
-    ("auto", "cpu", ("amx_bf16",), torch.bfloat16, "native bf16 (amx_bf16)"),
-    ("auto", "cpu", (), None, "no native bf16"),
-    ("auto", "cpu", None, None, "does not show the CPU's flags"),
-    ("auto", "cuda", (), torch.bfloat16, "CUDA"),
-    ("auto", "mps", ("avx512_bf16",), None, "fp32 on mps"),
-    ("fp32", "cpu", ("avx512_bf16",), None, "fp32 asked for"),
-    ("bf16", "cpu", (), torch.bfloat16, "bf16 asked for"),
-])
+@pytest.mark.parametrize(
+    "precision, device, flags, dtype, why",
+    [
+        ("auto", "cpu", ("avx512_bf16",), torch.bfloat16, "native bf16 (avx512_bf16)"),
+        ("auto", "cpu", ("amx_bf16",), torch.bfloat16, "native bf16 (amx_bf16)"),
+        ("auto", "cpu", (), None, "no native bf16"),
+        ("auto", "cpu", None, None, "does not show the CPU's flags"),
+        ("auto", "cuda", (), torch.bfloat16, "CUDA"),
+        ("auto", "mps", ("avx512_bf16",), None, "fp32 on mps"),
+        ("fp32", "cpu", ("avx512_bf16",), None, "fp32 asked for"),
+        ("bf16", "cpu", (), torch.bfloat16, "bf16 asked for"),
+    ],
+)
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, precision, device, flags, dtype, why):
     monkeypatch.setattr(devices, "cpu_bf16_flags", lambda: flags)
     got, reason = choose_precision(precision, torch.device(device))
@@ -174,4 +194,6 @@ def test_a_compile_mode_compiles_the_step_model():
     plain = train.TrainStep(TINY, cfg, torch.device("cpu"), 1)
     graphs = train.TrainStep(TINY, cfg, torch.device("cpu"), 1, compile_mode="reduce-overhead")
     assert plain.step_model is plain.model
-    assert graphs.step_model is not graphs.model and graphs.step_model._orig_mod is graphs.model  # torch.compile's wrapper
+    assert (
+        graphs.step_model is not graphs.model and graphs.step_model._orig_mod is graphs.model
+    )  # torch.compile's wrapper

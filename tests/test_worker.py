@@ -50,8 +50,10 @@ def test_a_signal_fails_the_running_trial_as_interrupted_and_queues_it_again(tin
     assert cli("start", "--study", path, "--storage", url, "--workers", "0").returncode == 0
     worker = spawn("worker", "--storage", url)
     study = _load(url, "tiny")
-    wait_for(lambda: study.get_trials(states=(TrialState.RUNNING,))
-              and study.get_trials()[0].intermediate_values, what="a running trial")
+    wait_for(
+        lambda: study.get_trials(states=(TrialState.RUNNING,)) and study.get_trials()[0].intermediate_values,
+        what="a running trial",
+    )
     sent = time.monotonic()
     worker.send_signal(sig)
     out = worker.communicate(timeout=30)[0]
@@ -110,13 +112,26 @@ def test_max_failures_reaches_every_worker_process_of_start(tiny_study, tmp_path
         "import nkat_search.search.objective\n"
         "def fit(*args, **kwargs):\n"
         "    raise RuntimeError('CUDA out of memory (simulated)')\n"
-        "nkat_search.search.objective.fit = fit\n")
+        "nkat_search.search.objective.fit = fit\n"
+    )
     url = f"journal:{tmp_path / 's.journal'}"
-    run = cli("start", "--study", tiny_study(trials=10), "--storage", url, "--workers", "2", "--max-failures", "1",
-              env={"PYTHONPATH": str(tmp_path)})
+    run = cli(
+        "start",
+        "--study",
+        tiny_study(trials=10),
+        "--storage",
+        url,
+        "--workers",
+        "2",
+        "--max-failures",
+        "1",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert "1 trial in a row failed" in run.stderr
-    failed = optuna.load_study(study_name="tiny", storage=backends.open_storage(url)).get_trials(states=(TrialState.FAIL,))
+    failed = optuna.load_study(study_name="tiny", storage=backends.open_storage(url)).get_trials(
+        states=(TrialState.FAIL,)
+    )
     assert [t.user_attrs["fail_reason"] for t in failed] == ["RuntimeError: CUDA out of memory (simulated)"] * 2
 
 
@@ -149,8 +164,14 @@ def _run_trivial(url: str, name: str) -> optuna.Study:
 
     store = backends.open_storage(url, create=False)
     study, config = studies.attach(store, url, name)
-    assert worker.run_loop(worker.Worker(study, store, url, config),
-                           lambda trial: space.suggest(trial, config)["embed_dim"] / 16, poll_seconds=0.1) == 0
+    assert (
+        worker.run_loop(
+            worker.Worker(study, store, url, config),
+            lambda trial: space.suggest(trial, config)["embed_dim"] / 16,
+            poll_seconds=0.1,
+        )
+        == 0
+    )
     return study
 
 
@@ -177,8 +198,9 @@ def test_warm_start_adds_history_outside_the_budget_and_refuses_a_misfit(tiny_st
     warm = [t for t in study.get_trials() if studies.is_warm_start(t)]
     assert len(warm) == 3 and all(t.state == TrialState.COMPLETE for t in warm)
     assert len([t for t in study.get_trials() if not studies.is_warm_start(t)]) == 2  # the budget, run here
-    narrow = dataclasses_replace_space(load_study(tiny_study(name="third", trials=2)), "temperature",
-                                       low=0.99, high=1.0)
+    narrow = dataclasses_replace_space(
+        load_study(tiny_study(name="third", trials=2)), "temperature", low=0.99, high=1.0
+    )
     with pytest.raises(UsageError, match="outside this study's ranges"):
         studies.create_or_resume(backends.open_storage(url), url, narrow, 2, warm_start_from="first")
     with pytest.raises(UsageError, match="no such study"):

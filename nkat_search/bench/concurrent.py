@@ -50,7 +50,9 @@ def study_jobs(study, count: int, seed: int = 0) -> list[Job]:
     jobs = []
     for _ in range(count):
         params = suggest(draws.ask(), study)
-        stages = [(study.stage1_dataset, study.stage1_epochs)] + [(d, study.stage2_epochs) for d in study.stage2_datasets]
+        stages = [(study.stage1_dataset, study.stage1_epochs)] + [
+            (d, study.stage2_epochs) for d in study.stage2_datasets
+        ]
         jobs.append(Job(tuple((d, *study.configs_for(params, d, epochs)) for d, epochs in stages)))
     return jobs
 
@@ -61,8 +63,18 @@ def _trained_images(splits: Splits, cfg: TrainConfig) -> int:
     return cfg.epochs * min(steps, cfg.limit_train or steps) * min(cfg.batch_size, n)
 
 
-def _child(device: str, sharing: str, folder: str, cores: int, data: DataConfig, datasets: tuple[str, ...],
-           warm: Job | None, jobs, barrier, results) -> None:
+def _child(
+    device: str,
+    sharing: str,
+    folder: str,
+    cores: int,
+    data: DataConfig,
+    datasets: tuple[str, ...],
+    warm: Job | None,
+    jobs,
+    barrier,
+    results,
+) -> None:
     """One concurrent benchmark process. sharing: "on" joins the host registry and takes its share
     of the cores before each job; "off" takes every core (torch's default in a fresh process,
     set explicitly so an inherited OMP_NUM_THREADS does not decide); "device" leaves torch as it is.
@@ -83,15 +95,31 @@ def _child(device: str, sharing: str, folder: str, cores: int, data: DataConfig,
             threads = share.threads_for_next_trial() if share is not None else torch.get_num_threads()
             start, cpu = time.perf_counter(), time.process_time()
             images = job.run(splits)
-            results.put({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-                         "images": images, "threads": threads, "pid": os.getpid()})
+            results.put(
+                {
+                    "seconds": time.perf_counter() - start,
+                    "cpu_seconds": time.process_time() - cpu,
+                    "images": images,
+                    "threads": threads,
+                    "pid": os.getpid(),
+                }
+            )
     finally:
         if share is not None:
             share.leave()
 
 
-def run_concurrent(jobs: list[Job], count: int, *, device: str, sharing: str, data: DataConfig,
-                   cores: int, folder: str, warm: bool = False) -> dict:
+def run_concurrent(
+    jobs: list[Job],
+    count: int,
+    *,
+    device: str,
+    sharing: str,
+    data: DataConfig,
+    cores: int,
+    folder: str,
+    warm: bool = False,
+) -> dict:
     """Run `jobs` in `count` concurrent spawned processes that take them from one queue; wall time
     from the moment every process is ready (imports and data done; with warm, the first job run
     once, untimed) until the last job ends."""
@@ -102,20 +130,14 @@ def run_concurrent(jobs: list[Job], count: int, *, device: str, sharing: str, da
     for _ in range(count):
         todo.put(None)
     datasets = tuple(sorted({run[0] for job in jobs for run in job.runs}))
-    procs = [ctx.Process(target=_child, args=(device, sharing, folder, cores, data, datasets, jobs[0] if warm else None,
-                                              todo, barrier, results))
-             for _ in range(count)]
-    # The children start with SIGINT ignored (an ignored signal stays ignored across exec, and Python
-    # then installs no handler of its own): Ctrl-C reaches the whole process group, and the parent
-    # alone should handle it, not every child with a traceback from wherever its import was.
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
+    procs = [
+        ctx.Process(
+            target=_child,
+            args=(device, sharing, folder, cores, data, datasets, jobs[0] if warm else None, todo, barrier, results),
+        )
+        for _ in range(count)
+    ]
+    _start_ignoring_sigint(procs)
     finished = False
     try:
         barrier.wait(timeout=900)
@@ -137,12 +159,38 @@ def run_concurrent(jobs: list[Job], count: int, *, device: str, sharing: str, da
             p.join(timeout=60)
             if p.is_alive():
                 p.terminate()
+    return _summary(done, count, sharing, len(jobs), seconds)
+
+
+def _start_ignoring_sigint(procs: list) -> None:
+    """Start the children with SIGINT ignored (an ignored signal stays ignored across exec, and
+    Python then installs no handler of its own): Ctrl-C reaches the whole process group, and the
+    parent alone should handle it, not every child with a traceback from wherever its import was."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _summary(done: list[dict], count: int, sharing: str, jobs: int, seconds: float) -> dict:
     cpu = sum(r["cpu_seconds"] for r in done)
-    return {"processes": count, "sharing": sharing, "jobs": len(jobs), "seconds": seconds, "cpu_seconds": cpu,
-            "load_average": psutil.getloadavg()[0],
-            "jobs_per_minute": 60 * len(jobs) / seconds, "jobs_per_cpu_minute": 60 * len(jobs) / cpu,
-            "img_per_s": sum(r["images"] for r in done) / seconds, "threads": sorted({r["threads"] for r in done}),
-            "job_seconds": statistics.median(r["seconds"] for r in done)}
+    return {
+        "processes": count,
+        "sharing": sharing,
+        "jobs": jobs,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "load_average": psutil.getloadavg()[0],
+        "jobs_per_minute": 60 * jobs / seconds,
+        "jobs_per_cpu_minute": 60 * jobs / cpu,
+        "img_per_s": sum(r["images"] for r in done) / seconds,
+        "threads": sorted({r["threads"] for r in done}),
+        "job_seconds": statistics.median(r["seconds"] for r in done),
+    }
 
 
 def bench_share(study_ref: str, counts: tuple[int, ...], jobs: int) -> dict:
@@ -157,17 +205,34 @@ def bench_share(study_ref: str, counts: tuple[int, ...], jobs: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         for count in counts:
             for sharing in ("on", "off"):
-                rows.append(run_concurrent(work, count, device="cpu", sharing=sharing, data=study.data, cores=cores,
-                                           folder=folder))
+                rows.append(
+                    run_concurrent(
+                        work, count, device="cpu", sharing=sharing, data=study.data, cores=cores, folder=folder
+                    )
+                )
     base = next(r["jobs_per_minute"] for r in rows if r["processes"] == min(counts) and r["sharing"] == "on")
     for row in rows:
         row["vs_one_shared"] = row["jobs_per_minute"] / base
-    return {"study": study.name, "cores": cores, "jobs": jobs, "rows": rows,
-            "precision": dict(zip(("dtype", "reason"), _precision_of(study.train.precision, torch.device("cpu"))))}
+    return {
+        "study": study.name,
+        "cores": cores,
+        "jobs": jobs,
+        "rows": rows,
+        "precision": dict(zip(("dtype", "reason"), _precision_of(study.train.precision, torch.device("cpu")))),
+    }
 
 
-def bench_procs(model_cfg: ModelConfig, device: torch.device, *, counts: tuple[int, ...], jobs: int, images: int,
-                eval_images: int, batch: int, precision: str) -> dict:
+def bench_procs(
+    model_cfg: ModelConfig,
+    device: torch.device,
+    *,
+    counts: tuple[int, ...],
+    jobs: int,
+    images: int,
+    eval_images: int,
+    batch: int,
+    precision: str,
+) -> dict:
     """K concurrent training processes on one device: aggregate img/s and jobs per hour, a job being
     one epoch of `images` synthetic CIFAR-10 images plus one evaluation (fit), after one untimed
     job per process. On CUDA also with the model compiled with mode="reduce-overhead" (CUDA
@@ -181,11 +246,22 @@ def bench_procs(model_cfg: ModelConfig, device: torch.device, *, counts: tuple[i
     with tempfile.TemporaryDirectory() as folder:
         for count in counts:
             for name, mode in variants.items():
-                row = run_concurrent([Job((run,), mode)] * jobs, count, device=str(device), warm=True, data=data,
-                                     sharing="device" if device.type != "cpu" else "on", cores=os.cpu_count() or 1,
-                                     folder=folder)
+                row = run_concurrent(
+                    [Job((run,), mode)] * jobs,
+                    count,
+                    device=str(device),
+                    warm=True,
+                    data=data,
+                    sharing="device" if device.type != "cpu" else "on",
+                    cores=os.cpu_count() or 1,
+                    folder=folder,
+                )
                 row["variant"] = name
                 row["jobs_per_hour"] = 60 * row.pop("jobs_per_minute")
                 rows.append(row)
-    return {"batch": batch, "images_per_job": images, "rows": rows,
-            "precision": dict(zip(("dtype", "reason"), _precision_of(precision, device)))}
+    return {
+        "batch": batch,
+        "images_per_job": images,
+        "rows": rows,
+        "precision": dict(zip(("dtype", "reason"), _precision_of(precision, device))),
+    }

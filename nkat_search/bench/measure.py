@@ -53,16 +53,7 @@ def measure(options: BenchOptions) -> dict:
     model_cfg = options.model()
     train_cfg = TrainConfig(batch_size=batch, precision=options.precision, compile=options.compile)
     dtype, reason = choose_precision(options.precision, device)
-    bf16 = devices.cpu_bf16_flags()
-    out: dict = {
-        "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu": {"name": cpu_name(), "cores": psutil.cpu_count() or os.cpu_count(),
-                "native_bf16": list(bf16) if bf16 is not None else None},
-        "precision": {"asked": options.precision, "dtype": _dtype_name(dtype), "reason": reason},
-        "config": {"model": dataclasses.asdict(model_cfg), "batch_size": batch, "steps": options.steps,
-                   "warmup": options.warmup, "repeats": options.repeats, "compile": options.compile,
-                   "sections": list(sections)},
-    }
+    out = _header(options, device, model_cfg, batch, dtype, reason)
     reference = research_pipeline(options.reference) if {"train", "augment"} & set(sections) else None
     if "storage" in sections:
         with tempfile.TemporaryDirectory() as tmp:
@@ -71,20 +62,65 @@ def measure(options: BenchOptions) -> dict:
     if {"train", "augment", "eval"} & set(sections):
         splits = synthetic_splits("cifar10", max(options.images, batch), options.eval_images, device)
     if "augment" in sections:
-        out["augment"] = bench_augment(splits, train_cfg, batch=options.augment_batch, images=options.images,
-                                       repeats=options.repeats, reference=reference)
+        out["augment"] = bench_augment(
+            splits,
+            train_cfg,
+            batch=options.augment_batch,
+            images=options.images,
+            repeats=options.repeats,
+            reference=reference,
+        )
     if "eval" in sections:
         out["eval"] = bench_eval(model_cfg, splits, batch=batch, repeats=options.repeats, precision=options.precision)
     if "train" in sections:
-        out["train"] = bench_train(model_cfg, train_cfg, splits, steps=options.steps, warmup=options.warmup,
-                                   repeats=options.repeats, reference=reference)
+        out["train"] = bench_train(
+            model_cfg,
+            train_cfg,
+            splits,
+            steps=options.steps,
+            warmup=options.warmup,
+            repeats=options.repeats,
+            reference=reference,
+        )
         out["memory"] = out["train"].pop("memory")
     if "search" in sections:  # as a worker: its share of the host's cores, unless --threads says
         out["search"] = bench_search(options.study, options.trials, device, share=options.threads is None)
     if "share" in sections:
         out["share"] = bench_share(options.study, options.processes or SHARE_PROCESSES, options.jobs)
     if "procs" in sections:
-        out["procs"] = bench_procs(model_cfg, device, counts=options.processes or PROCS_PROCESSES, jobs=options.jobs,
-                                   images=options.images, eval_images=options.eval_images,
-                                   batch=options.batch_size or TrainConfig().batch_size, precision=options.precision)
+        out["procs"] = bench_procs(
+            model_cfg,
+            device,
+            counts=options.processes or PROCS_PROCESSES,
+            jobs=options.jobs,
+            images=options.images,
+            eval_images=options.eval_images,
+            batch=options.batch_size or TrainConfig().batch_size,
+            precision=options.precision,
+        )
     return out
+
+
+def _header(options: BenchOptions, device, model_cfg, batch: int, dtype, reason: str) -> dict:
+    """What was measured, on what: the device, torch, the CPU, the precision and the config."""
+    bf16 = devices.cpu_bf16_flags()
+    return {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": {
+            "name": cpu_name(),
+            "cores": psutil.cpu_count() or os.cpu_count(),
+            "native_bf16": list(bf16) if bf16 is not None else None,
+        },
+        "precision": {"asked": options.precision, "dtype": _dtype_name(dtype), "reason": reason},
+        "config": {
+            "model": dataclasses.asdict(model_cfg),
+            "batch_size": batch,
+            "steps": options.steps,
+            "warmup": options.warmup,
+            "repeats": options.repeats,
+            "compile": options.compile,
+            "sections": list(options.sections),
+        },
+    }

@@ -28,15 +28,19 @@ class BenchOptions:
     """What `nkat-search bench` measures and how; the command's flags are made from these fields."""
 
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
-    precision: str = opt("auto", "auto: bf16 autocast on CUDA and on CPUs with native bf16 (the table says "
-                                 "which and why), else fp32", choices=PRECISIONS)
+    precision: str = opt(
+        "auto",
+        "auto: bf16 autocast on CUDA and on CPUs with native bf16 (the table says which and why), else fp32",
+        choices=PRECISIONS,
+    )
     batch_size: int | None = opt(None, "images per step [32 on the CPU, 512 on CUDA; 128 in procs]")
     steps: int = opt(4, "timed steps per variant per round")
     warmup: int = opt(2, "untimed steps per variant first")
     repeats: int = opt(3, "rounds; figures are their median")
     augment_batch: int = opt(512, "batch of the augment figure; GPU-sized, where the pipeline matters")
-    threads: int | None = opt(None, "torch intra-op threads of this process; 1 is steadier on a shared machine "
-                                    "[torch's default]")
+    threads: int | None = opt(
+        None, "torch intra-op threads of this process; 1 is steadier on a shared machine [torch's default]"
+    )
     images: int = opt(1024, "synthetic training images (train, augment, procs)")
     eval_images: int = opt(256, "images per evaluation pass")
     conv_stem: str = opt(MODEL.conv_stem, "conv stem of the benchmarked model", choices=CONV_STEMS)
@@ -47,22 +51,42 @@ class BenchOptions:
     storage: str | None = opt(None, "storage URL to time ask+tell on [a temporary journal file]")
     storage_procs: int = opt(8, "concurrent processes of the storage figure")
     storage_ops: int = opt(20, "ask+tell pairs per process")
-    only: tuple[str, ...] = opt(SECTIONS, "sections to run: " + ", ".join(ALL_SECTIONS) + " (the last three "
-                                          "take minutes)", choices=ALL_SECTIONS)
-    search: bool = opt(False, "time a search of --study instead, through the worker's loop: where each "
-                              "trial's time goes (the same as --only search)")
+    only: tuple[str, ...] = opt(
+        SECTIONS, "sections to run: " + ", ".join(ALL_SECTIONS) + " (the last three take minutes)", choices=ALL_SECTIONS
+    )
+    search: bool = opt(
+        False,
+        "time a search of --study instead, through the worker's loop: where each "
+        "trial's time goes (the same as --only search)",
+    )
     study: str = opt("smoke", "study of the search and share sections: a packaged name or a file")
     trials: int = opt(12, "trials of the search section")
-    processes: tuple[int, ...] | None = opt(None, "concurrent processes of share and procs "
-                                                  "[share: 1 2 3; procs: 1 2 4]")
+    processes: tuple[int, ...] | None = opt(
+        None, "concurrent processes of share and procs [share: 1 2 3; procs: 1 2 4]"
+    )
     jobs: int = opt(6, "training jobs per process count in share and procs")
-    reference: str | None = opt(None, "file of the research-style pipeline [benchmarks/research_pipeline.py of "
-                                      "this checkout, else of the working directory]")
+    reference: str | None = opt(
+        None,
+        "file of the research-style pipeline [benchmarks/research_pipeline.py of "
+        "this checkout, else of the working directory]",
+    )
 
     def __post_init__(self) -> None:
         check_types(self)
-        for name in ("steps", "repeats", "augment_batch", "images", "eval_images", "storage_procs", "storage_ops",
-                     "trials", "jobs", "patch_size", "embed_dim", "depth"):
+        for name in (
+            "steps",
+            "repeats",
+            "augment_batch",
+            "images",
+            "eval_images",
+            "storage_procs",
+            "storage_ops",
+            "trials",
+            "jobs",
+            "patch_size",
+            "embed_dim",
+            "depth",
+        ):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         for name in ("warmup",):
@@ -82,5 +106,6 @@ class BenchOptions:
         return ("search",) if self.search else self.only
 
     def model(self) -> ModelConfig:
-        return ModelConfig(conv_stem=self.conv_stem, patch_size=self.patch_size, embed_dim=self.embed_dim,
-                           depth=self.depth)
+        return ModelConfig(
+            conv_stem=self.conv_stem, patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth
+        )

@@ -71,7 +71,6 @@ def bench_search(study_ref, trials: int, device: torch.device, share: bool = Tru
     trial, as a worker does; without, torch's threads stay as they are."""
     import optuna
 
-    from ..outputs.dashboard import annotate_trial
     from ..search import worker
     from ..search.hostshare import HostShare
     from ..search.objective import make_objective
@@ -92,29 +91,53 @@ def bench_search(study_ref, trials: int, device: torch.device, share: bool = Tru
             with timer.phase("objective"):
                 return inner(trial)
 
-        rows: list[dict] = []
-        mark = [_stamp(timer)]
-
-        def on_end(frozen) -> None:
-            with timer.phase("dashboard note"):
-                annotate_trial(study, frozen)
-            now = _stamp(timer)
-            rows.append({"trial": frozen.number, "state": frozen.state.name, "value": frozen.value,
-                         "prune_reason": frozen.user_attrs.get("prune_reason"), **_since(mark[0], now)})
-            mark[0] = now
-
         # From here on: the storage calls of attach above are not the loop's.
         begin = _stamp(timer)
-        mark[0] = begin
+        rows = _TrialRows(study, timer, begin)
         with HostShare(str(device)) if share else contextlib.nullcontext() as member:
-            worker.run_loop(worker.Worker(study, store, url, config), objective, poll_seconds=0.1, on_end=on_end,
-                            before_trial=member.threads_for_next_trial if member is not None else None)
+            worker.run_loop(
+                worker.Worker(study, store, url, config),
+                objective,
+                poll_seconds=0.1,
+                on_end=rows.on_end,
+                before_trial=member.threads_for_next_trial if member is not None else None,
+            )
         total = _since(begin, _stamp(timer))
-    return {"study": config.name, "trials": len(rows), **total, "trials_per_minute": 60 * len(rows) / total["seconds"],
-            "storage_calls": _storage_calls(timer),
-            "startup": {"import_seconds": startup, "open_and_attach_seconds": attach_seconds},
-            "per_trial": rows,
-            "precision": dict(zip(("dtype", "reason"), _precision_of(config.train.precision, device)))}
+    return {
+        "study": config.name,
+        "trials": len(rows.rows),
+        **total,
+        "trials_per_minute": 60 * len(rows.rows) / total["seconds"],
+        "storage_calls": _storage_calls(timer),
+        "startup": {"import_seconds": startup, "open_and_attach_seconds": attach_seconds},
+        "per_trial": rows.rows,
+        "precision": dict(zip(("dtype", "reason"), _precision_of(config.train.precision, device))),
+    }
+
+
+class _TrialRows:
+    """One row per finished trial: its state, value and the timers' phases since the last one."""
+
+    def __init__(self, study, timer: Timings, begin: _Stamp) -> None:
+        self.study, self.timer, self.mark = study, timer, begin
+        self.rows: list[dict] = []
+
+    def on_end(self, frozen) -> None:
+        from ..outputs.dashboard import annotate_trial
+
+        with self.timer.phase("dashboard note"):
+            annotate_trial(self.study, frozen)
+        now = _stamp(self.timer)
+        self.rows.append(
+            {
+                "trial": frozen.number,
+                "state": frozen.state.name,
+                "value": frozen.value,
+                "prune_reason": frozen.user_attrs.get("prune_reason"),
+                **_since(self.mark, now),
+            }
+        )
+        self.mark = now
 
 
 def _timed_study(url: str, config: StudyConfig, trials: int, timer: Timings):
@@ -146,8 +169,11 @@ def _timed_load(config: StudyConfig, device: torch.device, timer: Timings) -> Ca
 
 def _storage_calls(timer: Timings) -> dict:
     """Seconds and calls of each storage method, the costliest first."""
-    return {k.removeprefix("storage "): {"seconds": timer.seconds[k], "calls": timer.calls[k]}
-            for k in sorted(timer.seconds, key=lambda k: -timer.seconds[k]) if k.startswith("storage ")}
+    return {
+        k.removeprefix("storage "): {"seconds": timer.seconds[k], "calls": timer.calls[k]}
+        for k in sorted(timer.seconds, key=lambda k: -timer.seconds[k])
+        if k.startswith("storage ")
+    }
 
 
 # Wall and CPU seconds, then Timings.snapshot(): wall and CPU seconds by phase.

@@ -15,8 +15,16 @@ from ..train import TrainStep, evaluate
 from .timing import NO_REFERENCE, _cycle, _dtype_name, interleaved, peak_memory
 
 
-def bench_train(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, *, steps: int, warmup: int,
-                repeats: int, reference=None) -> dict:
+def bench_train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    splits: Splits,
+    *,
+    steps: int,
+    warmup: int,
+    repeats: int,
+    reference=None,
+) -> dict:
     """The real step (TrainStep over BatchLoader, at train_cfg's precision) beside the bare step
     (fixed batch; forward, backward, AdamW) and, with a reference module, the research-style
     pipeline at fp32, as the research ran it. The real step also runs at the other precision where
@@ -25,8 +33,9 @@ def bench_train(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, 
     if batch > len(splits.train_x):
         raise UsageError(f"batch size {batch} exceeds the {len(splits.train_x)} benchmark images; lower --batch-size.")
     torch.manual_seed(train_cfg.seed)
-    loader = BatchLoader(splits.train_x, splits.train_y, splits.spec, batch, train=True, train_cfg=train_cfg,
-                         seed=train_cfg.seed)
+    loader = BatchLoader(
+        splits.train_x, splits.train_y, splits.spec, batch, train=True, train_cfg=train_cfg, seed=train_cfg.seed
+    )
     batches = _cycle(loader)
     step = TrainStep(model_cfg, train_cfg, device, len(loader))
     step.model.train()
@@ -35,16 +44,7 @@ def bench_train(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, 
     def real() -> None:
         losses.append(step(*next(batches)))
 
-    fixed_x, fixed_y = next(iter(BatchLoader(splits.train_x, splits.train_y, splits.spec, batch, train=False)))
-
-    def bare() -> None:
-        with torch.autocast(device.type, dtype=step.autocast or torch.float32, enabled=step.autocast is not None):
-            loss = step.criterion(step.model(fixed_x), fixed_y)
-        step.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        step.optimizer.step()
-
-    variants = {"real": real, "bare": bare}
+    variants = {"real": real, "bare": _bare_step(step, splits, batch)}
     precision = {"real": _dtype_name(step.autocast), "bare": _dtype_name(step.autocast)}
     other = _other_precision(train_cfg, step.autocast, device)
     if other is not None:
@@ -74,6 +74,21 @@ def bench_train(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, 
     return result
 
 
+def _bare_step(step: TrainStep, splits: Splits, batch: int):
+    """The step with nothing around it: one fixed batch; forward, backward, AdamW."""
+    device = splits.train_x.device
+    fixed_x, fixed_y = next(iter(BatchLoader(splits.train_x, splits.train_y, splits.spec, batch, train=False)))
+
+    def bare() -> None:
+        with torch.autocast(device.type, dtype=step.autocast or torch.float32, enabled=step.autocast is not None):
+            loss = step.criterion(step.model(fixed_x), fixed_y)
+        step.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        step.optimizer.step()
+
+    return bare
+
+
 def _other_precision(train_cfg: TrainConfig, autocast: torch.dtype | None, device: torch.device) -> TrainConfig | None:
     """The recipe at the precision the real step does not use: fp32 beside an autocast, bf16 beside
     fp32 on a CPU with native bf16; None where there is no such twin."""
@@ -96,8 +111,9 @@ def _ratios(speed: dict[str, float]) -> dict:
     return result
 
 
-def bench_augment(splits: Splits, train_cfg: TrainConfig, *, batch: int, images: int, repeats: int,
-                  reference=None) -> dict:
+def bench_augment(
+    splits: Splits, train_cfg: TrainConfig, *, batch: int, images: int, repeats: int, reference=None
+) -> dict:
     """Batched on-device augmentation (BatchLoader) vs the same operations per image on PIL (the
     reference's pipeline)."""
     cfg = replace(train_cfg, mixup=0.0, cutmix=0.0)  # batch-level mixing has no per-image twin

@@ -45,8 +45,11 @@ def bench_storage(url: str, procs: int, ops: int) -> dict:
     storage = open_storage(url)
     optuna.create_study(study_name=name, storage=storage)
     # No torch work in the children: fork is safe and quick where the OS has it.
-    ctx = (multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods()
-           else multiprocessing.get_context("spawn"))
+    ctx = (
+        multiprocessing.get_context("fork")
+        if "fork" in multiprocessing.get_all_start_methods()
+        else multiprocessing.get_context("spawn")
+    )
     barrier, results = ctx.Barrier(procs), ctx.Queue()
     workers = [ctx.Process(target=_storage_worker, args=(url, name, ops, barrier, results)) for _ in range(procs)]
     try:
@@ -72,8 +75,11 @@ def _collect(results, count: int, procs: list, timeout: float) -> list:
         except queue.Empty:
             dead = [p for p in procs if p.exitcode not in (None, 0)]
             if dead:
-                raise RuntimeError(f"a benchmark process ended with exit code {dead[0].exitcode}; "
-                                   "its error is printed above.") from None
+                raise RuntimeError(
+                    f"a benchmark process ended with exit code {dead[0].exitcode}; its error is printed above."
+                ) from None
             if time.monotonic() > deadline:
-                raise RuntimeError(f"benchmark processes gave {len(items)} of {count} results in {timeout:.0f} s.") from None
+                raise RuntimeError(
+                    f"benchmark processes gave {len(items)} of {count} results in {timeout:.0f} s."
+                ) from None
     return items

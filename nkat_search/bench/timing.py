@@ -56,8 +56,14 @@ def _cycle(iterable) -> Iterator:
         yield from iterable
 
 
-def interleaved(variants: dict[str, Callable[[], None]], images_per_call: int, calls: int, warmup: int,
-                repeats: int, device: torch.device) -> dict[str, dict]:
+def interleaved(
+    variants: dict[str, Callable[[], None]],
+    images_per_call: int,
+    calls: int,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+) -> dict[str, dict]:
     """img/s of each variant: warm-up calls, then `repeats` rounds that run every variant in turn
     for `calls` calls; median and every round's figure."""
     for fn in variants.values():
@@ -76,8 +82,9 @@ def interleaved(variants: dict[str, Callable[[], None]], images_per_call: int, c
 
 
 def synthetic_splits(name: str, images: int, val: int, device: torch.device) -> Splits:
-    return load_splits(name, DataConfig(source="synthetic", val_size=val, synthetic_train=images + val,
-                                        synthetic_test=1), device)
+    return load_splits(
+        name, DataConfig(source="synthetic", val_size=val, synthetic_train=images + val, synthetic_test=1), device
+    )
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:

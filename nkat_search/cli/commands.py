@@ -46,8 +46,9 @@ def cmd_train(args) -> int:
     model_kwargs = _given(ModelConfig, args, DATASET_FIELDS)
     stem = model_kwargs.get("conv_stem", MODEL_DEFAULTS.conv_stem)
     model_kwargs.setdefault("patch_size", adapt_patch_size(spec.image_size, stem, MODEL_DEFAULTS.patch_size))
-    model_cfg = ModelConfig(in_chans=spec.channels, img_size=spec.image_size, num_classes=spec.num_classes,
-                            **model_kwargs)
+    model_cfg = ModelConfig(
+        in_chans=spec.channels, img_size=spec.image_size, num_classes=spec.num_classes, **model_kwargs
+    )
     train_cfg = TrainConfig(**_given(TrainConfig, args))
     data_cfg = DataConfig(**{**_given(DataConfig, args), "root": args.root or data_root_default()})
     device = resolve_device(args.device)
@@ -58,18 +59,22 @@ def cmd_train(args) -> int:
     except (MemoryError, RuntimeError) as exc:
         if not out_of_memory(exc):
             raise
-        raise OutOfMemory(f"the model or the data does not fit in the memory of {device} ({type(exc).__name__}); "
-                          "lower embed_dim, depth, batch_size or the number of images.") from None
+        raise OutOfMemory(
+            f"the model or the data does not fit in the memory of {device} ({type(exc).__name__}); "
+            "lower embed_dim, depth, batch_size or the number of images."
+        ) from None
     summary = result.summary()
     summary["data_source"] = data_cfg.source
     if args.json:
         print(json.dumps(summary))
     else:
         test = f"  test accuracy {summary['test_accuracy']:.4f}" if args.eval_test else ""
-        print(f"{summary['dataset']}: val accuracy {summary['accuracy']:.4f}{test}  local TPE {summary['local_tpe']:.4f}  "
-              f"params {summary['params']:,} (lambda {summary['lambda']:.3f})  {summary['epochs']} epochs in "
-              f"{summary['seconds']:.1f} s ({summary['images_per_second']:.0f} img/s, {summary['precision']}, "
-              f"{summary['device']})")
+        print(
+            f"{summary['dataset']}: val accuracy {summary['accuracy']:.4f}{test}  local TPE {summary['local_tpe']:.4f}  "
+            f"params {summary['params']:,} (lambda {summary['lambda']:.3f})  {summary['epochs']} epochs in "
+            f"{summary['seconds']:.1f} s ({summary['images_per_second']:.0f} img/s, {summary['precision']}, "
+            f"{summary['device']})"
+        )
     return 0
 
 
@@ -95,8 +100,10 @@ def _plan(args) -> tuple[list[str], int]:
     from ..devices import parse_gpus
 
     if args.max_failures < 1:
-        raise UsageError(f"--max-failures must be at least 1, got {args.max_failures}; it is how many trials in a "
-                         "row may fail before a worker stops.")
+        raise UsageError(
+            f"--max-failures must be at least 1, got {args.max_failures}; it is how many trials in a "
+            "row may fail before a worker stops."
+        )
     devices = parse_gpus(args.gpus)
     count = args.workers if args.workers is not None else len(devices)
     if count < 0:
@@ -112,8 +119,9 @@ def _run(url: str, study_name: str, args, plan: tuple[list[str], int]) -> int:
         return 0
     if count == 1:
         signals.install_signal_handlers()
-        return worker.run_worker(url, study_name, devices[0], max_failures=args.max_failures,
-                                 data_root=_data_root(args))
+        return worker.run_worker(
+            url, study_name, devices[0], max_failures=args.max_failures, data_root=_data_root(args)
+        )
     return processes.run_processes(url, study_name, devices, count, args.verbose, _data_root(args), args.max_failures)
 
 
@@ -141,9 +149,15 @@ def cmd_start(args) -> int:
     log.info("storage: %s", urls.mask(url))
     study = studies.create_or_resume(store, url, config, budget, warm_start_from=args.warm_start_from)
     dashboard.annotate_study(study)
-    log.info("study %r: budget %d trials (%d finished so far)", config.name, budget,
-             sum(t.state.name in ("COMPLETE", "PRUNED") and not studies.is_warm_start(t)
-                 for t in study.get_trials(deepcopy=False)))
+    log.info(
+        "study %r: budget %d trials (%d finished so far)",
+        config.name,
+        budget,
+        sum(
+            t.state.name in ("COMPLETE", "PRUNED") and not studies.is_warm_start(t)
+            for t in study.get_trials(deepcopy=False)
+        ),
+    )
     code = _run(url, config.name, args, plan)
     if code == 0 and args.workers != 0:
         _print_status(study, config)
@@ -198,7 +212,9 @@ def cmd_export(args) -> int:
 
     out = Path(args.out)
     if not out.parent.is_dir():
-        raise UsageError(f"cannot write {out}: the folder {out.parent} does not exist; create it or pass another --out.")
+        raise UsageError(
+            f"cannot write {out}: the folder {out.parent} does not exist; create it or pass another --out."
+        )
     _, study, _ = _attach(args)
     rows = export(study, args.out)
     print(f"wrote {rows} trials to {args.out}")
@@ -216,8 +232,10 @@ def cmd_dashboard(args) -> int:
         serve(store, host=args.host, port=args.port, artifacts=args.artifacts)
     except OSError as exc:
         if exc.errno == errno.EADDRNOTAVAIL:
-            raise UsageError(f"--host {args.host!r} is not an address of this machine ({exc.strerror}); pass one of "
-                             "its addresses, 127.0.0.1 (this machine only) or 0.0.0.0 (every network).") from None
+            raise UsageError(
+                f"--host {args.host!r} is not an address of this machine ({exc.strerror}); pass one of "
+                "its addresses, 127.0.0.1 (this machine only) or 0.0.0.0 (every network)."
+            ) from None
         raise
     return 0
 
@@ -230,8 +248,10 @@ def _listen_address(host: str, port: int) -> None:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (OSError, ValueError) as exc:  # gaierror; UnicodeError for a name idna cannot encode
         reason = getattr(exc, "strerror", None) or type(exc).__name__
-        raise UsageError(f"--host {host!r} is not an address or a host name that resolves ({reason}); pass an "
-                         "address of this machine, 127.0.0.1 (this machine only) or 0.0.0.0 (every network).") from None
+        raise UsageError(
+            f"--host {host!r} is not an address or a host name that resolves ({reason}); pass an "
+            "address of this machine, 127.0.0.1 (this machine only) or 0.0.0.0 (every network)."
+        ) from None
 
 
 def cmd_report(args) -> int:
@@ -246,8 +266,16 @@ def cmd_report(args) -> int:
     # (with workers or other programs busy, every core's worth of threads would stall each other).
     with HostShare(str(device)) as share:
         share.threads_for_next_trial()
-        report = build_report(study, config, top=args.top, epochs=args.epochs, out=out, device=device,
-                              artifacts=args.artifacts, storage_url=url)
+        report = build_report(
+            study,
+            config,
+            top=args.top,
+            epochs=args.epochs,
+            out=out,
+            device=device,
+            artifacts=args.artifacts,
+            storage_url=url,
+        )
     print(format_markdown(report), end="")
     print(f"wrote {os.path.join(out, 'report.json')} and {os.path.join(out, 'report.md')}")
     return 0
@@ -272,8 +300,9 @@ def cmd_attention(args) -> int:
     from ..outputs.attention import attention
 
     _, study, config = _attach(args)
-    out = args.out or os.path.join("reports", safe_name(study.study_name),
-                                   f"attention-trial-{args.trial}-{safe_name(args.dataset)}")
+    out = args.out or os.path.join(
+        "reports", safe_name(study.study_name), f"attention-trial-{args.trial}-{safe_name(args.dataset)}"
+    )
     paths = attention(study, config, args.trial, args.dataset, args.images, out, args.artifacts)
     print(f"wrote {len(paths) - 1} attention maps and a summary to {out}")
     return 0
@@ -296,18 +325,30 @@ def cmd_augment(args) -> int:
 
     config = load_study(args.study)
     if args.dataset not in config.datasets:
-        raise UsageError(f"dataset {args.dataset} is not in study {config.name} ({', '.join(config.datasets)}); "
-                         "pick one of those.")
+        raise UsageError(
+            f"dataset {args.dataset} is not in study {config.name} ({', '.join(config.datasets)}); pick one of those."
+        )
     out = Path(args.out or f"augment-{safe_name(config.name)}-{args.dataset}.png")
     if not out.parent.is_dir():
-        raise UsageError(f"cannot write {out}: the folder {out.parent} does not exist; create it or pass another --out.")
+        raise UsageError(
+            f"cannot write {out}: the folder {out.parent} does not exist; create it or pass another --out."
+        )
     _, train_cfg = config.configs_for({}, args.dataset, 1)
     data = dataclasses.replace(config.data, root=_data_root(args) or config.data.root)
     splits = load_splits(args.dataset, data, "cpu")
-    write_grid(train_cfg, splits, out, rows=args.rows, cols=args.cols, seed=args.seed,
-               title=f"{config.name} / {args.dataset}: {recipe_text(train_cfg)}")
-    print(f"wrote {out}: {args.rows * args.cols} {args.dataset} training images as the model sees them "
-          f"({recipe_text(train_cfg)})")
+    write_grid(
+        train_cfg,
+        splits,
+        out,
+        rows=args.rows,
+        cols=args.cols,
+        seed=args.seed,
+        title=f"{config.name} / {args.dataset}: {recipe_text(train_cfg)}",
+    )
+    print(
+        f"wrote {out}: {args.rows * args.cols} {args.dataset} training images as the model sees them "
+        f"({recipe_text(train_cfg)})"
+    )
     return 0
 
 
@@ -327,8 +368,10 @@ def cmd_studies(args) -> int:
         return 0
     for name, path in packaged_studies().items():
         config = load_study(str(path))
-        print(f"{name:8s} {config.trials:3d} trials, gate {config.gate:g} on {config.stage1_dataset}, "
-              f"{len(config.space)} searched parameters, data {config.data.source}")
+        print(
+            f"{name:8s} {config.trials:3d} trials, gate {config.gate:g} on {config.stage1_dataset}, "
+            f"{len(config.space)} searched parameters, data {config.data.source}"
+        )
     return 0
 
 

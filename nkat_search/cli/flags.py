@@ -29,8 +29,9 @@ def _number(kind: type, name: str, minimum: float | None = None):
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if kind is int and not INT64[0] <= value <= INT64[1]:  # as in a study file: storages keep 64 bits
-            raise argparse.ArgumentTypeError(f"{text} does not fit in 64 bits; use a whole number from {INT64[0]} "
-                                             f"to {INT64[1]}")
+            raise argparse.ArgumentTypeError(
+                f"{text} does not fit in 64 bits; use a whole number from {INT64[0]} to {INT64[1]}"
+            )
         if minimum is not None and value < minimum:
             raise argparse.ArgumentTypeError(f"{text} is below the least allowed value, {minimum}")
         return value
@@ -52,40 +53,71 @@ def _config_flags(parser, title: str, cls, skip: tuple[str, ...] = ()) -> None:
         help_text = f"{f.metadata['help']} [{shown}]".replace("%", "%%")
         if kind is bool:
             if default:
-                _flag(group, f"no_{name}", dest=f.name, action="store_false", default=None,
-                      help=f"turn off: {help_text}")
+                _flag(
+                    group, f"no_{name}", dest=f.name, action="store_false", default=None, help=f"turn off: {help_text}"
+                )
             else:
                 _flag(group, name, dest=f.name, action="store_true", default=None, help=help_text)
         elif typing.get_origin(kind) is tuple:
             args = typing.get_args(kind)
-            _flag(group, name, dest=f.name, type=_number(args[0], "int"), nargs=len(args), default=None,
-                  metavar=tuple("NM"[: len(args)]) if len(args) == 2 else None, help=help_text)
+            _flag(
+                group,
+                name,
+                dest=f.name,
+                type=_number(args[0], "int"),
+                nargs=len(args),
+                default=None,
+                metavar=tuple("NM"[: len(args)]) if len(args) == 2 else None,
+                help=help_text,
+            )
         else:
             base = next((k for k in (int, float, str) if k is kind or k in typing.get_args(kind)), str)
-            _flag(group, name, dest=f.name, type=str if base is str else _number(base, base.__name__), default=None,
-                  choices=f.metadata.get("choices"), help=help_text)
+            _flag(
+                group,
+                name,
+                dest=f.name,
+                type=str if base is str else _number(base, base.__name__),
+                default=None,
+                choices=f.metadata.get("choices"),
+                help=help_text,
+            )
 
 
 def _given(cls, args, skip: tuple[str, ...] = ()) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-            if f.name not in skip and getattr(args, f.name, None) is not None}
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if f.name not in skip and getattr(args, f.name, None) is not None
+    }
 
 
 def _add_storage_flags(p: argparse.ArgumentParser, study_help: str | None) -> None:
-    p.add_argument("--storage", help="Optuna storage URL, e.g. postgresql+psycopg://user:pass@host/db or "
-                                     "journal:FILE [$NKAT_SEARCH_STORAGE or journal:nkat-search.journal]")
+    p.add_argument(
+        "--storage",
+        help="Optuna storage URL, e.g. postgresql+psycopg://user:pass@host/db or "
+        "journal:FILE [$NKAT_SEARCH_STORAGE or journal:nkat-search.journal]",
+    )
     if study_help:
         p.add_argument("--study", help=study_help)
 
 
 def _add_run_flags(p: argparse.ArgumentParser, workers_help: str) -> None:
     p.add_argument("--workers", type=_number(int, "int"), default=None, help=workers_help)
-    p.add_argument("--gpus", help="GPU indices for the trial processes, e.g. 0,1, or cpu or mps "
-                                  "[every visible GPU, else MPS, else cpu]; --gpus 0 --workers 4 runs 4 trials on GPU 0")
-    p.add_argument("--max-failures", type=_number(int, "int"), default=3,
-                   help="stop a worker after this many trials in a row failed (>= 1) [%(default)s]")
-    p.add_argument("--data-root", help="where the real datasets lie on this host "
-                                       "[$NKAT_SEARCH_DATA_ROOT, else the study file's data.root]")
+    p.add_argument(
+        "--gpus",
+        help="GPU indices for the trial processes, e.g. 0,1, or cpu or mps "
+        "[every visible GPU, else MPS, else cpu]; --gpus 0 --workers 4 runs 4 trials on GPU 0",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=_number(int, "int"),
+        default=3,
+        help="stop a worker after this many trials in a row failed (>= 1) [%(default)s]",
+    )
+    p.add_argument(
+        "--data-root",
+        help="where the real datasets lie on this host [$NKAT_SEARCH_DATA_ROOT, else the study file's data.root]",
+    )
 
 
 def _bench_flags(p: argparse.ArgumentParser) -> None:
@@ -103,12 +135,28 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
         if kind is bool:
             p.add_argument(flag, dest=f.name, action="store_true", help=help_text)
             continue
-        base = next((k for k in (int, float, str) if k is kind or k in typing.get_args(kind)
-                     or any(k in typing.get_args(a) for a in typing.get_args(kind))), str)
+        base = next(
+            (
+                k
+                for k in (int, float, str)
+                if k is kind
+                or k in typing.get_args(kind)
+                or any(k in typing.get_args(a) for a in typing.get_args(kind))
+            ),
+            str,
+        )
         parse = str if base is str else _number(base, base.__name__)
         many = typing.get_origin(kind) is tuple or any(typing.get_origin(a) is tuple for a in typing.get_args(kind))
-        p.add_argument(flag, dest=f.name, type=parse, nargs="+" if many else None, default=default,
-                       choices=f.metadata.get("choices"), metavar=f.name.upper() if many else None, help=help_text)
+        p.add_argument(
+            flag,
+            dest=f.name,
+            type=parse,
+            nargs="+" if many else None,
+            default=default,
+            choices=f.metadata.get("choices"),
+            metavar=f.name.upper() if many else None,
+            help=help_text,
+        )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
     from .commands import cmd_bench

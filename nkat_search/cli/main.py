@@ -46,8 +46,6 @@ from .flags import (
 log = logging.getLogger("nkat_search")
 
 
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with our error line, and with flags that a builder adds when the parser is first
     used (the bench command's flags come from bench.py, which imports torch)."""
@@ -98,12 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train_parser(sub) -> None:
     """`train`: the model, recipe and data flags come from the config dataclasses' fields."""
-    p = sub.add_parser("train", help="train one configuration on one dataset and print the result",
-                       description="Train one NKAT ViT configuration on one dataset; evaluate the EMA weights "
-                                   "on the validation split after every epoch.")
-    _flag(p, "dataset", default="cifar10", choices=datasets.NAMES,
-          help="[%(default)s]")
-    _flag(p, "device", default="auto", help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps [%(default)s]")
+    p = sub.add_parser(
+        "train",
+        help="train one configuration on one dataset and print the result",
+        description="Train one NKAT ViT configuration on one dataset; evaluate the EMA weights "
+        "on the validation split after every epoch.",
+    )
+    _flag(p, "dataset", default="cifar10", choices=datasets.NAMES, help="[%(default)s]")
+    _flag(
+        p, "device", default="auto", help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps [%(default)s]"
+    )
     _flag(p, "eval_test", action="store_true", help="also evaluate on the test set (kept out of model selection)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary line")
     _config_flags(p, "model (defaults: the research's baseline)", ModelConfig, DATASET_FIELDS)
@@ -113,26 +115,40 @@ def _add_train_parser(sub) -> None:
 
 
 def _add_start_parser(sub) -> None:
-    p = sub.add_parser("start", help="create (or resume) a study from a study file and run its trials",
-                       description="Create the study described by a study file, or resume it when the storage holds "
-                                   "the same definition; record the trial budget; run trials until the study holds "
-                                   "that many finished (complete + pruned) trials across all workers.")
-    p.add_argument("--study", default="round2",
-                   help="a packaged study (round2, smoke; see `nkat-search studies`) or a study file [%(default)s]")
-    p.add_argument("--trials", type=_number(int, "int"), default=None,
-                   help="trial budget of the study [the file's study.trials]")
-    p.add_argument("--warm-start-from", metavar="NAME", default=None,
-                   help="add the completed trials of an earlier study in the same storage to the sampler's history "
-                        "(they are not run again and do not count against the budget)")
+    p = sub.add_parser(
+        "start",
+        help="create (or resume) a study from a study file and run its trials",
+        description="Create the study described by a study file, or resume it when the storage holds "
+        "the same definition; record the trial budget; run trials until the study holds "
+        "that many finished (complete + pruned) trials across all workers.",
+    )
+    p.add_argument(
+        "--study",
+        default="round2",
+        help="a packaged study (round2, smoke; see `nkat-search studies`) or a study file [%(default)s]",
+    )
+    p.add_argument(
+        "--trials", type=_number(int, "int"), default=None, help="trial budget of the study [the file's study.trials]"
+    )
+    p.add_argument(
+        "--warm-start-from",
+        metavar="NAME",
+        default=None,
+        help="add the completed trials of an earlier study in the same storage to the sampler's history "
+        "(they are not run again and do not count against the budget)",
+    )
     _add_storage_flags(p, None)
     _add_run_flags(p, "worker processes to run here; 0 = create or update the study only [1, or one per --gpus]")
     p.set_defaults(func=cmd_start)
 
 
 def _add_worker_parser(sub) -> None:
-    p = sub.add_parser("worker", help="attach to an existing study and run trials until its budget is reached",
-                       description="Attach to a study made by `start` and run trials until it holds its budget of "
-                                   "finished trials; any number of workers on any hosts share one budget.")
+    p = sub.add_parser(
+        "worker",
+        help="attach to an existing study and run trials until its budget is reached",
+        description="Attach to a study made by `start` and run trials until it holds its budget of "
+        "finished trials; any number of workers on any hosts share one budget.",
+    )
     _add_storage_flags(p, STUDY_NAME_HELP)
     _add_run_flags(p, "worker processes to run here [one per --gpus device]")
     p.set_defaults(func=cmd_worker)
@@ -142,12 +158,19 @@ def _add_leaderboard_parser(sub) -> None:
     p = sub.add_parser("leaderboard", help="completed trials ranked by Global TPE")
     _add_storage_flags(p, STUDY_NAME_HELP)
     p.add_argument("--top", type=_number(int, "int", 1), default=None, help="show the best N only [all]")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
-                   help="table: 100 columns wide; csv and json: every column [%(default)s]")
+    p.add_argument(
+        "--format",
+        choices=["table", "csv", "json"],
+        default="table",
+        help="table: 100 columns wide; csv and json: every column [%(default)s]",
+    )
     p.add_argument("--wide", action="store_true", help="the table with every column (parameters, TPE, params)")
-    p.add_argument("--pareto", action="store_true",
-                   help="instead of the ranking: the trials on the Pareto front of mean accuracy against lambda, "
-                        "smallest first (--top does not apply)")
+    p.add_argument(
+        "--pareto",
+        action="store_true",
+        help="instead of the ranking: the trials on the Pareto front of mean accuracy against lambda, "
+        "smallest first (--top does not apply)",
+    )
     p.set_defaults(func=cmd_leaderboard)
 
 
@@ -168,11 +191,15 @@ def _add_export_parser(sub) -> None:
 def _add_dashboard_parser(sub) -> None:
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the storage (localhost by default)")
     _add_storage_flags(p, None)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; 0.0.0.0 exposes it to the network [%(default)s]")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 exposes it to the network [%(default)s]"
+    )
     p.add_argument("--port", type=_number(int, "int", 0), default=8080, help="[%(default)s]")
-    p.add_argument("--artifacts", default=settings.given("NKAT_SEARCH_ARTIFACTS"),
-                   help="folder of the artifact store that `nkat-search report` writes the weights to [$NKAT_SEARCH_ARTIFACTS or artifacts]")
+    p.add_argument(
+        "--artifacts",
+        default=settings.given("NKAT_SEARCH_ARTIFACTS"),
+        help="folder of the artifact store that `nkat-search report` writes the weights to [$NKAT_SEARCH_ARTIFACTS or artifacts]",
+    )
     p.set_defaults(func=cmd_dashboard)
 
 
@@ -180,36 +207,51 @@ def _add_bench_parser(sub) -> None:
     """`bench`: one flag per field of bench.BenchOptions (its type and help metadata), added when the
     command is used, so that other commands do not import torch."""
     p = sub.add_parser(
-        "bench", help="measure training, augmentation, evaluation and search speed, storage latency and memory",
+        "bench",
+        help="measure training, augmentation, evaluation and search speed, storage latency and memory",
         description="Images per second of the real training step (TrainStep over BatchLoader) beside the bare "
-                    "model step and the research-style pipeline, measured side by side in one run; batched vs "
-                    "per-image PIL augmentation; evaluation; ask+tell latency of a storage; peak memory. Slow "
-                    "sections by name: search (where each trial's time goes), share (concurrent CPU workers with "
-                    "and without host sharing), procs (concurrent processes on one device). Figures are medians "
-                    "over --repeats rounds on synthetic CIFAR-10-shaped data; the precision used is printed with why.")
+        "model step and the research-style pipeline, measured side by side in one run; batched vs "
+        "per-image PIL augmentation; evaluation; ask+tell latency of a storage; peak memory. Slow "
+        "sections by name: search (where each trial's time goes), share (concurrent CPU workers with "
+        "and without host sharing), procs (concurrent processes on one device). Figures are medians "
+        "over --repeats rounds on synthetic CIFAR-10-shaped data; the precision used is printed with why.",
+    )
     p.build = _bench_flags
 
 
 def _add_report_parser(sub) -> None:
-    p = sub.add_parser("report", help="retrain the best trials for the full budget and score Stage 2 on the test sets",
-                       description="Retrain the best completed trials with the study's report budget on every "
-                                   "dataset, evaluate once on the test splits, print the Stage-2 table against the "
-                                   "research's targets, and write report.json, report.md and the weights.")
+    p = sub.add_parser(
+        "report",
+        help="retrain the best trials for the full budget and score Stage 2 on the test sets",
+        description="Retrain the best completed trials with the study's report budget on every "
+        "dataset, evaluate once on the test splits, print the Stage-2 table against the "
+        "research's targets, and write report.json, report.md and the weights.",
+    )
     _add_storage_flags(p, STUDY_NAME_HELP)
-    p.add_argument("--top", type=_number(int, "int", 1), default=1, help="retrain the best N completed trials [%(default)s]")
-    p.add_argument("--epochs", type=_number(int, "int", 1), default=None, help="epochs per dataset [the study's report.epochs]")
+    p.add_argument(
+        "--top", type=_number(int, "int", 1), default=1, help="retrain the best N completed trials [%(default)s]"
+    )
+    p.add_argument(
+        "--epochs", type=_number(int, "int", 1), default=None, help="epochs per dataset [the study's report.epochs]"
+    )
     p.add_argument("--out", default=None, help="output folder; holds state for resuming [reports/<study>]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps [%(default)s]")
-    p.add_argument("--artifacts", default=settings.given("NKAT_SEARCH_ARTIFACTS"),
-                   help="folder of the Optuna file-system artifact store for the weights [$NKAT_SEARCH_ARTIFACTS or artifacts]")
+    p.add_argument(
+        "--artifacts",
+        default=settings.given("NKAT_SEARCH_ARTIFACTS"),
+        help="folder of the Optuna file-system artifact store for the weights [$NKAT_SEARCH_ARTIFACTS or artifacts]",
+    )
     p.set_defaults(func=cmd_report)
 
 
 def _add_plots_parser(sub) -> None:
-    p = sub.add_parser("plots", help="write the search's plots as HTML and PNG and attach them to optuna-dashboard",
-                       description="Optimisation history, parameter importances, embed_dim x depth contour, Stage-1 "
-                                   "Local TPE with the gate, Stage-1 learning curves of pruned vs kept trials, and "
-                                   "per-dataset accuracy of the top trials.")
+    p = sub.add_parser(
+        "plots",
+        help="write the search's plots as HTML and PNG and attach them to optuna-dashboard",
+        description="Optimisation history, parameter importances, embed_dim x depth contour, Stage-1 "
+        "Local TPE with the gate, Stage-1 learning curves of pruned vs kept trials, and "
+        "per-dataset accuracy of the top trials.",
+    )
     _add_storage_flags(p, STUDY_NAME_HELP)
     p.add_argument("--out", default=None, help="output folder [reports/<study>/plots]")
     p.add_argument("--no-png", action="store_true", help="HTML only (PNG needs kaleido and Chromium)")
@@ -218,40 +260,56 @@ def _add_plots_parser(sub) -> None:
 
 
 def _add_attention_parser(sub) -> None:
-    p = sub.add_parser("attention", help="class-token attention maps of a retrained trial over validation images",
-                       description="PNG maps of the class-token attention of every layer over validation images, "
-                                   "from the weights `nkat-search report` saved for the trial.")
+    p = sub.add_parser(
+        "attention",
+        help="class-token attention maps of a retrained trial over validation images",
+        description="PNG maps of the class-token attention of every layer over validation images, "
+        "from the weights `nkat-search report` saved for the trial.",
+    )
     _add_storage_flags(p, STUDY_NAME_HELP)
-    p.add_argument("--trial", type=_number(int, "int"), required=True,
-                   help="trial number (retrained by `nkat-search report`)")
+    p.add_argument(
+        "--trial", type=_number(int, "int"), required=True, help="trial number (retrained by `nkat-search report`)"
+    )
     p.add_argument("--dataset", default="cifar10", help="dataset of the retrained model [%(default)s]")
     p.add_argument("--images", type=_number(int, "int", 1), default=10, help="validation images to draw [%(default)s]")
     p.add_argument("--out", default=None, help="output folder [reports/<study>/attention-trial-N-<dataset>]")
-    p.add_argument("--artifacts", default=settings.given("NKAT_SEARCH_ARTIFACTS"),
-                   help="folder of the artifact store that `nkat-search report` used [$NKAT_SEARCH_ARTIFACTS or artifacts]")
+    p.add_argument(
+        "--artifacts",
+        default=settings.given("NKAT_SEARCH_ARTIFACTS"),
+        help="folder of the artifact store that `nkat-search report` used [$NKAT_SEARCH_ARTIFACTS or artifacts]",
+    )
     p.set_defaults(func=cmd_attention)
 
 
 def _add_augment_parser(sub) -> None:
-    p = sub.add_parser("augment", help="write a PNG grid of training images as a trial's model sees them",
-                       description="One augmented training batch of a dataset under a study's recipe for that "
-                                   "dataset (every augmentation, before normalisation), with labels or label mixes. "
-                                   "Searched recipe parameters are at their fixed or default values.")
+    p = sub.add_parser(
+        "augment",
+        help="write a PNG grid of training images as a trial's model sees them",
+        description="One augmented training batch of a dataset under a study's recipe for that "
+        "dataset (every augmentation, before normalisation), with labels or label mixes. "
+        "Searched recipe parameters are at their fixed or default values.",
+    )
     p.add_argument("--study", default="round2", help="a packaged study or a study file [%(default)s]")
-    _flag(p, "dataset", default="cifar10", choices=datasets.NAMES,
-          help="[%(default)s]")
+    _flag(p, "dataset", default="cifar10", choices=datasets.NAMES, help="[%(default)s]")
     p.add_argument("--out", default=None, help="PNG file [augment-<study>-<dataset>.png]")
     p.add_argument("--rows", type=_number(int, "int", 1), default=6, help="[%(default)s]")
     p.add_argument("--cols", type=_number(int, "int", 1), default=8, help="[%(default)s]")
-    p.add_argument("--seed", type=_number(int, "int"), default=0, help="seed of the batch and its augmentation [%(default)s]")
-    p.add_argument("--data-root", help="where the real datasets lie [$NKAT_SEARCH_DATA_ROOT, else the study's data.root]")
+    p.add_argument(
+        "--seed", type=_number(int, "int"), default=0, help="seed of the batch and its augmentation [%(default)s]"
+    )
+    p.add_argument(
+        "--data-root", help="where the real datasets lie [$NKAT_SEARCH_DATA_ROOT, else the study's data.root]"
+    )
     p.set_defaults(func=cmd_augment)
 
 
 def _add_studies_parser(sub) -> None:
-    p = sub.add_parser("studies", help="list the packaged study files, or copy one out as a starting point",
-                       description="List the study files shipped with nkat-search (pass a name to --study), or copy "
-                                   "one to a file of your own to edit.")
+    p = sub.add_parser(
+        "studies",
+        help="list the packaged study files, or copy one out as a starting point",
+        description="List the study files shipped with nkat-search (pass a name to --study), or copy "
+        "one to a file of your own to edit.",
+    )
     p.add_argument("--copy", nargs=2, metavar=("NAME", "FILE"), help="copy the packaged study NAME to FILE")
     p.set_defaults(func=cmd_studies)
 
@@ -259,8 +317,7 @@ def _add_studies_parser(sub) -> None:
 def _add_download_parser(sub) -> None:
     p = sub.add_parser("download", help="download the real datasets once (e.g. into a shared volume)")
     p.add_argument("--data-root", help="folder for the datasets [$NKAT_SEARCH_DATA_ROOT or ./data]")
-    p.add_argument("--datasets", nargs="+", default=list(datasets.NAMES),
-                   choices=datasets.NAMES, help="[all four]")
+    p.add_argument("--datasets", nargs="+", default=list(datasets.NAMES), choices=datasets.NAMES, help="[all four]")
     p.set_defaults(func=cmd_download)
 
 
@@ -277,8 +334,11 @@ def _os_error(exc: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     if sys.stdout is None:  # `nkat-search status >&-`: every line printed would be lost without a word
         if sys.stderr is not None:
-            print("nkat-search: error: the standard output is closed (>&-?); run the command with an open "
-                  "output, or redirect it to /dev/null to drop what it prints.", file=sys.stderr)
+            print(
+                "nkat-search: error: the standard output is closed (>&-?); run the command with an open "
+                "output, or redirect it to /dev/null to drop what it prints.",
+                file=sys.stderr,
+            )
         return 1
     from ..devices import enable_mps_fallback
 

@@ -21,8 +21,15 @@ _NEAREST = TF.InterpolationMode.NEAREST
 def _shear(x: torch.Tensor, factor: float, axis: int) -> torch.Tensor:
     # The papers' shear factor is tan(angle); about the top-left corner, as the reference code does.
     angle = math.degrees(math.atan(factor))
-    return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[angle, 0.0] if axis == 0 else [0.0, angle],
-                     interpolation=_NEAREST, center=[0, 0])
+    return TF.affine(
+        x,
+        angle=0.0,
+        translate=[0, 0],
+        scale=1.0,
+        shear=[angle, 0.0] if axis == 0 else [0.0, angle],
+        interpolation=_NEAREST,
+        center=[0, 0],
+    )
 
 
 RANDAUGMENT_OPS = {
@@ -30,10 +37,22 @@ RANDAUGMENT_OPS = {
     "ShearX": (0.0, 0.3, True, lambda x, m: _shear(x, m, 0)),
     "ShearY": (0.0, 0.3, True, lambda x, m: _shear(x, m, 1)),
     # Translations in whole pixels, up to 150/331 of the side (the paper's 150 px on 331 px images).
-    "TranslateX": (0.0, 150 / 331, True, lambda x, m: TF.affine(
-        x, angle=0.0, translate=[int(m), 0], scale=1.0, shear=[0.0, 0.0], interpolation=_NEAREST)),
-    "TranslateY": (0.0, 150 / 331, True, lambda x, m: TF.affine(
-        x, angle=0.0, translate=[0, int(m)], scale=1.0, shear=[0.0, 0.0], interpolation=_NEAREST)),
+    "TranslateX": (
+        0.0,
+        150 / 331,
+        True,
+        lambda x, m: TF.affine(
+            x, angle=0.0, translate=[int(m), 0], scale=1.0, shear=[0.0, 0.0], interpolation=_NEAREST
+        ),
+    ),
+    "TranslateY": (
+        0.0,
+        150 / 331,
+        True,
+        lambda x, m: TF.affine(
+            x, angle=0.0, translate=[0, int(m)], scale=1.0, shear=[0.0, 0.0], interpolation=_NEAREST
+        ),
+    ),
     "Rotate": (0.0, 30.0, True, lambda x, m: TF.rotate(x, angle=m, interpolation=_NEAREST)),  # degrees
     "Brightness": (0.0, 0.9, True, lambda x, m: TF.adjust_brightness(x, 1.0 + m)),
     "Color": (0.0, 0.9, True, lambda x, m: TF.adjust_saturation(x, 1.0 + m)),  # grayscale: unchanged

@@ -45,8 +45,7 @@ def load_splits(name: str, data: DataConfig, device: str | torch.device = "cpu")
     val_size = data.validation_images
     if val_size >= n:
         raise UsageError(
-            f"val_size {val_size} leaves no training images out of the {n} {name} training images; "
-            "lower val_size."
+            f"val_size {val_size} leaves no training images out of the {n} {name} training images; lower val_size."
         )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(data.split_seed))
     val, train = perm[:val_size], perm[val_size:]
@@ -98,7 +97,9 @@ class BatchLoader:
         limit: int = 0,
     ) -> None:
         if len(x) != len(y) or len(x) == 0:
-            raise UsageError(f"a loader needs as many labels as images and at least one image, got {len(x)} and {len(y)}.")
+            raise UsageError(
+                f"a loader needs as many labels as images and at least one image, got {len(x)} and {len(y)}."
+            )
         self.x, self.y, self.spec = x, y, spec
         self.batch_size, self.train, self.cfg = batch_size, train, train_cfg
         self.seed, self.limit, self.epoch = seed, limit, 0
@@ -107,8 +108,14 @@ class BatchLoader:
         cfg = train_cfg
         h, w = x.shape[-2:]
         # (magnitude, signed, op) of each RandAugment op at the recipe's M, in the table's order.
-        self.randaugment = [(randaugment_magnitude(name, cfg.randaugment[1], h, w), signed, apply)
-                            for name, (_, _, signed, apply) in RANDAUGMENT_OPS.items()] if cfg else []
+        self.randaugment = (
+            [
+                (randaugment_magnitude(name, cfg.randaugment[1], h, w), signed, apply)
+                for name, (_, _, signed, apply) in RANDAUGMENT_OPS.items()
+            ]
+            if cfg
+            else []
+        )
         self.cutmix = v2.CutMix(alpha=1.0, num_classes=spec.num_classes) if cfg and cfg.cutmix > 0 else None
         self.mixup = v2.MixUp(alpha=cfg.mixup, num_classes=spec.num_classes) if cfg and cfg.mixup > 0 else None
 
@@ -174,7 +181,7 @@ class BatchLoader:
         for _ in range(num_ops):
             op, negative = torch.randint(len(self.randaugment), (n,)), torch.rand(n) <= 0.5
             for i, (magnitude, signed, apply) in enumerate(self.randaugment):
-                for sign in ((1.0, -1.0) if signed and magnitude else (1.0,)):
+                for sign in (1.0, -1.0) if signed and magnitude else (1.0,):
                     chosen = (op == i) & (negative == (sign < 0)) if signed and magnitude else op == i
                     idx = chosen.nonzero().squeeze(1)
                     if len(idx):

@@ -49,9 +49,20 @@ def _smooth_noise(g: torch.Generator, n: int, channels: int, size: int, cells: i
     return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def _warp(fields: torch.Tensor, index: torch.Tensor, g: torch.Generator, size: int, box: torch.Tensor, *,
-          rotate: float, shear: float, stretch: float, shift: float, elastic: float, mirror: bool = False
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def _warp(
+    fields: torch.Tensor,
+    index: torch.Tensor,
+    g: torch.Generator,
+    size: int,
+    box: torch.Tensor,
+    *,
+    rotate: float,
+    shear: float,
+    stretch: float,
+    shift: float,
+    elastic: float,
+    mirror: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's prototype fields[index[i]] seen through a random warp: ([n, C, size, size]
     values, [n, 2, size, size] glyph coordinates of each pixel, for patterns that follow the shape).
 
@@ -66,8 +77,12 @@ def _warp(fields: torch.Tensor, index: torch.Tensor, g: torch.Generator, size: i
         sx = torch.where(torch.rand(n, generator=g) < 0.5, -sx, sx)
     # Pixel -> glyph coordinates: A = R(angle) @ [[1/sx, sh], [0, 1/sy]] / box.
     cos, sin = angle.cos(), angle.sin()
-    a = torch.stack((torch.stack((cos / sx, cos * sh - sin / sy), 1),
-                     torch.stack((sin / sx, sin * sh + cos / sy), 1)), 1) / box[:, None, None]  # [n, 2, 2]
+    a = (
+        torch.stack(
+            (torch.stack((cos / sx, cos * sh - sin / sy), 1), torch.stack((sin / sx, sin * sh + cos / sy), 1)), 1
+        )
+        / box[:, None, None]
+    )  # [n, 2, 2]
     centre = (torch.rand(n, 2, generator=g) * 2 - 1) * shift
     c = torch.arange(size, dtype=torch.float32) + 0.5 - size / 2
     yy, xx = torch.meshgrid(c, c, indexing="ij")
@@ -78,8 +93,9 @@ def _warp(fields: torch.Tensor, index: torch.Tensor, g: torch.Generator, size: i
     for start in range(0, n, CHUNK):
         sl = slice(start, start + CHUNK)
         # The field spans [-0.5, 1.5]: the unit box's centre 0.5 is its middle, half-width 1.
-        out[sl] = F.grid_sample(fields[index[sl]], coords[sl], mode="bilinear", padding_mode="border",
-                                align_corners=False)
+        out[sl] = F.grid_sample(
+            fields[index[sl]], coords[sl], mode="bilinear", padding_mode="border", align_corners=False
+        )
     return out, (coords + 0.5).permute(0, 3, 1, 2)
 
 
@@ -123,8 +139,9 @@ def emnist_letters(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tens
 def fashion_mnist(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     y = _labels(g, n, 10)
     box = _uniform(g, n, 22, 26)
-    fields, coords = _warp(shape_fields("garments"), y, g, 28, box, rotate=8, shear=0.12, stretch=0.18,
-                           shift=1.0, elastic=0.02)
+    fields, coords = _warp(
+        shape_fields("garments"), y, g, 28, box, rotate=8, shear=0.12, stretch=0.18, shift=1.0, elastic=0.02
+    )
     body, detail = fields.unbind(1)
     pixel = 1 / box.view(n, 1, 1)
     shape = _ink(body, torch.zeros(1), pixel)
@@ -143,8 +160,12 @@ def fashion_mnist(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 SCENES = {  # hue, saturation, value of the ground; whether the top of the picture is sky (a horizon)
-    "sky": (0.58, 0.45, 0.85, False), "grass": (0.27, 0.6, 0.55, True), "water": (0.55, 0.7, 0.5, True),
-    "road": (0.08, 0.25, 0.5, True), "indoor": (0.07, 0.45, 0.65, False), "forest": (0.33, 0.65, 0.35, False),
+    "sky": (0.58, 0.45, 0.85, False),
+    "grass": (0.27, 0.6, 0.55, True),
+    "water": (0.55, 0.7, 0.5, True),
+    "road": (0.08, 0.25, 0.5, True),
+    "indoor": (0.07, 0.45, 0.65, False),
+    "forest": (0.33, 0.65, 0.35, False),
 }
 
 
@@ -191,12 +212,14 @@ def cifar10(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     texture = _smooth_noise(g, n, 2, s, 8)
     bg_h = torch.where(sky, SKY[0], ground_h.view(n, 1, 1)) + 0.03 * texture[:, 0]
     bg_s = torch.where(sky, SKY[1], ground[:, 1].view(n, 1, 1)) * _uniform(g, n, 0.7, 1.2).view(n, 1, 1)
-    bg_v = torch.where(sky, 0.9 - 0.3 * rows + 0.05 * texture[:, 1],
-                       ground[:, 2].view(n, 1, 1) * (1 + 0.25 * texture[:, 1]))
+    bg_v = torch.where(
+        sky, 0.9 - 0.3 * rows + 0.05 * texture[:, 1], ground[:, 2].view(n, 1, 1) * (1 + 0.25 * texture[:, 1])
+    )
 
     box = _uniform(g, n, 18, 28)
-    fields, _ = _warp(shape_fields("objects"), y, g, s, box, rotate=10, shear=0.1, stretch=0.12, shift=4.0,
-                      elastic=0.015, mirror=True)
+    fields, _ = _warp(
+        shape_fields("objects"), y, g, s, box, rotate=10, shear=0.1, stretch=0.12, shift=4.0, elastic=0.015, mirror=True
+    )
     pixel = 1 / box.view(n, 1, 1, 1)
     body = _ink(fields[:, :1], torch.zeros(1), pixel)
     part = _ink(fields[:, 1:], torch.zeros(1), pixel) * body
@@ -238,8 +261,9 @@ def write_samples(spec: DatasetSpec, out_path, per_class: int = 6, stream: int =
         for ax in axes[:, c]:
             ax.set_axis_off()
     fig.suptitle(f"synthetic {spec.name}: {per_class} images per class (nkat_search/data/synthetic.py)", fontsize=8)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / (per_class * 0.62 + 0.55),
-                        wspace=0.05, hspace=0.05)
+    fig.subplots_adjust(
+        left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / (per_class * 0.62 + 0.55), wspace=0.05, hspace=0.05
+    )
     out_path = Path(out_path)
     fig.savefig(out_path)
     return out_path

@@ -31,7 +31,7 @@ def attention_figures(model, images: torch.Tensor, labels: torch.Tensor, spec, o
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
-    (x, _), = BatchLoader(images.to(device), labels.to(device), spec, len(images), train=False)
+    ((x, _),) = BatchLoader(images.to(device), labels.to(device), spec, len(images), train=False)
     model.eval()
     with torch.no_grad():
         predicted = model(x).argmax(dim=-1).cpu()
@@ -40,8 +40,9 @@ def attention_figures(model, images: torch.Tensor, labels: torch.Tensor, spec, o
     side = int(round(patches**0.5))
     size = images.shape[-1]
     grids = maps.view(depth, count, 1, side, side)
-    upsampled = torch.stack([F.interpolate(g, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-                             for g in grids]).numpy()  # [depth, B, H, W]
+    upsampled = torch.stack(
+        [F.interpolate(g, size=(size, size), mode="bilinear", align_corners=False)[:, 0] for g in grids]
+    ).numpy()  # [depth, B, H, W]
     cmap = "gray" if images.shape[1] == 1 else None
     paths = []
 
@@ -84,29 +85,41 @@ def retrained_weights(study: optuna.Study, trial_number: int, dataset: str) -> d
 
     numbers = {t.number for t in study.get_trials(deepcopy=False)}
     if trial_number not in numbers:
-        raise UsageError(f"study {study.study_name!r} has no trial {trial_number}; pass the number of one of its "
-                         "trials (see `nkat-search leaderboard`).")
+        raise UsageError(
+            f"study {study.study_name!r} has no trial {trial_number}; pass the number of one of its "
+            "trials (see `nkat-search leaderboard`)."
+        )
     record = study.user_attrs.get(WEIGHTS_ATTR.format(number=trial_number), {}).get(dataset)
     if record is None:
-        raise UsageError(f"trial {trial_number} has no retrained {dataset} model; run `nkat-search report "
-                         f"--study {study.study_name}` (with --top large enough to include trial {trial_number}) "
-                         "first.")
+        raise UsageError(
+            f"trial {trial_number} has no retrained {dataset} model; run `nkat-search report "
+            f"--study {study.study_name}` (with --top large enough to include trial {trial_number}) "
+            "first."
+        )
     return record
 
 
-def attention(study: optuna.Study, config: StudyConfig, trial_number: int, dataset: str, images: int,
-              out: str | Path, artifacts: str | Path) -> list[str]:
+def attention(
+    study: optuna.Study,
+    config: StudyConfig,
+    trial_number: int,
+    dataset: str,
+    images: int,
+    out: str | Path,
+    artifacts: str | Path,
+) -> list[str]:
     """Attention PNGs of the retrained model of a trial over the first `images` validation images."""
     from optuna.artifacts import FileSystemArtifactStore
 
     from ..data.loader import load_splits
-    from .official import load_model
+    from .weights import load_model
 
     if images < 1:
         raise UsageError(f"--images must be at least 1, got {images}.")
     if dataset not in datasets_of(config):
-        raise UsageError(f"{dataset} is not a dataset of study {study.study_name!r}; use one of "
-                         f"{', '.join(datasets_of(config))}.")
+        raise UsageError(
+            f"{dataset} is not a dataset of study {study.study_name!r}; use one of {', '.join(datasets_of(config))}."
+        )
     record = retrained_weights(study, trial_number, dataset)
     store = FileSystemArtifactStore(base_path=str(artifacts))
     model = load_model(record["artifact_id"], artifact_store=store)

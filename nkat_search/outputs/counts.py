@@ -14,9 +14,18 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 # Short names in a trial's one-line parameters; embed_dim and depth fold into d=EMBEDxDEPTH.
-SHORT = {"conv_stem": "stem", "patch_size": "p", "temperature": "T", "top_k": "top_k", "top_p": "top_p",
-         "nkat_strength": "s", "nkat_decay": "r", "dropout_attn": "drop_attn", "dropout_embed": "drop_embed",
-         "learning_rate": "lr"}
+SHORT = {
+    "conv_stem": "stem",
+    "patch_size": "p",
+    "temperature": "T",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "nkat_strength": "s",
+    "nkat_decay": "r",
+    "dropout_attn": "drop_attn",
+    "dropout_embed": "drop_embed",
+    "learning_rate": "lr",
+}
 
 
 def number(value) -> str:
@@ -97,12 +106,20 @@ def count(study: optuna.Study, counted: Callable[[FrozenTrial], bool] = lambda t
     kinds = [prune_kind(t) for t in by[TrialState.PRUNED]]
     # cast: a COMPLETE trial of a single-objective study has a value
     best = max(by[TrialState.COMPLETE], key=lambda t: typing.cast(float, t.value), default=None)
-    durations = [(t.datetime_complete - t.datetime_start).total_seconds()
-                 for t in by[TrialState.COMPLETE] + by[TrialState.PRUNED] if t.datetime_start and t.datetime_complete]
+    durations = [
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in by[TrialState.COMPLETE] + by[TrialState.PRUNED]
+        if t.datetime_start and t.datetime_complete
+    ]
     return Counts(
-        budget=study.user_attrs.get("budget"), complete=len(by[TrialState.COMPLETE]), pruner=kinds.count("pruner"),
-        gate=kinds.count("gate"), other_pruned=kinds.count("other"), failed=len(by[TrialState.FAIL]),
-        running=len(by[TrialState.RUNNING]), best_value=best.value if best else None,
+        budget=study.user_attrs.get("budget"),
+        complete=len(by[TrialState.COMPLETE]),
+        pruner=kinds.count("pruner"),
+        gate=kinds.count("gate"),
+        other_pruned=kinds.count("other"),
+        failed=len(by[TrialState.FAIL]),
+        running=len(by[TrialState.RUNNING]),
+        best_value=best.value if best else None,
         best_trial=best.number if best else None,
         mean_seconds=sum(durations) / len(durations) if durations else None,
     )
@@ -112,5 +129,7 @@ def summary(name: str, c: Counts) -> str:
     """`nkat-smoke: 23 of 50 finished, running 1, pruned 12 (pruner 7, gate 5), failed 0`."""
     split = f"pruner {c.pruner}, gate {c.gate}" + (f", other {c.other_pruned}" if c.other_pruned else "")
     budget = c.budget if c.budget is not None else "?"
-    return (f"{name}: {c.finished} of {budget} finished, running {c.running}, pruned {c.pruned} ({split}), "
-            f"failed {c.failed}")
+    return (
+        f"{name}: {c.finished} of {budget} finished, running {c.running}, pruned {c.pruned} ({split}), "
+        f"failed {c.failed}"
+    )

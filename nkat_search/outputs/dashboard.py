@@ -22,8 +22,14 @@ log = logging.getLogger("nkat_search")
 
 
 # (user attribute suffix, column title) of the per-dataset table; objective.record() sets these.
-DATASET_COLUMNS = (("accuracy", "accuracy"), ("local_tpe", "local TPE"), ("params", "params"),
-                   ("lambda", "lambda"), ("seconds", "seconds"), ("epochs", "epochs"))
+DATASET_COLUMNS = (
+    ("accuracy", "accuracy"),
+    ("local_tpe", "local TPE"),
+    ("params", "params"),
+    ("lambda", "lambda"),
+    ("seconds", "seconds"),
+    ("epochs", "epochs"),
+)
 
 
 # Study user attribute: {graph object id: sha256 of the figure's JSON} of the figures saved for
@@ -53,21 +59,32 @@ def study_note(definition: dict, budget: int) -> str:
 
     definition is StudyConfig.definition(), the study file's shape."""
     stage1, stage2 = definition["stage1"], definition["stage2"]
-    lines = [f"## {definition['study']['name']}", "",
-             "Maximize the Global TPE over the Stage-1 dataset and the Stage-2 datasets.", "",
-             "### Search space", "", "| parameter | type | range or choices | step | log |", "|---|---|---|---|---|"]
+    lines = [
+        f"## {definition['study']['name']}",
+        "",
+        "Maximize the Global TPE over the Stage-1 dataset and the Stage-2 datasets.",
+        "",
+        "### Search space",
+        "",
+        "| parameter | type | range or choices | step | log |",
+        "|---|---|---|---|---|",
+    ]
     for name, p in definition["space"].items():
         span = ", ".join(map(str, p["choices"])) if p["type"] == "categorical" else f"[{p['low']}, {p['high']}]"
         log_scale = "yes" if p.get("log") else "no"
         lines.append(f"| {name} | {p['type']} | {span} | {_fmt(p.get('step'))} | {log_scale} |")
-    lines += ["", "### Stages and budget", "",
-              f"- Stage 1: {stage1['dataset']}, {stage1['epochs']} epochs; "
-              f"gate: local TPE >= {stage1['gate']} after Stage 1, else the trial is pruned",
-              f"- Stage 2: {', '.join(stage2['datasets']) or 'none'}, {stage2['epochs']} epochs each",
-              f"- Trial budget: {budget} trials",
-              f"- Sampler: {_kwargs(definition['sampler'])}",
-              f"- Pruner: {_kwargs(definition['pruner'])}",
-              f"- Data source: {definition.get('data', {}).get('source', '-')}"]
+    lines += [
+        "",
+        "### Stages and budget",
+        "",
+        f"- Stage 1: {stage1['dataset']}, {stage1['epochs']} epochs; "
+        f"gate: local TPE >= {stage1['gate']} after Stage 1, else the trial is pruned",
+        f"- Stage 2: {', '.join(stage2['datasets']) or 'none'}, {stage2['epochs']} epochs each",
+        f"- Trial budget: {budget} trials",
+        f"- Sampler: {_kwargs(definition['sampler'])}",
+        f"- Pruner: {_kwargs(definition['pruner'])}",
+        f"- Data source: {definition.get('data', {}).get('source', '-')}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -79,21 +96,29 @@ def trial_note(trial: FrozenTrial, datasets: Sequence[str] | None = None) -> str
     names = [d for d in datasets if d in found] if datasets is not None else found
     lines = [f"## Trial {trial.number}: {trial.state.name}", ""]
     if names:
-        lines += ["| dataset | " + " | ".join(title for _, title in DATASET_COLUMNS) + " |",
-                  "|---" * (len(DATASET_COLUMNS) + 1) + "|"]
+        lines += [
+            "| dataset | " + " | ".join(title for _, title in DATASET_COLUMNS) + " |",
+            "|---" * (len(DATASET_COLUMNS) + 1) + "|",
+        ]
         for d in names:
             lines.append(f"| {d} | " + " | ".join(_fmt(attrs.get(f"{d}_{k}")) for k, _ in DATASET_COLUMNS) + " |")
         lines.append("")
     if trial.state == TrialState.COMPLETE:
-        lines += [f"- Global TPE: {_fmt(trial.value)}", f"- Consistency: {_fmt(attrs.get('consistency'))}",
-                  f"- Robustness: {_fmt(attrs.get('robustness'))}"]
+        lines += [
+            f"- Global TPE: {_fmt(trial.value)}",
+            f"- Consistency: {_fmt(attrs.get('consistency'))}",
+            f"- Robustness: {_fmt(attrs.get('robustness'))}",
+        ]
     elif trial.state == TrialState.PRUNED:
         at = f" (epoch {attrs['pruned_at_epoch']})" if "pruned_at_epoch" in attrs else ""
         lines.append(f"- Pruned{at}: {attrs.get('prune_reason', 'no reason recorded')}")
     elif trial.state == TrialState.FAIL:
         lines.append(f"- Failed: {attrs.get('fail_reason', 'no reason recorded')}")
-    for key, title in (("stage1_seconds", "Stage-1 seconds"), ("stage2_seconds", "Stage-2 seconds"),
-                       ("worker", "Worker")):
+    for key, title in (
+        ("stage1_seconds", "Stage-1 seconds"),
+        ("stage2_seconds", "Stage-2 seconds"),
+        ("worker", "Worker"),
+    ):
         if key in attrs:
             lines.append(f"- {title}: {_fmt(attrs[key])}")
     return "\n".join(lines) + "\n"
@@ -110,8 +135,10 @@ def annotate_study(study: optuna.Study) -> None:
     """Save (or rewrite, on resume) the study note from the study's stored definition and budget."""
     definition, budget = study.user_attrs.get("definition"), study.user_attrs.get("budget")
     if definition is None or budget is None:
-        raise UsageError(f"study {study.study_name!r} has no definition or budget (it was not made by "
-                         "nkat-search start); create it with `nkat-search start`.")
+        raise UsageError(
+            f"study {study.study_name!r} has no definition or budget (it was not made by "
+            "nkat-search start); create it with `nkat-search start`."
+        )
     _save(study, study_note(definition, budget))
 
 
@@ -123,8 +150,10 @@ def annotate_trial(study: optuna.Study, trial: FrozenTrial | optuna.Trial | int)
         number = trial.number if isinstance(trial, optuna.Trial) else trial
         trials = study.get_trials(deepcopy=False)
         if not 0 <= number < len(trials):
-            raise UsageError(f"study {study.study_name!r} has no trial {number} (it has {len(trials)} trials); "
-                             "pass the number of one of its trials.")
+            raise UsageError(
+                f"study {study.study_name!r} has no trial {number} (it has {len(trials)} trials); "
+                "pass the number of one of its trials."
+            )
         frozen = trials[number]
     definition = study.user_attrs.get("definition") or {}
     datasets = [definition["stage1"]["dataset"], *definition["stage2"]["datasets"]] if definition else None
@@ -148,8 +177,9 @@ def save_figures(study: optuna.Study, figs: Mapping[str, go.Figure]) -> list[str
     return list(figs)
 
 
-def serve(storage: optuna.storages.BaseStorage, host: str = "127.0.0.1", port: int = 8080,
-          artifacts: str | Path | None = None) -> None:
+def serve(
+    storage: optuna.storages.BaseStorage, host: str = "127.0.0.1", port: int = 8080, artifacts: str | Path | None = None
+) -> None:
     """Run optuna-dashboard on the storage (RDB or journal) until interrupted; localhost by default.
 
     With `artifacts` (the folder `nkat-search report --artifacts` wrote to) the dashboard lists
@@ -161,8 +191,12 @@ def serve(storage: optuna.storages.BaseStorage, host: str = "127.0.0.1", port: i
     if artifacts is not None:
         folder = Path(artifacts).resolve()
         if not folder.is_dir():
-            log.warning("artifact folder %s does not exist yet; the dashboard opens artifacts once "
-                        "`nkat-search report --artifacts %s` has written there", folder, artifacts)
+            log.warning(
+                "artifact folder %s does not exist yet; the dashboard opens artifacts once "
+                "`nkat-search report --artifacts %s` has written there",
+                folder,
+                artifacts,
+            )
         store = FileSystemArtifactStore(base_path=str(folder))
         log.info("artifacts from %s", folder)
     log.info("optuna-dashboard on http://%s:%d/dashboard", host, port)

@@ -5,19 +5,17 @@ The best completed trials are retrained with the study's report budget on every 
 study and evaluated once on the TEST split; Global TPE, Consistency and Robustness are computed
 from those test accuracies with nkat_search.metrics. Each finished dataset is written to the
 output folder at once (state.json + safetensors weights), so an interrupted report resumes where
-it stopped. The weights are also uploaded to an Optuna artifact store (see save_weights).
+it stopped. The weights are also uploaded to an Optuna artifact store (outputs/weights.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import platform
 import sys
-import tempfile
 import time
 import typing
 from collections.abc import Callable
@@ -27,19 +25,17 @@ from pathlib import Path
 
 import optuna
 import torch
-from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
-from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial, TrialState
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from ..config import ModelConfig, UsageError
+from ..config import UsageError
 from ..data.loader import load_splits
 from ..metrics import consistency, global_tpe, local_tpe, robustness
-from ..model import NKATViT
 from ..search.study_file import StudyConfig
 from ..train import fit
+from .report_md import format_markdown
 from .tables import datasets_of
+from .weights import save_weights, sha256
 
 log = logging.getLogger("nkat_search")
 
@@ -48,12 +44,13 @@ log = logging.getLogger("nkat_search")
 STAGE2_TARGETS = {"global_tpe": 0.70, "consistency": 0.80, "robustness": 0.75}
 
 
-STAGE2_TITLES = {"global_tpe": "Global TPE", "consistency": "Consistency", "robustness": "Robustness"}
-
-
 # docs/research.md, "Per-dataset targets for the next round": (accuracy, Local TPE).
-DATASET_TARGETS = {"mnist": (0.91, 0.69), "fashion_mnist": (0.87, 0.67), "emnist_letters": (0.75, 0.60),
-                   "cifar10": (0.60, 0.45)}
+DATASET_TARGETS = {
+    "mnist": (0.91, 0.69),
+    "fashion_mnist": (0.87, 0.67),
+    "emnist_letters": (0.75, 0.60),
+    "cifar10": (0.60, 0.45),
+}
 
 
 # Study user attribute that maps a retrained trial to its weights: {dataset: {"artifact_id", ...}}.
@@ -63,57 +60,16 @@ WEIGHTS_ATTR = "report:trial-{number}"
 STATE_VERSION = 1
 
 
-def save_weights(model: torch.nn.Module, model_cfg: ModelConfig, path: Path) -> str:
-    """Write the model's state_dict as safetensors, with its ModelConfig in the metadata; sha256."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"model_config": json.dumps(dataclasses.asdict(model_cfg))})
-    return _sha256(path)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def load_model(source: str | os.PathLike, model_cfg: ModelConfig | None = None, *,
-               artifact_store: FileSystemArtifactStore | None = None,
-               device: str | torch.device = "cpu") -> NKATViT:
-    """An NKATViT in eval mode from a safetensors file or (with artifact_store) an artifact id.
-
-    Without model_cfg the ModelConfig stored in the file's metadata is used. safetensors holds
-    tensors only, so loading never runs code from the file.
-    """
-    path = Path(source)
-    if not path.is_file():
-        if artifact_store is None:
-            raise UsageError(f"{source} is not a file; pass a .safetensors path, or an artifact id together "
-                             "with its artifact store.")
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / "weights.safetensors"
-            try:
-                download_artifact(artifact_store=artifact_store, file_path=str(local), artifact_id=str(source))
-            except ArtifactNotFound:
-                raise UsageError(f"artifact {source} is not in the artifact store; pass the --artifacts folder "
-                                 "that `nkat-search report` used.") from None
-            return load_model(local, model_cfg, device=device)
-    if model_cfg is None:
-        with safe_open(str(path), framework="pt") as fh:
-            stored = (fh.metadata() or {}).get("model_config")
-        if stored is None:
-            raise UsageError(f"{path} has no model_config in its metadata; pass the ModelConfig it was trained with.")
-        model_cfg = ModelConfig(**json.loads(stored))
-    model = NKATViT(model_cfg)
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return model.to(device).eval()
-
-
 def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:
     """The best `top` completed trials by Global TPE (the search's validation value)."""
     if top < 1:
         raise UsageError(f"--top must be at least 1, got {top}.")
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not done:
-        raise UsageError(f"study {study.study_name!r} has no completed trials yet; run `nkat-search worker` "
-                         "until at least one trial completes, then report.")
+        raise UsageError(
+            f"study {study.study_name!r} has no completed trials yet; run `nkat-search worker` "
+            "until at least one trial completes, then report."
+        )
     done.sort(key=lambda t: typing.cast(float, t.value), reverse=True)  # cast: a COMPLETE trial has a value
     return done[:top]
 
@@ -125,19 +81,30 @@ def _write_json(path: Path, value) -> None:
 
 
 def _shortfall(value: float, target: float) -> dict:
-    return {"value": value, "target": target, "ok": value >= target,
-            "short_by": None if value >= target else target - value}
+    return {
+        "value": value,
+        "target": target,
+        "ok": value >= target,
+        "short_by": None if value >= target else target - value,
+    }
 
 
-def retrain_trial(study: optuna.Study, config: StudyConfig, trial: FrozenTrial, *, epochs: int, warmup: int,
-                  out: Path, device: torch.device, artifacts: Path, say: Callable[[str], None] = log.info) -> dict:
+def retrain_trial(
+    study: optuna.Study,
+    config: StudyConfig,
+    trial: FrozenTrial,
+    *,
+    epochs: int,
+    warmup: int,
+    out: Path,
+    device: torch.device,
+    artifacts: Path,
+    say: Callable[[str], None] = log.info,
+) -> dict:
     """Retrain one trial on every dataset (reusing finished ones from out/state.json) and score it on test."""
     out.mkdir(parents=True, exist_ok=True)
-    key = {"version": STATE_VERSION, "study": study.study_name, "trial": trial.number, "params": trial.params,
-           "epochs": epochs, "warmup": warmup, "data": dataclasses.asdict(config.data),
-           "seed": trial.params.get("seed", config.train.seed)}
     state_path = out / "state.json"
-    state = _resumed(state_path, key, trial.number, say)
+    state = _resumed(state_path, _state_key(study, config, trial, epochs, warmup), trial.number, say)
     store_path = str(Path(artifacts).resolve())
     artifact_store = FileSystemArtifactStore(base_path=store_path)
     weights_attr = WEIGHTS_ATTR.format(number=trial.number)
@@ -145,45 +112,91 @@ def retrain_trial(study: optuna.Study, config: StudyConfig, trial: FrozenTrial, 
     for dataset in datasets_of(config):
         done = state["datasets"].get(dataset)
         weights = out / f"trial-{trial.number}-{dataset}.safetensors"
-        intact = weights.is_file() and done is not None and _sha256(weights) == done["sha256"]
-        if intact:
+        if weights.is_file() and done is not None and sha256(weights) == done["sha256"]:
             say(f"trial {trial.number} {dataset}: reused from {state_path}")
             done["reused"] = True
         else:
-            model_cfg, train_cfg = config.configs_for(trial.params, dataset, epochs)
-            train_cfg = dataclasses.replace(train_cfg, warmup=warmup)
-            say(f"trial {trial.number} {dataset}: training {epochs} epochs on {device}")
-            result = fit(model_cfg, train_cfg, load_splits(dataset, config.data, device), eval_test=True)
-            assert result.model is not None  # fit() returns the model it trained
-            done = {**result.summary(), "weights": weights.name,
-                    "sha256": save_weights(result.model, model_cfg, weights),
-                    "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(train_cfg),
-                    "reused": False}
-            say(f"trial {trial.number} {dataset}: test accuracy {done['test_accuracy']:.4f} "
-                f"(validation {done['accuracy']:.4f}) in {done['seconds']:.1f} s")
+            done = _retrain_on(config, trial, dataset, epochs, warmup, device, weights, say)
         if done.get("artifact_store") != store_path:
             # Optuna refuses new attributes on a finished trial in every storage, so the weights are
             # artifacts of the study; the study attribute WEIGHTS_ATTR maps trial and dataset to them.
-            done["artifact_id"] = upload_artifact(artifact_store=artifact_store, file_path=str(weights),
-                                                  study_or_trial=study)
+            done["artifact_id"] = upload_artifact(
+                artifact_store=artifact_store, file_path=str(weights), study_or_trial=study
+            )
             done["artifact_store"] = store_path
         state["datasets"][dataset] = done
         _write_json(state_path, state)
 
     results = [state["datasets"][d] for d in datasets_of(config)]
-    study.set_user_attr(weights_attr, {
-        r["dataset"]: {"artifact_id": r["artifact_id"], "file": r["weights"], "epochs": epochs,
-                       "test_accuracy": r["test_accuracy"]} for r in results})
+    study.set_user_attr(weights_attr, _weights_index(results, epochs))
     accuracies = [r["test_accuracy"] for r in results]
     params = [r["params"] for r in results]
     tpes = [local_tpe(a, p) for a, p in zip(accuracies, params)]
-    measured = {"global_tpe": global_tpe(accuracies, params), "consistency": consistency(tpes),
-                "robustness": robustness(tpes)}
+    measured = {
+        "global_tpe": global_tpe(accuracies, params),
+        "consistency": consistency(tpes),
+        "robustness": robustness(tpes),
+    }
     rows = [_dataset_row(r, tpe, out) for r, tpe in zip(results, tpes)]
-    return {"trial": trial.number, "search_global_tpe": trial.value, "params": trial.params,
-            "seeds": {"train": trial.params.get("seed", config.train.seed), "split": config.data.split_seed},
-            "stage2": {m: _shortfall(v, STAGE2_TARGETS[m]) for m, v in measured.items()},
-            "datasets": rows, "state": str(state_path), "weights_attr": weights_attr}
+    return {
+        "trial": trial.number,
+        "search_global_tpe": trial.value,
+        "params": trial.params,
+        "seeds": {"train": trial.params.get("seed", config.train.seed), "split": config.data.split_seed},
+        "stage2": {m: _shortfall(v, STAGE2_TARGETS[m]) for m, v in measured.items()},
+        "datasets": rows,
+        "state": str(state_path),
+        "weights_attr": weights_attr,
+    }
+
+
+def _state_key(study: optuna.Study, config: StudyConfig, trial: FrozenTrial, epochs: int, warmup: int) -> dict:
+    """What out/state.json's results depend on: a state with another key is not resumed."""
+    return {
+        "version": STATE_VERSION,
+        "study": study.study_name,
+        "trial": trial.number,
+        "params": trial.params,
+        "epochs": epochs,
+        "warmup": warmup,
+        "data": dataclasses.asdict(config.data),
+        "seed": trial.params.get("seed", config.train.seed),
+    }
+
+
+def _weights_index(results: list[dict], epochs: int) -> dict:
+    """The study attribute WEIGHTS_ATTR of one trial: its artifact and test accuracy per dataset."""
+    return {
+        r["dataset"]: {
+            "artifact_id": r["artifact_id"],
+            "file": r["weights"],
+            "epochs": epochs,
+            "test_accuracy": r["test_accuracy"],
+        }
+        for r in results
+    }
+
+
+def _retrain_on(config, trial, dataset: str, epochs: int, warmup: int, device, weights: Path, say) -> dict:
+    """Train the trial's configuration on one dataset, score it on TEST and write its weights."""
+    model_cfg, train_cfg = config.configs_for(trial.params, dataset, epochs)
+    train_cfg = dataclasses.replace(train_cfg, warmup=warmup)
+    say(f"trial {trial.number} {dataset}: training {epochs} epochs on {device}")
+    result = fit(model_cfg, train_cfg, load_splits(dataset, config.data, device), eval_test=True)
+    assert result.model is not None  # fit() returns the model it trained
+    done = {
+        **result.summary(),
+        "weights": weights.name,
+        "sha256": save_weights(result.model, model_cfg, weights),
+        "model_config": dataclasses.asdict(model_cfg),
+        "train_config": dataclasses.asdict(train_cfg),
+        "reused": False,
+    }
+    say(
+        f"trial {trial.number} {dataset}: test accuracy {done['test_accuracy']:.4f} "
+        f"(validation {done['accuracy']:.4f}) in {done['seconds']:.1f} s"
+    )
+    return done
 
 
 def _resumed(state_path: Path, key: dict, number: int, say: Callable[[str], None]) -> dict:
@@ -191,8 +204,10 @@ def _resumed(state_path: Path, key: dict, number: int, say: Callable[[str], None
     state = json.loads(state_path.read_text()) if state_path.is_file() else None
     if state is None or state.get("key") != key:
         if state is not None:
-            say(f"trial {number}: {state_path} belongs to another run (trial, parameters, epochs or data "
-                "differ); starting over")
+            say(
+                f"trial {number}: {state_path} belongs to another run (trial, parameters, epochs or data "
+                "differ); starting over"
+            )
         state = {"key": key, "datasets": {}}
     return state
 
@@ -201,13 +216,24 @@ def _dataset_row(r: dict, tpe: float, out: Path) -> dict:
     """One dataset's row of the report: test scores against the research's targets, and provenance."""
     acc_target, tpe_target = DATASET_TARGETS.get(r["dataset"], (None, None))
     return {
-        "dataset": r["dataset"], "test_accuracy": r["test_accuracy"], "val_accuracy": r["accuracy"],
-        "local_tpe": tpe, "params": r["params"], "lambda": r["lambda"],
+        "dataset": r["dataset"],
+        "test_accuracy": r["test_accuracy"],
+        "val_accuracy": r["accuracy"],
+        "local_tpe": tpe,
+        "params": r["params"],
+        "lambda": r["lambda"],
         "accuracy_target": _shortfall(r["test_accuracy"], acc_target) if acc_target is not None else None,
         "tpe_target": _shortfall(tpe, tpe_target) if tpe_target is not None else None,
-        "epochs": r["epochs"], "seconds": r["seconds"], "precision": r["precision"], "device": r["device"],
-        "weights": str(out / r["weights"]), "sha256": r["sha256"], "artifact_id": r["artifact_id"],
-        "artifact_store": r["artifact_store"], "reused": r["reused"], "model_config": r["model_config"],
+        "epochs": r["epochs"],
+        "seconds": r["seconds"],
+        "precision": r["precision"],
+        "device": r["device"],
+        "weights": str(out / r["weights"]),
+        "sha256": r["sha256"],
+        "artifact_id": r["artifact_id"],
+        "artifact_store": r["artifact_store"],
+        "reused": r["reused"],
+        "model_config": r["model_config"],
         "train_config": r["train_config"],
     }
 
@@ -220,8 +246,14 @@ def software() -> dict:
         ours = version("nkat-search")
     except PackageNotFoundError:  # run from a source tree that is not installed
         ours = "source tree"
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "optuna": optuna.__version__,
-            "safetensors": safetensors.__version__, "nkat-search": ours, "platform": platform.platform()}
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "optuna": optuna.__version__,
+        "safetensors": safetensors.__version__,
+        "nkat-search": ours,
+        "platform": platform.platform(),
+    }
 
 
 def device_name(device: torch.device) -> str:
@@ -231,12 +263,19 @@ def device_name(device: torch.device) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
-def build_report(study: optuna.Study, config: StudyConfig, *, top: int = 1, epochs: int | None = None,
-                 out: str | Path, device: torch.device, artifacts: str | Path, storage_url: str = "",
-                 say: Callable[[str], None] = log.info) -> dict:
+def build_report(
+    study: optuna.Study,
+    config: StudyConfig,
+    *,
+    top: int = 1,
+    epochs: int | None = None,
+    out: str | Path,
+    device: torch.device,
+    artifacts: str | Path,
+    storage_url: str = "",
+    say: Callable[[str], None] = log.info,
+) -> dict:
     """Retrain the best `top` trials, score them on test, write report.json and report.md to out."""
-    from ..storage.urls import mask
-
     if epochs is not None and epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {epochs}.")
     started = time.perf_counter()
@@ -248,20 +287,35 @@ def build_report(study: optuna.Study, config: StudyConfig, *, top: int = 1, epoc
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     Path(artifacts).mkdir(parents=True, exist_ok=True)
-    results = [retrain_trial(study, config, t, epochs=budget_epochs, warmup=warmup, out=out / f"trial-{t.number}",
-                             device=device, artifacts=Path(artifacts), say=say) for t in trials]
+    results = [
+        retrain_trial(
+            study,
+            config,
+            t,
+            epochs=budget_epochs,
+            warmup=warmup,
+            out=out / f"trial-{t.number}",
+            device=device,
+            artifacts=Path(artifacts),
+            say=say,
+        )
+        for t in trials
+    ]
     report = {
-        "study": study.study_name, "storage": mask(storage_url) if storage_url else None,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "split": "test", "datasets": datasets_of(config), "data": dataclasses.asdict(config.data),
-        "budget": {"epochs": budget_epochs, "warmup": warmup,
-                   "source": "--epochs" if epochs is not None else "study report.epochs",
-                   "study_report_epochs": config.report_epochs, "study_report_warmup": config.report_warmup},
-        "top_requested": top, "targets": {"stage2": STAGE2_TARGETS,
-                                          "datasets": {d: {"accuracy": a, "local_tpe": t}
-                                                       for d, (a, t) in DATASET_TARGETS.items()}},
-        "device": str(device), "device_name": device_name(device), "software": software(),
-        "artifact_store": str(Path(artifacts).resolve()), "trials": results,
+        **_provenance(study, storage_url, device, Path(artifacts)),
+        "split": "test",
+        "datasets": datasets_of(config),
+        "data": dataclasses.asdict(config.data),
+        "budget": {
+            "epochs": budget_epochs,
+            "warmup": warmup,
+            "source": "--epochs" if epochs is not None else "study report.epochs",
+            "study_report_epochs": config.report_epochs,
+            "study_report_warmup": config.report_warmup,
+        },
+        "top_requested": top,
+        "targets": _targets(),
+        "trials": results,
         "wall_seconds": time.perf_counter() - started,
     }
     _write_json(out / "report.json", report)
@@ -269,41 +323,24 @@ def build_report(study: optuna.Study, config: StudyConfig, *, top: int = 1, epoc
     return report
 
 
-def _verdict(check: dict | None) -> str:
-    if check is None:
-        return "-"
-    return "OK" if check["ok"] else f"short by {check['short_by']:.4f}"
+def _provenance(study: optuna.Study, storage_url: str, device: torch.device, artifacts: Path) -> dict:
+    """Where the report comes from: the study, its storage (password masked), when, on what."""
+    from ..storage.urls import mask
+
+    return {
+        "study": study.study_name,
+        "storage": mask(storage_url) if storage_url else None,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": device_name(device),
+        "software": software(),
+        "artifact_store": str(artifacts.resolve()),
+    }
 
 
-def format_trial(t: dict, budget: dict) -> str:
-    """Markdown tables of one retrained trial: Stage 2 against its targets, then per dataset."""
-    reused = [r["dataset"] for r in t["datasets"] if r["reused"]]
-    lines = [f"## Trial {t['trial']}", "",
-             f"Retrained for {budget['epochs']} epochs (warm-up {budget['warmup']}) per dataset, evaluated on the "
-             f"test split. Search value (validation Global TPE): {t['search_global_tpe']:.4f}."
-             + (f" Reused from an earlier run ({t['state']}): {', '.join(reused)}." if reused else ""), "",
-             "### Stage 2", "", "| metric | measured | target | result |", "|---|---|---|---|"]
-    for m, check in t["stage2"].items():
-        lines.append(f"| {STAGE2_TITLES[m]} | {check['value']:.4f} | >= {check['target']:.2f} | {_verdict(check)} |")
-    lines += ["", "### Per dataset", "",
-              "| dataset | test accuracy | target | result | TPE | target | result | params | lambda |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for r in t["datasets"]:
-        acc, tpe = r["accuracy_target"], r["tpe_target"]
-        lines.append(
-            f"| {r['dataset']} | {r['test_accuracy']:.4f} | {'>= %.2f' % acc['target'] if acc else '-'} | "
-            f"{_verdict(acc)} | {r['local_tpe']:.4f} | {'>= %.2f' % tpe['target'] if tpe else '-'} | "
-            f"{_verdict(tpe)} | {r['params']:,} | {r['lambda']:.4f} |")
-    lines += ["", "Parameters: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                             for k, v in t["params"].items()),
-              f"Seeds: train {t['seeds']['train']}, split {t['seeds']['split']}.", ""]
-    return "\n".join(lines)
-
-
-def format_markdown(report: dict) -> str:
-    sw = report["software"]
-    head = [f"# Stage-2 report: {report['study']}", "",
-            f"Created {report['created']} on {report['device']} ({report['device_name']}) in "
-            f"{report['wall_seconds']:.0f} s. Python {sw['python']}, torch {sw['torch']}, optuna {sw['optuna']}. "
-            f"Data source: {report['data']['source']}.", ""]
-    return "\n".join(head + [format_trial(t, report["budget"]) for t in report["trials"]])
+def _targets() -> dict:
+    """The research's targets the report is judged against (docs/research.md)."""
+    return {
+        "stage2": STAGE2_TARGETS,
+        "datasets": {d: {"accuracy": a, "local_tpe": t} for d, (a, t) in DATASET_TARGETS.items()},
+    }

@@ -31,15 +31,25 @@ def label_text(target: torch.Tensor, names: tuple[str, ...] | None = None) -> st
 def recipe_text(cfg: TrainConfig) -> str:
     """The augmentation fields of a recipe, in one line for the grid's title."""
     n, m = cfg.randaugment
-    return (f"crop pad {cfg.crop_padding}, randaugment {n}/{m}, cutout {cfg.cutout}, "
-            f"cutmix p {cfg.cutmix}, mixup alpha {cfg.mixup} p {cfg.mixup_prob}, label smoothing {cfg.label_smoothing}")
+    return (
+        f"crop pad {cfg.crop_padding}, randaugment {n}/{m}, cutout {cfg.cutout}, "
+        f"cutmix p {cfg.cutmix}, mixup alpha {cfg.mixup} p {cfg.mixup_prob}, label smoothing {cfg.label_smoothing}"
+    )
 
 
-def write_grid(train_cfg: TrainConfig, splits: Splits, out_path: str | Path, rows: int = 8, cols: int = 8,
-               seed: int = 0, title: str | None = None) -> Path:
+def write_grid(
+    train_cfg: TrainConfig,
+    splits: Splits,
+    out_path: str | Path,
+    rows: int = 8,
+    cols: int = 8,
+    seed: int = 0,
+    title: str | None = None,
+) -> Path:
     """Write a rows x cols PNG grid of the first training batch that train_cfg makes from splits."""
-    loader = BatchLoader(splits.train_x, splits.train_y, splits.spec, rows * cols, train=True,
-                         train_cfg=train_cfg, seed=seed)
+    loader = BatchLoader(
+        splits.train_x, splits.train_y, splits.spec, rows * cols, train=True, train_cfg=train_cfg, seed=seed
+    )
     images, targets = next(iter(loader))
     images = (images.float() * loader.std + loader.mean).clamp_(0, 1).cpu()
     targets = targets.cpu()

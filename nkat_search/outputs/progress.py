@@ -64,10 +64,13 @@ def _logging_above(console, stream) -> Iterator[None]:
     from rich.file_proxy import FileProxy
 
     proxy = FileProxy(console, stream)
-    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
-                                      if isinstance(logger, logging.Logger))]
-    handlers = [h for logger in loggers for h in logger.handlers
-                if isinstance(h, logging.StreamHandler) and h.stream is stream]
+    loggers = [
+        logging.getLogger(),
+        *(logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)),
+    ]
+    handlers = [
+        h for logger in loggers for h in logger.handlers if isinstance(h, logging.StreamHandler) and h.stream is stream
+    ]
     for h in handlers:
         h.setStream(proxy)
     try:
@@ -92,9 +95,16 @@ class StudyProgress:
     trial_ended as things happen. `counted` leaves trials out of the counts (warm-start copies).
     `console` (a rich Console) replaces the terminal, for tests."""
 
-    def __init__(self, study: optuna.Study, *, stream=None, live: bool | None = None,
-                 counted: Callable[[FrozenTrial], bool] = lambda t: True, console=None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        study: optuna.Study,
+        *,
+        stream=None,
+        live: bool | None = None,
+        counted: Callable[[FrozenTrial], bool] = lambda t: True,
+        console=None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.study, self.counted, self.clock = study, counted, clock
         self.stream = stream if stream is not None else sys.stderr
         self.live = (console is not None or _is_terminal(self.stream)) if live is None else live
@@ -120,8 +130,9 @@ class StudyProgress:
             console = self.console or Console(file=self.stream)
             with contextlib.ExitStack() as stack:
                 stack.enter_context(_logging_above(console, self.stream))
-                self._live = stack.enter_context(Live(get_renderable=self.render, console=console,
-                                                      refresh_per_second=4, **_redirects(console)))
+                self._live = stack.enter_context(
+                    Live(get_renderable=self.render, console=console, refresh_per_second=4, **_redirects(console))
+                )
                 self._exit = stack.pop_all()
             self._draw()
         return self
@@ -151,8 +162,11 @@ class StudyProgress:
         from rich.text import Text
 
         c = self.counts or self.refresh()
-        best = (f"best Global TPE {c.best_value:.4g} (trial {c.best_trial})" if c.best_value is not None
-                else "best Global TPE - (no completed trial yet)")
+        best = (
+            f"best Global TPE {c.best_value:.4g} (trial {c.best_trial})"
+            if c.best_value is not None
+            else "best Global TPE - (no completed trial yet)"
+        )
         times = f"elapsed {clock_text(self.clock() - self.started)}"
         if not self.done:
             times += f", ETA {clock_text(c.eta())}"
@@ -176,10 +190,20 @@ class StudyProgress:
 
     def epoch(self, number: int, epoch: int, epochs: int, accuracy: float, local_tpe: float) -> None:
         row = self.current.get(number, {})
-        self.current = {**self.current,
-                        number: {**row, "epoch": epoch, "epochs": epochs, "accuracy": accuracy, "tpe": local_tpe}}
-        log.debug("trial %d stage %s %s epoch %d/%d: val accuracy %.4f, local TPE %.4f", number,
-                  row.get("stage", "?"), row.get("dataset", ""), epoch, epochs, accuracy, local_tpe)
+        self.current = {
+            **self.current,
+            number: {**row, "epoch": epoch, "epochs": epochs, "accuracy": accuracy, "tpe": local_tpe},
+        }
+        log.debug(
+            "trial %d stage %s %s epoch %d/%d: val accuracy %.4f, local TPE %.4f",
+            number,
+            row.get("stage", "?"),
+            row.get("dataset", ""),
+            epoch,
+            epochs,
+            accuracy,
+            local_tpe,
+        )
         self.refresh()
         self._draw()
 
@@ -200,8 +224,7 @@ class StudyProgress:
             reason = trial.user_attrs.get("prune_reason", "")
             log.info("trial %d pruned%s%s: %s; %s", trial.number, f" {kind}" if kind else "", took, reason, tally)
         else:
-            log.error("trial %d failed%s: %s; %s", trial.number, took, trial.user_attrs.get("fail_reason", "?"),
-                      tally)
+            log.error("trial %d failed%s: %s; %s", trial.number, took, trial.user_attrs.get("fail_reason", "?"), tally)
         self._draw()
 
     # -- worker processes -----------------------------------------------------------------------
@@ -248,8 +271,9 @@ def _row(number: int, now: dict):
     epochs = now.get("epochs") or 1
     done = now.get("epoch", 0)
     extra = f"val accuracy {now['accuracy']:.3f}, local TPE {now['tpe']:.3g}" if "accuracy" in now else ""
-    row.add_row(Text(where), ProgressBar(total=epochs, completed=done, width=20), Text(f"epoch {done} of {epochs}"),
-                Text(extra))
+    row.add_row(
+        Text(where), ProgressBar(total=epochs, completed=done, width=20), Text(f"epoch {done} of {epochs}"), Text(extra)
+    )
     return row
 
 
@@ -316,9 +340,17 @@ class TrainProgress:
 
             console = self.console or Console(file=self.stream)
             progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
-                TextColumn("{task.fields[scores]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=console, **_redirects(console))
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("epochs"),
+                TextColumn("{task.fields[scores]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+                **_redirects(console),
+            )
             with contextlib.ExitStack() as stack:
                 stack.enter_context(_logging_above(console, self.stream))
                 self._task = stack.enter_context(progress).add_task(self.dataset, total=self.epochs, scores="")
@@ -332,7 +364,8 @@ class TrainProgress:
 
     def __call__(self, epoch: int, accuracy: float, local_tpe: float) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, completed=epoch,
-                                  scores=f"val accuracy {accuracy:.4f}, local TPE {local_tpe:.4f}")
+            self._progress.update(
+                self._task, completed=epoch, scores=f"val accuracy {accuracy:.4f}, local TPE {local_tpe:.4f}"
+            )
         else:
             log.info("epoch %d/%d  val accuracy %.4f  local TPE %.4f", epoch, self.epochs, accuracy, local_tpe)

@@ -29,8 +29,12 @@ def leaderboard(study: optuna.Study, config: StudyConfig, top: int | None = None
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         a = t.user_attrs
-        row = {"trial": t.number, "global_tpe": t.value, "consistency": a.get("consistency"),
-               "robustness": a.get("robustness")}
+        row = {
+            "trial": t.number,
+            "global_tpe": t.value,
+            "consistency": a.get("consistency"),
+            "robustness": a.get("robustness"),
+        }
         for d in datasets_of(config):
             row.update({f"{d}_{m}": a.get(f"{d}_{m}") for m in METRICS})
         row.update(t.params)
@@ -48,12 +52,14 @@ SHORT_NAMES = {"cifar10": "cifar10", "mnist": "mnist", "fashion_mnist": "fashion
 
 def size_and_accuracy(frame: pd.DataFrame, datasets: list[str]) -> pd.DataFrame:
     """trial, mean accuracy and lambda (mean over the datasets, as in Global TPE) and Global TPE."""
-    return pd.DataFrame({
-        "trial": frame["trial"],
-        "mean_accuracy": frame[[f"{d}_accuracy" for d in datasets]].mean(axis=1),
-        "lambda": frame[[f"{d}_lambda" for d in datasets]].mean(axis=1),
-        "global_tpe": frame["global_tpe"],
-    })
+    return pd.DataFrame(
+        {
+            "trial": frame["trial"],
+            "mean_accuracy": frame[[f"{d}_accuracy" for d in datasets]].mean(axis=1),
+            "lambda": frame[[f"{d}_lambda" for d in datasets]].mean(axis=1),
+            "global_tpe": frame["global_tpe"],
+        }
+    )
 
 
 def format_leaderboard(frame: pd.DataFrame, config: StudyConfig, wide: bool = False) -> str:
@@ -65,14 +71,21 @@ def format_leaderboard(frame: pd.DataFrame, config: StudyConfig, wide: bool = Fa
     if wide:
         return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
     datasets = datasets_of(config)
-    table = pd.DataFrame({"trial": frame["trial"], "global TPE": frame["global_tpe"],
-                          "consistency": frame["consistency"], "robustness": frame["robustness"]})
+    table = pd.DataFrame(
+        {
+            "trial": frame["trial"],
+            "global TPE": frame["global_tpe"],
+            "consistency": frame["consistency"],
+            "robustness": frame["robustness"],
+        }
+    )
     for d in datasets:
         table[SHORT_NAMES.get(d, d)] = frame[f"{d}_accuracy"]
     table["lambda"] = size_and_accuracy(frame, datasets)["lambda"]
     formats = {"global TPE": "{:.3f}", "consistency": "{:.3f}", "robustness": "{:.3f}", "lambda": "{:.4f}"}
-    text = table.to_string(index=False, formatters={c: (formats.get(c, "{:.3f}").format if c != "trial" else str)
-                                                    for c in table.columns})
+    text = table.to_string(
+        index=False, formatters={c: (formats.get(c, "{:.3f}").format if c != "trial" else str) for c in table.columns}
+    )
     return "accuracy on the validation splits; lambda: M parameters, mean over the datasets\n" + text
 
 
@@ -84,8 +97,9 @@ def pareto(frame: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
         return pd.DataFrame(columns=["trial", "mean_accuracy", "lambda", "global_tpe"])
     points = size_and_accuracy(frame, datasets_of(config))
     acc, lam = points["mean_accuracy"].to_numpy(), points["lambda"].to_numpy()
-    dominated = [bool(((acc >= acc[i]) & (lam <= lam[i]) & ((acc > acc[i]) | (lam < lam[i]))).any())
-                 for i in range(len(points))]
+    dominated = [
+        bool(((acc >= acc[i]) & (lam <= lam[i]) & ((acc > acc[i]) | (lam < lam[i]))).any()) for i in range(len(points))
+    ]
     front = points[[not d for d in dominated]]
     return front.sort_values(["lambda", "mean_accuracy"], ascending=[True, False], kind="stable").reset_index(drop=True)
 
@@ -93,9 +107,15 @@ def pareto(frame: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
 def format_pareto(front: pd.DataFrame) -> str:
     if front.empty:
         return "no completed trials yet"
-    return ("Pareto front of mean validation accuracy against lambda (smallest first)\n"
-            + front.to_string(index=False, formatters={"trial": str, "mean_accuracy": "{:.3f}".format,
-                                                        "lambda": "{:.4f}".format, "global_tpe": "{:.3f}".format}))
+    return "Pareto front of mean validation accuracy against lambda (smallest first)\n" + front.to_string(
+        index=False,
+        formatters={
+            "trial": str,
+            "mean_accuracy": "{:.3f}".format,
+            "lambda": "{:.4f}".format,
+            "global_tpe": "{:.3f}".format,
+        },
+    )
 
 
 def status(study: optuna.Study, config: StudyConfig) -> dict:
@@ -140,16 +160,22 @@ def status(study: optuna.Study, config: StudyConfig) -> dict:
 
 def format_status(s: dict) -> str:
     states = ", ".join(f"{k.lower()} {v}" for k, v in s["states"].items() if v)
-    lines = [f"study {s['study']}: {s['finished']} of {s['budget']} finished ({states or 'no trials'})",
-             f"workers seen: {len(s['workers_seen'])}"]
+    lines = [
+        f"study {s['study']}: {s['finished']} of {s['budget']} finished ({states or 'no trials'})",
+        f"workers seen: {len(s['workers_seen'])}",
+    ]
     if s["best_trial"] is not None:
         lines.append(f"best: trial {s['best_trial']}, global TPE {s['best_global_tpe']:.4f}")
     lines.append(f"compute: {s['seconds_stage1']:.0f} s in Stage 1, {s['seconds_stage2']:.0f} s in Stage 2")
-    lines.append(f"pruned trials used {s['seconds_pruned_trials']:.0f} s of Stage 1; full Stage-1 runs would have "
-                 f"cost {s['seconds_pruned_trials_if_full_stage1']:.0f} s (saved {s['seconds_saved_by_pruner']:.0f} s)")
+    lines.append(
+        f"pruned trials used {s['seconds_pruned_trials']:.0f} s of Stage 1; full Stage-1 runs would have "
+        f"cost {s['seconds_pruned_trials_if_full_stage1']:.0f} s (saved {s['seconds_saved_by_pruner']:.0f} s)"
+    )
     if s["seconds_saved_by_gate"] is not None:
-        lines.append(f"the gate stopped {s['gate_pruned_trials']} trials before Stage 2 "
-                     f"(about {s['seconds_saved_by_gate']:.0f} s at the mean measured Stage-2 time)")
+        lines.append(
+            f"the gate stopped {s['gate_pruned_trials']} trials before Stage 2 "
+            f"(about {s['seconds_saved_by_gate']:.0f} s at the mean measured Stage-2 time)"
+        )
     return "\n".join(lines)
 
 

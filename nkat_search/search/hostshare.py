@@ -71,8 +71,9 @@ def default_folder() -> Path:
     return Path(tempfile.gettempdir()) / f"nkat-search-{user}" / "workers"
 
 
-def share_of(kind: str, cores: int, cpu_workers: int, gpu_workers: int, busy_elsewhere: int = 0,
-             limit: int | None = None) -> int:
+def share_of(
+    kind: str, cores: int, cpu_workers: int, gpu_workers: int, busy_elsewhere: int = 0, limit: int | None = None
+) -> int:
     """torch intra-op threads for one worker of `kind` among the live workers (itself included),
     with `busy_elsewhere` cores taken by other programs; never more than `limit`."""
     if kind not in KINDS:
@@ -110,14 +111,20 @@ def user_limit() -> int | None:
 class HostShare:
     """One worker's membership of the host's registry; a context manager (join, then leave).
 
-        with HostShare(device) as share:
-            while ...:
-                share.threads_for_next_trial()
-                run the trial
+    with HostShare(device) as share:
+        while ...:
+            share.threads_for_next_trial()
+            run the trial
     """
 
-    def __init__(self, device: str = "cpu", folder: str | Path | None = None, cores: int | None = None,
-                 limit: int | None = None, load: Callable[[], float] | None = load_average):
+    def __init__(
+        self,
+        device: str = "cpu",
+        folder: str | Path | None = None,
+        cores: int | None = None,
+        limit: int | None = None,
+        load: Callable[[], float] | None = load_average,
+    ):
         """limit: the most threads ever (a user's explicit setting, e.g. OMP_NUM_THREADS, read by the
         command line); load: the host's load average, or None to ignore other programs."""
         self.kind = kind_of(device)
@@ -206,7 +213,14 @@ class HostShare:
         live, current = self.live(), torch.get_num_threads()
         threads, elsewhere = self._share(live, current)
         if current != threads:
-            log.info("torch threads for the next trial: %d (%d cores; %d CPU and %d GPU workers on this host; "
-                     "%d cores busy with other programs)", threads, self.cores, live["cpu"], live["gpu"], elsewhere)
+            log.info(
+                "torch threads for the next trial: %d (%d cores; %d CPU and %d GPU workers on this host; "
+                "%d cores busy with other programs)",
+                threads,
+                self.cores,
+                live["cpu"],
+                live["gpu"],
+                elsewhere,
+            )
             torch.set_num_threads(threads)
         return threads

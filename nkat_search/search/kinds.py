@@ -18,8 +18,9 @@ if TYPE_CHECKING:  # study_file builds these kinds from its tables
 
 def check_sampler_seed(seed: int | None) -> None:
     if seed is not None and not 0 <= seed <= MAX_SAMPLER_SEED:
-        raise UsageError(f"seed must be in 0..{MAX_SAMPLER_SEED} (Optuna's samplers take 32 bits) or absent, "
-                         f"got {seed}.")
+        raise UsageError(
+            f"seed must be in 0..{MAX_SAMPLER_SEED} (Optuna's samplers take 32 bits) or absent, got {seed}."
+        )
 
 
 @dataclass(frozen=True)
@@ -111,15 +112,28 @@ class SuccessiveHalvingPrunerConfig:
 SAMPLERS = {c.KIND: c for c in (TPESamplerConfig, RandomSamplerConfig)}
 
 
-PRUNERS = {c.KIND: c for c in (NopPrunerConfig, MedianPrunerConfig, PercentilePrunerConfig, HyperbandPrunerConfig,
-                                SuccessiveHalvingPrunerConfig)}
+PRUNERS = {
+    c.KIND: c
+    for c in (
+        NopPrunerConfig,
+        MedianPrunerConfig,
+        PercentilePrunerConfig,
+        HyperbandPrunerConfig,
+        SuccessiveHalvingPrunerConfig,
+    )
+}
 
 
 SamplerConfig = TPESamplerConfig | RandomSamplerConfig
 
 
-PrunerConfig = (NopPrunerConfig | MedianPrunerConfig | PercentilePrunerConfig | HyperbandPrunerConfig
-                | SuccessiveHalvingPrunerConfig)
+PrunerConfig = (
+    NopPrunerConfig
+    | MedianPrunerConfig
+    | PercentilePrunerConfig
+    | HyperbandPrunerConfig
+    | SuccessiveHalvingPrunerConfig
+)
 
 
 def kind_dict(cfg) -> dict:
@@ -144,8 +158,9 @@ def sampler(study: StudyConfig, trial_index: int | None = None) -> optuna.sample
     seed = s.seed if s.seed is None or trial_index is None else trial_seed(s.seed, trial_index)
     if isinstance(s, RandomSamplerConfig):
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=s.multivariate, constant_liar=s.constant_liar,
-                                      n_startup_trials=s.n_startup_trials)
+    return optuna.samplers.TPESampler(
+        seed=seed, multivariate=s.multivariate, constant_liar=s.constant_liar, n_startup_trials=s.n_startup_trials
+    )
 
 
 def pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
@@ -156,12 +171,17 @@ def pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
     if isinstance(p, MedianPrunerConfig):
         return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
     if isinstance(p, PercentilePrunerConfig):
-        return optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.n_startup_trials,
-                                               n_warmup_steps=p.n_warmup_steps)
+        return optuna.pruners.PercentilePruner(
+            p.percentile, n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
+        )
     if isinstance(p, HyperbandPrunerConfig):
-        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=study.stage1_epochs,
-                                              reduction_factor=p.reduction_factor)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=p.min_resource, max_resource=study.stage1_epochs, reduction_factor=p.reduction_factor
+        )
     if isinstance(p, SuccessiveHalvingPrunerConfig):
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor,
-                                                      min_early_stopping_rate=p.min_early_stopping_rate)
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=p.min_resource,
+            reduction_factor=p.reduction_factor,
+            min_early_stopping_rate=p.min_early_stopping_rate,
+        )
     raise TypeError(f"no Optuna pruner for {p!r}")

@@ -38,8 +38,14 @@ def check_gate(local_tpe: float, gate: float, epoch: int, trial: optuna.Trial) -
 def record(trial: optuna.Trial, result: FitResult) -> None:
     """Per-dataset attributes: accuracy, params, lambda, local TPE, seconds, epochs."""
     d = result.dataset
-    for key, value in (("accuracy", result.accuracy), ("params", result.params), ("lambda", result.lambda_),
-                       ("local_tpe", result.local_tpe), ("seconds", result.seconds), ("epochs", result.epochs)):
+    for key, value in (
+        ("accuracy", result.accuracy),
+        ("params", result.params),
+        ("lambda", result.lambda_),
+        ("local_tpe", result.local_tpe),
+        ("seconds", result.seconds),
+        ("epochs", result.epochs),
+    ):
         trial.set_user_attr(f"{d}_{key}", value)
 
 
@@ -56,16 +62,20 @@ def ask_pruner(local_tpe: float, kind: str, epoch: int, trial: optuna.Trial) -> 
 Train = Callable[[optuna.Trial, dict, str, int, EpochCallback | None], FitResult]
 
 
-def make_objective(study: StudyConfig, load: Callable[[str], Splits],
-                   progress: StudyProgress | Relay | None = None,
-                   timer: Timings | None = None) -> Callable[[optuna.Trial], float]:
+def make_objective(
+    study: StudyConfig,
+    load: Callable[[str], Splits],
+    progress: StudyProgress | Relay | None = None,
+    timer: Timings | None = None,
+) -> Callable[[optuna.Trial], float]:
     """The objective for study.optimize / ask-tell; load(name) gives a dataset's splits (cached);
     progress (the worker's display) hears of every trial, stage and epoch; timer (the bench's)
     is charged by fit's phases."""
     shown: StudyProgress | Relay | _Quiet = progress or _Quiet()
 
-    def train(trial: optuna.Trial, params: dict, dataset: str, epochs: int,
-              on_epoch: EpochCallback | None) -> FitResult:
+    def train(
+        trial: optuna.Trial, params: dict, dataset: str, epochs: int, on_epoch: EpochCallback | None
+    ) -> FitResult:
         model_cfg, train_cfg = study.configs_for(params, dataset, epochs)
         trial.set_user_attr(f"{dataset}_patch_size", model_cfg.patch_size)
         try:
@@ -91,8 +101,9 @@ def make_objective(study: StudyConfig, load: Callable[[str], Splits],
     return objective
 
 
-def stage1(trial: optuna.Trial, params: dict, study: StudyConfig, train: Train,
-           shown: StudyProgress | Relay | _Quiet) -> FitResult:
+def stage1(
+    trial: optuna.Trial, params: dict, study: StudyConfig, train: Train, shown: StudyProgress | Relay | _Quiet
+) -> FitResult:
     """Stage 1 on the gate dataset: the pruner is asked after every epoch, after the gate at the last."""
     dataset, epochs = study.stage1_dataset, study.stage1_epochs
     started = time.perf_counter()
@@ -116,17 +127,24 @@ def stage1(trial: optuna.Trial, params: dict, study: StudyConfig, train: Train,
     return result
 
 
-def stage2(trial: optuna.Trial, params: dict, study: StudyConfig, train: Train,
-           shown: StudyProgress | Relay | _Quiet) -> list[FitResult]:
+def stage2(
+    trial: optuna.Trial, params: dict, study: StudyConfig, train: Train, shown: StudyProgress | Relay | _Quiet
+) -> list[FitResult]:
     """Stage 2: the survivor trained on each of the other datasets in turn."""
     started = time.perf_counter()
     results = []
     try:
         for dataset in study.stage2_datasets:
             shown.stage(trial.number, 2, dataset, study.stage2_epochs)
-            results.append(train(
-                trial, params, dataset, study.stage2_epochs,
-                lambda e, a, t: shown.epoch(trial.number, e, study.stage2_epochs, a, t)))
+            results.append(
+                train(
+                    trial,
+                    params,
+                    dataset,
+                    study.stage2_epochs,
+                    lambda e, a, t: shown.epoch(trial.number, e, study.stage2_epochs, a, t),
+                )
+            )
             record(trial, results[-1])
     finally:
         trial.set_user_attr("stage2_seconds", time.perf_counter() - started)

@@ -22,8 +22,9 @@ from .worker import (
 log = logging.getLogger("nkat_search")
 
 
-def _child(url: str, study_name: str, device: str, verbose: bool, data_root: str | None, max_failures: int,
-           relay=None) -> None:
+def _child(
+    url: str, study_name: str, device: str, verbose: bool, data_root: str | None, max_failures: int, relay=None
+) -> None:
     if relay is None:
         configure_logging(verbose, tag=f"[{device} pid {os.getpid()}] ")
     else:  # the parent draws the display on the terminal and prints these lines above it
@@ -62,8 +63,15 @@ def _display(url: str, study_name: str, ctx) -> Iterator[object]:
         yield queue
 
 
-def run_processes(url: str, study_name: str, devices: list[str], count: int, verbose: bool = False,
-                  data_root: str | None = None, max_failures: int = 3) -> int:
+def run_processes(
+    url: str,
+    study_name: str,
+    devices: list[str],
+    count: int,
+    verbose: bool = False,
+    data_root: str | None = None,
+    max_failures: int = 3,
+) -> int:
     """count worker processes, device i % len(devices) each; the worst exit code of them.
 
     A terminal's Ctrl-C reaches the parent as well as its workers: the parent handles it like a
@@ -75,11 +83,23 @@ def run_processes(url: str, study_name: str, devices: list[str], count: int, ver
         return _run_processes(ctx, relay, url, study_name, devices, count, verbose, data_root, max_failures)
 
 
-def _run_processes(ctx, relay, url: str, study_name: str, devices: list[str], count: int, verbose: bool,
-                   data_root: str | None, max_failures: int) -> int:
-    procs = [ctx.Process(target=_child, args=(url, study_name, devices[i % len(devices)], verbose, data_root,
-                                              max_failures, relay))
-             for i in range(count)]
+def _run_processes(
+    ctx,
+    relay,
+    url: str,
+    study_name: str,
+    devices: list[str],
+    count: int,
+    verbose: bool,
+    data_root: str | None,
+    max_failures: int,
+) -> int:
+    procs = [
+        ctx.Process(
+            target=_child, args=(url, study_name, devices[i % len(devices)], verbose, data_root, max_failures, relay)
+        )
+        for i in range(count)
+    ]
     for p in procs:
         p.start()
     try:
@@ -94,8 +114,9 @@ def _run_processes(ctx, relay, url: str, study_name: str, devices: list[str], co
                 p.join(timeout=CHILD_GRACE_SECONDS)
             stuck = [p for p in procs if p.is_alive()]
             for p in stuck:  # never wait for ever on a child that does not end
-                log.warning("worker process %d did not end within %d s of the interrupt; killed", p.pid,
-                            CHILD_GRACE_SECONDS)
+                log.warning(
+                    "worker process %d did not end within %d s of the interrupt; killed", p.pid, CHILD_GRACE_SECONDS
+                )
                 p.kill()
                 p.join()
             if stuck:  # its RUNNING trial: failed with the reason and queued again, as any dead worker's

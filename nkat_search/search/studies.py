@@ -17,8 +17,9 @@ from .kinds import pruner, sampler
 from .study_file import StudyConfig, check_warm_start
 
 
-def create_or_resume(storage, url: str, study: StudyConfig, budget: int,
-                     warm_start_from: str | None = None) -> optuna.Study:
+def create_or_resume(
+    storage, url: str, study: StudyConfig, budget: int, warm_start_from: str | None = None
+) -> optuna.Study:
     """Create the study, or resume it when it holds the same definition; record the budget;
     enqueue the study file's configurations (once); add an earlier study's finished trials to the
     sampler's history (warm start; they do not count against the budget)."""
@@ -32,9 +33,16 @@ def create_or_resume(storage, url: str, study: StudyConfig, budget: int,
                 changed = _changed_keys(stored or {}, definition)
                 raise UsageError(
                     f"study {study.name!r} already exists in {mask(url)} with a different definition "
-                    f"({', '.join(changed)} differ); rename the study in {study.path} or use the file it was made from.")
-        handle = optuna.create_study(storage=storage, study_name=study.name, direction="maximize",
-                                     sampler=sampler(study), pruner=pruner(study), load_if_exists=True)
+                    f"({', '.join(changed)} differ); rename the study in {study.path} or use the file it was made from."
+                )
+        handle = optuna.create_study(
+            storage=storage,
+            study_name=study.name,
+            direction="maximize",
+            sampler=sampler(study),
+            pruner=pruner(study),
+            load_if_exists=True,
+        )
         with warnings.catch_warnings():  # experimental since Optuna 3.2, and the dashboard reads it
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             handle.set_metric_names(METRIC_NAMES)
@@ -46,8 +54,9 @@ def create_or_resume(storage, url: str, study: StudyConfig, budget: int,
             handle.enqueue_trial(params, user_attrs={"enqueued": True}, skip_if_exists=True)
         if warm and warm_start_from:  # warm is empty without a source study
             copied = {t.user_attrs.get("warm_start_trial") for t in handle.get_trials(deepcopy=False)}
-            handle.add_trials([_warm_copy(t, warm_start_from) for t in warm
-                               if f"{warm_start_from}#{t.number}" not in copied])
+            handle.add_trials(
+                [_warm_copy(t, warm_start_from) for t in warm if f"{warm_start_from}#{t.number}" not in copied]
+            )
     return handle
 
 
@@ -78,8 +87,9 @@ def _check_source(url: str, study: StudyConfig, name: str, names) -> None:
         raise UsageError("--warm-start-from names the study itself; name an earlier study in the same storage.")
     if name not in names:
         listed = ", ".join(n for n in names if n != study.name) or "none"
-        raise UsageError(f"--warm-start-from {name!r}: no such study in {mask(url)} (it holds: {listed}); "
-                         "name one of those.")
+        raise UsageError(
+            f"--warm-start-from {name!r}: no such study in {mask(url)} (it holds: {listed}); name one of those."
+        )
 
 
 def _warm_start_trials(storage, url: str, study: StudyConfig, name: str, existing: dict) -> list:
@@ -93,9 +103,13 @@ def _warm_start_trials(storage, url: str, study: StudyConfig, name: str, existin
 
 def _warm_copy(trial: optuna.trial.FrozenTrial, source: str) -> optuna.trial.FrozenTrial:
     return optuna.trial.create_trial(
-        state=TrialState.COMPLETE, value=trial.value, params=trial.params, distributions=trial.distributions,
+        state=TrialState.COMPLETE,
+        value=trial.value,
+        params=trial.params,
+        distributions=trial.distributions,
         intermediate_values=trial.intermediate_values,
-        user_attrs={**trial.user_attrs, "warm_start_trial": f"{source}#{trial.number}"})
+        user_attrs={**trial.user_attrs, "warm_start_trial": f"{source}#{trial.number}"},
+    )
 
 
 def is_warm_start(trial: optuna.trial.FrozenTrial) -> bool:
@@ -110,21 +124,29 @@ def attach(storage, url: str, name: str | None) -> tuple[optuna.Study, StudyConf
     if name is None:
         if len(names) != 1:
             listed = ", ".join(names) or "none"
-            raise UsageError(f"the storage {mask(url)} holds {len(names)} studies ({listed}); pass --study NAME "
-                             "or set NKAT_SEARCH_STUDY.")
+            raise UsageError(
+                f"the storage {mask(url)} holds {len(names)} studies ({listed}); pass --study NAME "
+                "or set NKAT_SEARCH_STUDY."
+            )
         name = names[0]
     if name not in names:
-        raise UsageError(f"study {name!r} does not exist in {mask(url)}; create it with "
-                         "`nkat-search start --study <name or file>` first.")
+        raise UsageError(
+            f"study {name!r} does not exist in {mask(url)}; create it with "
+            "`nkat-search start --study <name or file>` first."
+        )
     attrs = summaries[name].user_attrs
     definition = attrs.get("definition")
     if definition is None:
-        raise UsageError(f"study {name!r} in {mask(url)} was not made by nkat-search start (it has no definition); "
-                         "create it with `nkat-search start`.")
+        raise UsageError(
+            f"study {name!r} in {mask(url)} was not made by nkat-search start (it has no definition); "
+            "create it with `nkat-search start`."
+        )
     try:
         config = StudyConfig.from_definition(definition, trials=int(attrs.get("budget", 1)))
     except UsageError as exc:
-        raise UsageError(f"study {name!r} in {mask(url)} was made by another version of nkat-search and cannot be "
-                         f"read ({exc}); run it with that version or start a new study.") from None
+        raise UsageError(
+            f"study {name!r} in {mask(url)} was made by another version of nkat-search and cannot be "
+            f"read ({exc}); run it with that version or start a new study."
+        ) from None
     handle = optuna.load_study(study_name=name, storage=storage, sampler=sampler(config), pruner=pruner(config))
     return handle, config

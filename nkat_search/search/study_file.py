@@ -96,8 +96,9 @@ class StudyConfig:
             if isinstance(patch, int) and patch >= 1 and stem in ("off", "tiny", "small"):
                 model_kwargs["patch_size"] = adapt_patch_size(shape.image_size, stem, patch)
         model_cfg = ModelConfig(**model_kwargs)
-        train_cfg = dataclasses.replace(self.recipe(dataset), epochs=epochs,
-                                        **{k: v for k, v in applied.items() if k in TRAIN_KEYS})
+        train_cfg = dataclasses.replace(
+            self.recipe(dataset), epochs=epochs, **{k: v for k, v in applied.items() if k in TRAIN_KEYS}
+        )
         return model_cfg, train_cfg
 
     def definition(self) -> dict:
@@ -106,16 +107,25 @@ class StudyConfig:
         searched = {p.name for p in self.space if not p.datasets}
         train = {k: v for k, v in dataclasses.asdict(self.train).items() if k != "epochs" and k not in searched}
         train.update({ds: dict(v) for ds, v in self.train_overrides.items() if ds != "stage2"})
-        return _jsonable({
-            "study": {"name": self.name},
-            "sampler": kind_dict(self.sampler), "pruner": kind_dict(self.pruner),
-            "stage1": {"dataset": self.stage1_dataset, "epochs": self.stage1_epochs, "gate": self.gate},
-            "stage2": {"datasets": list(self.stage2_datasets), "epochs": self.stage2_epochs,
-                       "train": dict(self.train_overrides.get("stage2", {}))},
-            "data": dataclasses.asdict(self.data), "model": dict(self.model), "train": train,
-            "report": {"epochs": self.report_epochs, "warmup": self.report_warmup},
-            "space": {p.name: p.to_dict() for p in self.space}, "enqueue": [dict(e) for e in self.enqueue],
-        })
+        return _jsonable(
+            {
+                "study": {"name": self.name},
+                "sampler": kind_dict(self.sampler),
+                "pruner": kind_dict(self.pruner),
+                "stage1": {"dataset": self.stage1_dataset, "epochs": self.stage1_epochs, "gate": self.gate},
+                "stage2": {
+                    "datasets": list(self.stage2_datasets),
+                    "epochs": self.stage2_epochs,
+                    "train": dict(self.train_overrides.get("stage2", {})),
+                },
+                "data": dataclasses.asdict(self.data),
+                "model": dict(self.model),
+                "train": train,
+                "report": {"epochs": self.report_epochs, "warmup": self.report_warmup},
+                "space": {p.name: p.to_dict() for p in self.space},
+                "enqueue": [dict(e) for e in self.enqueue],
+            }
+        )
 
     @classmethod
     def from_definition(cls, definition: dict, trials: int = 1) -> "StudyConfig":
@@ -147,9 +157,11 @@ def study_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if name_or_path and path.is_file():
         return path
-    raise UsageError(f"study {name_or_path or '(empty)'} is neither a packaged study ({', '.join(packaged)}) nor an "
-                     "existing file; pass one of those names or the path of your own study file "
-                     "(`nkat-search studies` lists them).")
+    raise UsageError(
+        f"study {name_or_path or '(empty)'} is neither a packaged study ({', '.join(packaged)}) nor an "
+        "existing file; pass one of those names or the path of your own study file "
+        "(`nkat-search studies` lists them)."
+    )
 
 
 def load_study(name_or_path: str) -> StudyConfig:
@@ -191,10 +203,25 @@ def parse_study(raw: dict, path: str) -> StudyConfig:
     space = space_tables(raw, datasets, model.keys() | fixed_train.keys(), overrides, fail)
     enqueue = enqueue_tables(raw, space, fail)
     config = StudyConfig(
-        name=name, path=path, trials=trials, space=space, sampler=sampler, pruner=pruner,
-        stage1_dataset=stage1["dataset"], stage1_epochs=stage1["epochs"], gate=float(stage1["gate"]),
-        stage2_datasets=tuple(stage2["datasets"]), stage2_epochs=stage2["epochs"], data=data, model=model, train=train,
-        train_overrides=overrides, report_epochs=report_epochs, report_warmup=report_warmup, enqueue=enqueue)
+        name=name,
+        path=path,
+        trials=trials,
+        space=space,
+        sampler=sampler,
+        pruner=pruner,
+        stage1_dataset=stage1["dataset"],
+        stage1_epochs=stage1["epochs"],
+        gate=float(stage1["gate"]),
+        stage2_datasets=tuple(stage2["datasets"]),
+        stage2_epochs=stage2["epochs"],
+        data=data,
+        model=model,
+        train=train,
+        train_overrides=overrides,
+        report_epochs=report_epochs,
+        report_warmup=report_warmup,
+        enqueue=enqueue,
+    )
     _check_space(config, fail)
     return config
 
@@ -202,6 +229,7 @@ def parse_study(raw: dict, path: str) -> StudyConfig:
 def _check_space(study: StudyConfig, fail: Fail) -> None:
     """Every value a searched range can produce (coupled parameters in every combination) makes a
     valid model and recipe on every dataset it applies to, and so do the enqueued configurations."""
+
     def check(params: dict) -> None:
         for ds in study.datasets:
             study.configs_for(params, ds, 1)
@@ -214,8 +242,11 @@ def _check_space(study: StudyConfig, fail: Fail) -> None:
                 raise fail(f"space.{p.name}", f"the value {value!r} is invalid: {exc}") from None
     coupled = [p for p in study.space if p.name in COUPLED]
     grids = [[(p.name, v) for v in p.values()] for p in coupled]
-    combos = (itertools.product(*grids) if math.prod(len(g) for g in grids) <= MAX_COMBINATIONS
-              else ((pair,) for g in grids for pair in g))  # too many to try: each value alone
+    combos = (
+        itertools.product(*grids)
+        if math.prod(len(g) for g in grids) <= MAX_COMBINATIONS
+        else ((pair,) for g in grids for pair in g)
+    )  # too many to try: each value alone
     key = f"space.{coupled[0].name}" if len(coupled) == 1 else "space"
     for combo in combos:
         try:
@@ -240,8 +271,14 @@ def check_warm_start(study: StudyConfig, trials) -> None:
         outside = sorted(k for k, v in t.params.items() if k in specs and not specs[k].contains(v))
         extra = sorted(set(t.params) - set(specs))
         if missing or outside or extra:
-            problem = (f"lacks {', '.join(missing)}" if missing else
-                       f"has {', '.join(outside)} outside this study's ranges" if outside else
-                       f"searched {', '.join(extra)}, which this study does not")
-            raise UsageError(f"trial {t.number} of the warm-start study {problem}; warm-start only from a study "
-                             "whose space fits this one.")
+            problem = (
+                f"lacks {', '.join(missing)}"
+                if missing
+                else f"has {', '.join(outside)} outside this study's ranges"
+                if outside
+                else f"searched {', '.join(extra)}, which this study does not"
+            )
+            raise UsageError(
+                f"trial {t.number} of the warm-start study {problem}; warm-start only from a study "
+                "whose space fits this one."
+            )

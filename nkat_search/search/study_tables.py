@@ -65,7 +65,7 @@ class ParamSpec:
             if count <= 256:
                 return list(range(low, high + 1, step))
             last = high - (high - low) % step
-            powers = {2 ** k for k in range(64) if low <= 2 ** k <= high} if self.log else set()
+            powers = {2**k for k in range(64) if low <= 2**k <= high} if self.log else set()
             return sorted({low, low + step, last - step, last} | powers)
         return [float(self.low), float(self.high)]  # what Optuna gives: floats, even for `low = 2`
 
@@ -123,8 +123,9 @@ def check_sections(raw: dict, fail: Fail) -> None:
             raise fail(section, f"must be a table ([{section}]).")
 
 
-def _table(raw: dict, section: str, allowed: set[str], fail: Fail,
-           required: frozenset[str] | set[str] = frozenset()) -> dict:
+def _table(
+    raw: dict, section: str, allowed: set[str], fail: Fail, required: frozenset[str] | set[str] = frozenset()
+) -> dict:
     """A table's keys and values, every key among `allowed` and every `required` one present."""
     values = dict(raw.get(section, {}))
     for key in values:
@@ -148,8 +149,9 @@ def study_table(raw: dict, fail: Fail) -> tuple[str, int]:
     study = _table(raw, "study", {"name", "trials"}, fail, {"name"})
     name, trials = study["name"], study.get("trials", 50)
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise fail("study.name", f"must be a name of letters, digits, '.', '_' and '-' (no spaces or slashes), "
-                                 f"got {name!r}.")
+        raise fail(
+            "study.name", f"must be a name of letters, digits, '.', '_' and '-' (no spaces or slashes), got {name!r}."
+        )
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise fail("study.trials", f"must be a positive whole number, got {trials!r}.")
     if trials > INT64[1]:
@@ -193,8 +195,9 @@ def stage_tables(raw: dict, pruner: PrunerConfig, fail: Fail) -> tuple[dict, dic
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise fail(key, f"must be a positive whole number, got {value!r}.")
     if isinstance(pruner, HyperbandPrunerConfig) and pruner.min_resource > stage1["epochs"]:
-        raise fail("pruner.min_resource", f"{pruner.min_resource} is more than stage1.epochs ({stage1['epochs']}); "
-                                          "lower it.")
+        raise fail(
+            "pruner.min_resource", f"{pruner.min_resource} is more than stage1.epochs ({stage1['epochs']}); lower it."
+        )
     return stage1, stage2
 
 
@@ -217,8 +220,11 @@ def train_tables(raw: dict, stage2: dict, datasets: tuple[str, ...], fail: Fail)
     overrides = {ds: train_table.pop(ds) for ds in list(train_table) if ds in NAMES}
     for key in train_table:
         if key not in TRAIN_KEYS:
-            raise fail(f"train.{key}", f"unknown key; use one of {', '.join(sorted(TRAIN_KEYS))} "
-                                       "or a dataset name for that dataset's own recipe ([train.mnist]).")
+            raise fail(
+                f"train.{key}",
+                f"unknown key; use one of {', '.join(sorted(TRAIN_KEYS))} "
+                "or a dataset name for that dataset's own recipe ([train.mnist]).",
+            )
     train = _build("train", TrainConfig, train_table, fail)
     if stage2.get("train"):
         overrides["stage2"] = stage2["train"]
@@ -243,8 +249,9 @@ def report_table(raw: dict, train: TrainConfig, fail: Fail) -> tuple[int, int]:
     return epochs, warmup
 
 
-def space_tables(raw: dict, datasets: tuple[str, ...], fixed: set[str], overrides: dict,
-                 fail: Fail) -> tuple[ParamSpec, ...]:
+def space_tables(
+    raw: dict, datasets: tuple[str, ...], fixed: set[str], overrides: dict, fail: Fail
+) -> tuple[ParamSpec, ...]:
     """[space.<parameter>]: at least one; none also fixed ([model], [train], `fixed`) or overridden
     ([stage2.train], [train.<dataset>]) on a dataset it is searched on. datasets: Stage 1's first."""
     space_raw = raw.get("space", {})
@@ -253,14 +260,20 @@ def space_tables(raw: dict, datasets: tuple[str, ...], fixed: set[str], override
     space = tuple(_param_spec(n, spec, datasets, fail) for n, spec in space_raw.items())
     for p in space:
         if not p.datasets and p.name in fixed:
-            raise fail(f"space.{p.name}", "is both searched and fixed in [model]/[train]; keep one (or restrict "
-                                          "the search with datasets = [...]).")
+            raise fail(
+                f"space.{p.name}",
+                "is both searched and fixed in [model]/[train]; keep one (or restrict "
+                "the search with datasets = [...]).",
+            )
         for where, values in overrides.items():
             targets = datasets[1:] if where == "stage2" else (where,)
             if p.name in values and any(p.datasets == () or ds in p.datasets for ds in targets):
                 key = "stage2.train" if where == "stage2" else f"train.{where}"
-                raise fail(f"space.{p.name}", f"is searched on a dataset where {key} fixes it; restrict the "
-                                              f"parameter with datasets = [...] or drop it from {key}.")
+                raise fail(
+                    f"space.{p.name}",
+                    f"is searched on a dataset where {key} fixes it; restrict the "
+                    f"parameter with datasets = [...] or drop it from {key}.",
+                )
     return space
 
 
@@ -276,17 +289,21 @@ def _param_spec(name: str, spec, datasets: tuple[str, ...], fail: Fail) -> Param
     kind = spec["type"]
     for k in spec:
         if k not in kinds[kind] | {"type", "datasets"}:
-            raise fail(key, f"unknown key {k!r}; a {kind} parameter takes "
-                            f"{', '.join(sorted(kinds[kind] | {'datasets'}))}.")
+            raise fail(
+                key, f"unknown key {k!r}; a {kind} parameter takes {', '.join(sorted(kinds[kind] | {'datasets'}))}."
+            )
     on = spec.get("datasets", [])
     if not isinstance(on, list) or not on and "datasets" in spec or any(d not in datasets for d in on):
-        raise fail(key, f"datasets must be a non-empty list of this study's datasets ({', '.join(datasets)}), "
-                        f"got {on!r}.")
+        raise fail(
+            key, f"datasets must be a non-empty list of this study's datasets ({', '.join(datasets)}), got {on!r}."
+        )
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise fail(key, "needs a non-empty list of choices.")
-        if any(not isinstance(c, (str, int, float, bool)) for c in choices) or len(set(map(repr, choices))) != len(choices):
+        if any(not isinstance(c, (str, int, float, bool)) for c in choices) or len(set(map(repr, choices))) != len(
+            choices
+        ):
             raise fail(key, "choices must be distinct strings, numbers or booleans.")
         return ParamSpec(name, kind, choices=tuple(choices), datasets=tuple(on))
     low, high, step, log = spec.get("low"), spec.get("high"), spec.get("step"), spec.get("log", False)
@@ -317,6 +334,9 @@ def enqueue_tables(raw: dict, space: tuple[ParamSpec, ...], fail: Fail) -> tuple
             if key not in specs:
                 raise fail(f"enqueue[{index}].{key}", f"is not a searched parameter; use one of {', '.join(specs)}.")
             if not specs[key].contains(value):
-                raise fail(f"enqueue[{index}].{key}", f"{value!r} is outside the searched space "
-                                                      f"({specs[key].to_dict()}); change the value or widen the space.")
+                raise fail(
+                    f"enqueue[{index}].{key}",
+                    f"{value!r} is outside the searched space "
+                    f"({specs[key].to_dict()}); change the value or widen the space.",
+                )
     return tuple(dict(values) for values in raw.get("enqueue", []))

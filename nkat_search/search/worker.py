@@ -21,10 +21,9 @@ import functools
 import logging
 import os
 import socket
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -33,6 +32,7 @@ from ..config import RuntimeFailure, UsageError
 from ..storage import backends, lock, retrying, urls
 from . import studies
 from .kinds import sampler
+from .liveness import alive, grace_seconds, heartbeat
 from .signals import deferred_signals
 from .study_file import StudyConfig
 
@@ -79,36 +79,6 @@ class Worker:
         return self.storage.get_trial(self.trial_id(number))
 
 
-def grace_seconds(storage) -> float:
-    """How long a RUNNING trial may go without a sign of life before it is taken for dead."""
-    return float(getattr(storage, "grace_period", None) or urls.heartbeat_settings()[1])
-
-
-@contextlib.contextmanager
-def heartbeat(storage, trial_id: int) -> Iterator[None]:
-    """Record the trial's heartbeat every interval while it runs (RDB storages; no-op otherwise)."""
-    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
-    if not interval:
-        yield
-        return
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(interval):
-            try:
-                storage.record_heartbeat(trial_id)
-            except Exception as exc:  # past the retry bound; the main thread stops on its next storage call
-                log.warning("heartbeat of trial id %d failed: %s", trial_id, str(exc).splitlines()[0][:200])
-
-    thread = threading.Thread(target=beat, daemon=True, name="heartbeat")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
 def fail_trial(w: Worker, number: int, reason: str, retry: bool) -> None:
     """Mark a RUNNING trial FAILED with its reason; queue a retry with the same parameters if asked.
 
@@ -151,8 +121,10 @@ def fail_dead_trials(w: Worker) -> None:
     quarantined = time.monotonic() - getattr(w.storage, "recovered_at", float("-inf")) < grace
     stale = set() if quarantined else retrying.stale_trial_ids(w.storage, w.study_id)
     if stale is None:  # an Optuna without the query: its public sweep fails and retries them, reason unsaid
-        _warn_once("this Optuna cannot list stale trials; optuna.storages.fail_stale_trials fails and retries "
-                   "them, without a fail_reason")
+        _warn_once(
+            "this Optuna cannot list stale trials; optuna.storages.fail_stale_trials fails and retries "
+            "them, without a fail_reason"
+        )
         # "experimental" since Optuna 2.9, like the heartbeats themselves (see storage.open_storage)
         with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
             optuna.storages.fail_stale_trials(w.study)
@@ -165,10 +137,15 @@ def fail_dead_trials(w: Worker) -> None:
             reason = f"no heartbeat from worker {owner or '(unknown)'} for {grace:.0f} s"
         elif name == host and pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
             reason = f"worker {owner} died"
-        elif not owner and not quarantined and trial.datetime_start and \
-                (now - trial.datetime_start).total_seconds() > orphan_after:
-            reason = (f"no owner and no heartbeat for {grace:.0f} s (its worker died or lost the reply while "
-                      "claiming it)")
+        elif (
+            not owner
+            and not quarantined
+            and trial.datetime_start
+            and (now - trial.datetime_start).total_seconds() > orphan_after
+        ):
+            reason = (
+                f"no owner and no heartbeat for {grace:.0f} s (its worker died or lost the reply while claiming it)"
+            )
         else:
             continue
         log.warning("trial %d: %s; failing it and queueing a retry", trial.number, reason)
@@ -180,22 +157,13 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
-def alive(pid: int) -> bool:
-    """Whether a process of this host is running (psutil: os.kill(pid, 0) would end it on Windows)."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
-
-
 def budget_counts(w: Worker) -> tuple[int, int, int]:
     """(budget, finished, started) of the study; warm-start copies are history, not budget."""
-    trials = [t for t in w.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-              if not studies.is_warm_start(t)]
+    trials = [
+        t
+        for t in w.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+        if not studies.is_warm_start(t)
+    ]
     return w.study.user_attrs["budget"], sum(t.state in FINISHED for t in trials), len(trials)
 
 
@@ -222,8 +190,11 @@ def next_trial(w: Worker):
         with warnings.catch_warnings(action="ignore", category=UserWarning):
             trial = w.study.ask()
         # Optuna's heartbeat storages (BaseHeartbeat, not exported) have both methods or neither.
-        if (hasattr(w.storage, "record_heartbeat") and hasattr(w.storage, "get_heartbeat_interval")
-                and w.storage.get_heartbeat_interval()):
+        if (
+            hasattr(w.storage, "record_heartbeat")
+            and hasattr(w.storage, "get_heartbeat_interval")
+            and w.storage.get_heartbeat_interval()
+        ):
             w.storage.record_heartbeat(w.trial_id(trial.number))
         trial.set_user_attr("worker", worker_id())
         if not held():  # the server dropped the lock's connection: another worker may have asked too
@@ -235,8 +206,12 @@ def next_trial(w: Worker):
         return trial
 
 
-def run_trial(w: Worker, trial: optuna.Trial, objective: Objective,
-              on_end: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> TrialState:
+def run_trial(
+    w: Worker,
+    trial: optuna.Trial,
+    objective: Objective,
+    on_end: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+) -> TrialState:
     """Run one trial to a defined end state (an interrupt or a lost database propagates; see interrupt)."""
     started = time.perf_counter()
     try:
@@ -276,9 +251,15 @@ def interrupt(w: Worker, trial: optuna.Trial, exc: KeyboardInterrupt) -> None:
         log.warning("trial %d %s; it is queued again", trial.number, reason)
 
 
-def run_loop(w: Worker, objective: Objective, *, max_failures: int = 3, poll_seconds: float = 2.0,
-             on_end: Callable[[optuna.trial.FrozenTrial], None] | None = None,
-             before_trial: Callable[[], object] | None = None) -> int:
+def run_loop(
+    w: Worker,
+    objective: Objective,
+    *,
+    max_failures: int = 3,
+    poll_seconds: float = 2.0,
+    on_end: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+    before_trial: Callable[[], object] | None = None,
+) -> int:
     """Run trials until the study holds its budget of finished trials; 0 when it does.
 
     Needs nothing but the storage and an objective (the storage tests run it without torch)."""
@@ -293,12 +274,18 @@ def run_loop(w: Worker, objective: Objective, *, max_failures: int = 3, poll_sec
             except Exception as exc:  # the database went away while asking (Optuna's own retries ran out)
                 if retrying.connection_error(exc) is None:
                     raise
-                retrying.with_reconnect(lambda: w.storage.get_study_id_from_name(w.study.study_name), w.url,
-                                  getattr(w.storage, "retry_seconds", 0.0))
+                retrying.with_reconnect(
+                    lambda: w.storage.get_study_id_from_name(w.study.study_name),
+                    w.url,
+                    getattr(w.storage, "retry_seconds", 0.0),
+                )
                 continue
             if trial is DONE:
-                log.info("study %r reached its budget of %d finished trials", w.study.study_name,
-                         w.study.user_attrs["budget"])
+                log.info(
+                    "study %r reached its budget of %d finished trials",
+                    w.study.study_name,
+                    w.study.user_attrs["budget"],
+                )
                 return 0
             if trial is WAIT:
                 time.sleep(poll_seconds)
@@ -314,12 +301,22 @@ def run_loop(w: Worker, objective: Objective, *, max_failures: int = 3, poll_sec
         failures = failures + 1 if state == TrialState.FAIL else 0
         if failures >= max_failures:
             trials = "1 trial" if failures == 1 else f"{failures} trials"
-            raise WorkerStopped(f"{trials} in a row failed on this worker (see fail_reason on the trials); "
-                                "stopping instead of burning the budget: fix the cause and start the worker again.")
+            raise WorkerStopped(
+                f"{trials} in a row failed on this worker (see fail_reason on the trials); "
+                "stopping instead of burning the budget: fix the cause and start the worker again."
+            )
 
 
-def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_failures: int = 3,
-               poll_seconds: float = 2.0, data_root: str | None = None, relay=None) -> int:
+def run_worker(
+    url: str,
+    study_name: str | None,
+    device: str = "cpu",
+    *,
+    max_failures: int = 3,
+    poll_seconds: float = 2.0,
+    data_root: str | None = None,
+    relay=None,
+) -> int:
     """Attach to a study and run NKAT trials on one device until its budget is reached.
 
     data_root, when given, replaces the study's data root: where the datasets lie is a property
@@ -353,5 +350,11 @@ def run_worker(url: str, study_name: str | None, device: str = "cpu", *, max_fai
     # trials across all workers, without warm-start copies.
     view = Relay(relay) if relay is not None else StudyProgress(study, counted=lambda t: not studies.is_warm_start(t))
     with HostShare(device) as share, view as progress:
-        return run_loop(w, make_objective(config, load, progress), max_failures=max_failures,
-                        poll_seconds=poll_seconds, on_end=on_end, before_trial=share.threads_for_next_trial)
+        return run_loop(
+            w,
+            make_objective(config, load, progress),
+            max_failures=max_failures,
+            poll_seconds=poll_seconds,
+            on_end=on_end,
+            before_trial=share.threads_for_next_trial,
+        )

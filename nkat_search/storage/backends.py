@@ -43,23 +43,14 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
     path = journal_path(url)
     if path is not None:
         return _open_journal(url, path, create)
-    scheme = url.split(":", 1)[0].split("+", 1)[0]
-    if scheme in ("mysql", "mariadb"):
-        raise UsageError(f"storage {mask(url)} is MySQL, which nkat-search does not support (its budget lock and "
-                         "fault handling are tested on PostgreSQL only); use postgresql+psycopg://..., "
-                         "sqlite:///FILE or journal:FILE.")
-    if scheme not in RDB_SCHEMES:
-        raise UsageError(f"storage {mask(url)} has an unknown scheme {scheme!r}; use postgresql+psycopg://..., "
-                         "sqlite:///FILE or journal:FILE.")
-    if parse_url(url) is None:  # never quote SQLAlchemy's or the driver's words on it: they hold the password
-        raise UsageError(f"cannot open the storage {mask(url)}: the URL cannot be split into user, password and "
-                         "host (a password with '@' in it?); percent-encode '@' in the password as %40 (and ':' as "
-                         "%3A, '/' as %2F).")
+    scheme = _checked_scheme(url)
     interval, grace, bound = heartbeat_settings()
     db_file = sqlite_path(url) if scheme == "sqlite" else None
     if db_file is not None and not create and not Path(db_file).is_file():
-        raise NoStudies(f"the storage {mask(url)} holds no studies ({db_file} does not exist); create one with "
-                        "`nkat-search start --study <name or file>` or pass the right --storage.")
+        raise NoStudies(
+            f"the storage {mask(url)} holds no studies ({db_file} does not exist); create one with "
+            "`nkat-search start --study <name or file>` or pass the right --storage."
+        )
     engine_kwargs: dict = {"pool_pre_ping": True}
     if scheme == "postgresql":
         # A small pool keeps tens of workers under the server's max_connections (see README).
@@ -73,9 +64,15 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
         with lock, warnings.catch_warnings():
             # Heartbeats are "experimental" since Optuna 2.9 and are what keeps trials from staying RUNNING.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = RetryingRDBStorage(url, bound, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
-                                         grace_period=grace, heartbeat_stale_trial_callback=retry,
-                                         skip_table_creation=not create)
+            storage = RetryingRDBStorage(
+                url,
+                bound,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=interval,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=retry,
+                skip_table_creation=not create,
+            )
             if not create:
                 storage.get_all_studies()  # a database without the schema holds no studies
             return storage
@@ -84,12 +81,39 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
     except Exception as exc:  # sqlalchemy/driver errors: say what and where, never the password
         reason = _reason(exc, url)
         if not create and "does not exist" in reason and "relation" in reason:
-            raise NoStudies(f"the storage {mask(url)} holds no studies (it has no Optuna tables); create one with "
-                            "`nkat-search start` or pass the right --storage.") from None
-        advice = ("check that the file is an SQLite database that you can read and write, or pass another --storage"
-                  if scheme == "sqlite" else
-                  "check the host, port, user and password, and that the server is running")
+            raise NoStudies(
+                f"the storage {mask(url)} holds no studies (it has no Optuna tables); create one with "
+                "`nkat-search start` or pass the right --storage."
+            ) from None
+        advice = (
+            "check that the file is an SQLite database that you can read and write, or pass another --storage"
+            if scheme == "sqlite"
+            else "check the host, port, user and password, and that the server is running"
+        )
         raise UsageError(f"cannot open the storage {mask(url)} ({reason[:200]}); {advice}.") from None
+
+
+def _checked_scheme(url: str) -> str:
+    """The URL's database scheme, once the URL is one nkat-search can open (else a UsageError)."""
+    scheme = url.split(":", 1)[0].split("+", 1)[0]
+    if scheme in ("mysql", "mariadb"):
+        raise UsageError(
+            f"storage {mask(url)} is MySQL, which nkat-search does not support (its budget lock and "
+            "fault handling are tested on PostgreSQL only); use postgresql+psycopg://..., "
+            "sqlite:///FILE or journal:FILE."
+        )
+    if scheme not in RDB_SCHEMES:
+        raise UsageError(
+            f"storage {mask(url)} has an unknown scheme {scheme!r}; use postgresql+psycopg://..., "
+            "sqlite:///FILE or journal:FILE."
+        )
+    if parse_url(url) is None:  # never quote SQLAlchemy's or the driver's words on it: they hold the password
+        raise UsageError(
+            f"cannot open the storage {mask(url)}: the URL cannot be split into user, password and "
+            "host (a password with '@' in it?); percent-encode '@' in the password as %40 (and ':' as "
+            "%3A, '/' as %2F)."
+        )
+    return scheme
 
 
 def _probe(url: str) -> None:
@@ -102,8 +126,9 @@ def _probe(url: str) -> None:
     try:
         with engine.connect() as conn:
             # SQLite opens any file lazily; reading its catalogue reads the header.
-            conn.execute(sqlalchemy.text("SELECT count(*) FROM sqlite_master" if url.startswith("sqlite")
-                                         else "SELECT 1"))
+            conn.execute(
+                sqlalchemy.text("SELECT count(*) FROM sqlite_master" if url.startswith("sqlite") else "SELECT 1")
+            )
     finally:
         engine.dispose()
 
@@ -125,16 +150,22 @@ def _open_journal(url: str, path: str, create: bool) -> JournalStorage:
         raise UsageError("a journal storage needs a file: journal:PATH.")
     file = Path(path)
     if not create and not file.exists():
-        raise NoStudies(f"the storage {url} holds no studies ({path} does not exist); create one with "
-                        "`nkat-search start --study <name or file>` or pass the right --storage.")
+        raise NoStudies(
+            f"the storage {url} holds no studies ({path} does not exist); create one with "
+            "`nkat-search start --study <name or file>` or pass the right --storage."
+        )
     if file.is_dir():
         raise UsageError(f"the journal {path} is a folder; pass --storage journal:<file path>.")
     directory = file.resolve().parent
     if not directory.is_dir() or not os.access(directory, os.W_OK):
-        raise UsageError(f"cannot write the journal file {path}: {directory} is not a writable folder; "
-                         "pass --storage journal:<writable path>.")
+        raise UsageError(
+            f"cannot write the journal file {path}: {directory} is not a writable folder; "
+            "pass --storage journal:<writable path>."
+        )
     try:
         return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
     except Exception as exc:  # a file that is not an Optuna journal
-        raise UsageError(f"{path} is not an Optuna journal file ({type(exc).__name__}: {str(exc)[:120]}); "
-                         "pass the right --storage, or move the file away to start a new study.") from None
+        raise UsageError(
+            f"{path} is not an Optuna journal file ({type(exc).__name__}: {str(exc)[:120]}); "
+            "pass the right --storage, or move the file away to start a new study."
+        ) from None

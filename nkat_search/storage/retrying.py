@@ -31,7 +31,8 @@ def connection_error(exc: BaseException | None) -> BaseException | None:
 
     while exc is not None:
         if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or getattr(
-                exc, "connection_invalidated", False):
+            exc, "connection_invalidated", False
+        ):
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
@@ -53,10 +54,15 @@ def with_reconnect(call: Callable, url: str, bound: float, on_recover: Callable[
             if waited >= bound:
                 raise StorageUnavailable(
                     f"the database at {mask(url)} has been unreachable for {waited:.0f} s; this worker stops "
-                    "(its trial is failed and queued again by the next worker once the database is back).") from None
+                    "(its trial is failed and queued again by the next worker once the database is back)."
+                ) from None
             detail = str(getattr(cause, "orig", None) or cause).strip().splitlines()
-            log.warning("database at %s unreachable (%s); retrying in %.1f s", mask(url),
-                        mask_text(detail[0], url) if detail else type(cause).__name__, delay)
+            log.warning(
+                "database at %s unreachable (%s); retrying in %.1f s",
+                mask(url),
+                mask_text(detail[0], url) if detail else type(cause).__name__,
+                delay,
+            )
             time.sleep(delay)
             waited += delay
             delay = min(delay * 2, 5.0)
@@ -143,16 +149,19 @@ class RetryingRDBStorage(RDBStorage):
 
     # Updates that can tell whether their first attempt landed. _set_trial_param is what both
     # RDBStorage.set_trial_param and Optuna's _CachedStorage call.
-    def _set_trial_param(self, trial_id, param_name, param_value_internal, distribution,
-                         previous_distribution=None):
+    def _set_trial_param(self, trial_id, param_name, param_value_internal, distribution, previous_distribution=None):
         def landed() -> bool:
             try:
                 return RDBStorage.get_trial_param(self, trial_id, param_name) == param_value_internal
             except KeyError:
                 return False
 
-        return self._retrying(lambda: RDBStorage._set_trial_param(
-            self, trial_id, param_name, param_value_internal, distribution, previous_distribution), landed)
+        return self._retrying(
+            lambda: RDBStorage._set_trial_param(
+                self, trial_id, param_name, param_value_internal, distribution, previous_distribution
+            ),
+            landed,
+        )
 
     def set_trial_state_values(self, trial_id, state, values=None):
         def landed() -> bool:
@@ -183,12 +192,23 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     original = trial.system_attrs.get("failed_trial", trial.number)
     links = {"failed_trial": original, "retry_history": history}
     if trial.params:
-        study.add_trial(optuna.trial.create_trial(
-            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-            user_attrs={"retry_of": original}, system_attrs=links))
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=trial.params,
+                distributions=trial.distributions,
+                user_attrs={"retry_of": original},
+                system_attrs=links,
+            )
+        )
     else:
-        study.add_trial(optuna.trial.create_trial(
-            state=TrialState.WAITING, user_attrs={"retry_of": original}, system_attrs={**links, "fixed_params": fixed}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                user_attrs={"retry_of": original},
+                system_attrs={**links, "fixed_params": fixed},
+            )
+        )
 
 
 def stale_trial_ids(storage: optuna.storages.BaseStorage, study_id: int) -> set[int] | None:

@@ -37,8 +37,10 @@ def resolve_url(flag: str | None) -> str:
     """--storage, else $NKAT_SEARCH_STORAGE, else the journal file in the working directory."""
     if flag is not None:
         if not flag.strip():
-            raise UsageError("--storage is empty (an unset variable in a script?); pass a storage URL such as "
-                             "journal:FILE or postgresql+psycopg://user@host/db.")
+            raise UsageError(
+                "--storage is empty (an unset variable in a script?); pass a storage URL such as "
+                "journal:FILE or postgresql+psycopg://user@host/db."
+            )
         return flag.strip()
     env = settings.get(ENV_STORAGE)
     if env is not None and not env.strip():
@@ -120,9 +122,11 @@ def heartbeat_settings() -> tuple[int, int, float]:
     if interval < 1 or bound < 0:
         raise UsageError("NKAT_SEARCH_HEARTBEAT_INTERVAL must be >= 1 s and NKAT_SEARCH_DB_RETRY_SECONDS >= 0 s.")
     if grace <= bound + interval:
-        raise UsageError(f"NKAT_SEARCH_GRACE_PERIOD ({grace} s) must be longer than NKAT_SEARCH_DB_RETRY_SECONDS "
-                         f"({bound} s) plus NKAT_SEARCH_HEARTBEAT_INTERVAL ({interval} s), or a worker waiting for "
-                         f"the database is taken for dead; raise the grace period above {bound + interval} s.")
+        raise UsageError(
+            f"NKAT_SEARCH_GRACE_PERIOD ({grace} s) must be longer than NKAT_SEARCH_DB_RETRY_SECONDS "
+            f"({bound} s) plus NKAT_SEARCH_HEARTBEAT_INTERVAL ({interval} s), or a worker waiting for "
+            f"the database is taken for dead; raise the grace period above {bound + interval} s."
+        )
     return interval, grace, float(bound)
 
 
@@ -131,7 +135,7 @@ class NoStudies(UsageError):
 
 
 def journal_path(url: str) -> str | None:
-    return url[len("journal:"):] if url.startswith("journal:") else None
+    return url[len("journal:") :] if url.startswith("journal:") else None
 
 
 def sqlite_path(url: str) -> str | None:
