@@ -36,13 +36,9 @@ def safe_name(name: str) -> str:
 
 
 def cmd_train(args) -> int:
-    from ..data.files import get_spec
-    from ..data.loader import load_splits
-    from ..devices import resolve_device
-    from ..outputs.progress import TrainProgress
-    from ..train import OutOfMemory, fit, out_of_memory
+    from .. import datasets
 
-    spec = get_spec(args.dataset)
+    spec = datasets.DATASETS[args.dataset]  # the parser's choices
     model_kwargs = _given(ModelConfig, args, DATASET_FIELDS)
     stem = model_kwargs.get("conv_stem", MODEL_DEFAULTS.conv_stem)
     model_kwargs.setdefault("patch_size", adapt_patch_size(spec.image_size, stem, MODEL_DEFAULTS.patch_size))
@@ -51,6 +47,12 @@ def cmd_train(args) -> int:
     )
     train_cfg = TrainConfig(**_given(TrainConfig, args))
     data_cfg = DataConfig(**{**_given(DataConfig, args), "root": args.root or data_root_default()})
+    # Imported once the configuration is checked: a mistake there is told before torch's import.
+    from ..data.loader import load_splits
+    from ..devices import resolve_device
+    from ..outputs.progress import TrainProgress
+    from ..train import OutOfMemory, fit, out_of_memory
+
     device = resolve_device(args.device)
     try:
         splits = load_splits(args.dataset, data_cfg, device)
@@ -132,13 +134,15 @@ def cmd_start(args) -> int:
     budget = args.trials if args.trials is not None else config.trials
     if budget < 1:
         raise UsageError(f"--trials must be at least 1, got {budget}.")
+    from ..storage import backends, urls
+
+    backends.check_url(urls.resolve_url(args.storage))
     plan = _plan(args)
-    # Imported after the study file and flags are checked: a mistake there is told in a fraction of
-    # a second, not after the seconds torch takes to import.
+    # Imported after the study file, the storage URL and the flags are checked: a mistake there is
+    # told in a fraction of a second, not after the seconds torch takes to import.
     from ..data.files import ensure_available
     from ..outputs import dashboard
     from ..search import studies
-    from ..storage import urls
 
     data = dataclasses.replace(config.data, root=_data_root(args) or config.data.root)
     for dataset in config.datasets:

@@ -93,6 +93,14 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
         raise UsageError(f"cannot open the storage {mask(url)} ({reason[:200]}); {advice}.") from None
 
 
+def check_url(url: str) -> None:
+    """Refuse what can be told of a storage URL, and the heartbeat settings, without opening it: a
+    command that takes seconds to prepare (torch, the data) says so before it starts on them."""
+    if journal_path(url) is None:
+        _checked_scheme(url)
+    heartbeat_settings()
+
+
 def _checked_scheme(url: str) -> str:
     """The URL's database scheme, once the URL is one nkat-search can open (else a UsageError)."""
     scheme = url.split(":", 1)[0].split("+", 1)[0]
