@@ -221,6 +221,53 @@ def test_a_sigterm_that_arrives_inside_a_commit_fails_the_trial_and_queues_it_ag
     assert trials[1].params == trials[0].params and len(trials[0].params) == 2
 
 
+@pytest.mark.optuna_api
+def test_a_sigterm_inside_the_journals_write_of_a_completed_trial_leaves_it_complete(
+    tmp_path, tiny_study, signal_handlers, monkeypatch
+):
+    # SIGTERM arrived inside JournalStorage's tell of a completed trial, after the operation was
+    # appended to the file and counted as read, before this process applied it to its own copy of
+    # the study: the handler raised there, the worker read its trial as still RUNNING, queued its
+    # configuration again and failed it, and the file kept the COMPLETE (found by the campaign:
+    # seed 1599 on the journal, a WAITING copy of a completed trial left behind). The journal's
+    # code is now protected as the database drivers' is: the signal lands in the next trial.
+    url = f"journal:{tmp_path / 's.journal'}"
+    config = load_study(tiny_study())
+    store = backends.open_storage(url)
+    study = studies.create_or_resume(store, url, config, 3)
+    ended = threading.Event()
+    # Optuna's private replay step, patched to signal where the campaign's SIGTERM landed: after
+    # the log was counted as read, before the trial's state was applied.
+    replay = optuna.storages.journal._storage.JournalStorageReplayResult
+    apply = replay._apply_set_trial_state_values
+
+    def sigterm_then_apply(self, log):
+        if ended.is_set():
+            ended.clear()
+            os.kill(os.getpid(), signal.SIGTERM)
+        apply(self, log)
+
+    monkeypatch.setattr(replay, "_apply_set_trial_state_values", sigterm_then_apply)
+
+    def objective(trial):
+        params = suggest(trial, config)
+        if trial.number == 1:
+            time.sleep(2)  # where the signal lands at last
+        ended.set()  # the next append is the tell
+        return sum(params.values())
+
+    w = worker.Worker(study, store, url, config)
+    with pytest.raises(signals.Interrupted):
+        worker.run_loop(w, objective, poll_seconds=0.1)
+    trials = optuna.load_study(study_name=study.study_name, storage=backends.open_storage(url)).get_trials()
+    assert [(t.state, t.user_attrs.get("fail_reason")) for t in trials] == [
+        (TrialState.COMPLETE, None),
+        (TrialState.FAIL, "interrupted (SIGTERM)"),
+        (TrialState.WAITING, None),
+    ]
+    assert trials[2].params == trials[1].params
+
+
 class WorkerDied(BaseException):
     """A worker process gone at one line (SIGKILL, docker stop's kill after SIGTERM): nothing after it runs."""
 

@@ -20,16 +20,20 @@ class Interrupted(KeyboardInterrupt):
 _interrupted = threading.Event()
 
 
-# Code that an exception raised in its midst can leave broken: SQLAlchemy took a transaction for
+# Code that an exception raised in its midst can leave broken. SQLAlchemy took a transaction for
 # ended before the driver committed it (the pooled connection goes back inside it), or a ping's
-# clean-up raises in place of the interrupt; either way the clean-up's storage calls fail.
-DATABASE_MODULES = ("sqlalchemy", "psycopg", "pymysql", "MySQLdb")
+# clean-up raises in place of the interrupt; either way the clean-up's storage calls fail. Optuna's
+# journal storage counts a log line as read before it applies it to the process's copy of the
+# study: a trial whose COMPLETE is in the file stays RUNNING in that copy, and the clean-up queues
+# a finished trial again.
+DATABASE_MODULES = ("sqlalchemy", "psycopg", "pymysql", "MySQLdb", "optuna.storages.journal")
 
 
 def in_database(frame) -> bool:
-    """Whether the stack of `frame` runs SQLAlchemy's or a database driver's code."""
+    """Whether the stack of `frame` runs SQLAlchemy's, a database driver's or the journal storage's code."""
     while frame is not None:
-        if frame.f_globals.get("__name__", "").partition(".")[0] in DATABASE_MODULES:
+        name = frame.f_globals.get("__name__", "")
+        if any(name == m or name.startswith(m + ".") for m in DATABASE_MODULES):
             return True
         frame = frame.f_back
     return False
@@ -39,8 +43,8 @@ def install_signal_handlers() -> None:
     """SIGTERM (docker stop, Slurm, Kubernetes) and SIGINT (Ctrl-C) raise Interrupted in the main
     thread, once: later signals while the first is being handled are logged and ignored, so the
     clean-up (fail the trial, queue its retry) always finishes. A signal that arrives inside
-    SQLAlchemy or the driver is raised again 50 ms later, until it lands outside them (a storage
-    call takes milliseconds). SIGTERM where the platform has it."""
+    SQLAlchemy, the driver or the journal storage is raised again 50 ms later, until it lands
+    outside them (a storage call takes milliseconds). SIGTERM where the platform has it."""
     _interrupted.clear()
 
     def handler(signum, frame):
