@@ -7,9 +7,8 @@
 #
 # Without arguments (as CI runs it) a second, shorter run follows: the worker, storage and
 # dashboard tests against the oldest Optuna and optuna-dashboard that pyproject.toml admits
-# (constraints/min.txt), in .venv-min. .venv-min reuses .venv's packages (torch among them) through
-# a .pth line, the way a venv made with --system-site-packages sees the system's, so only the two
-# old packages are installed there.
+# (constraints/min.txt), in .venv-min, which sees .venv's packages the way a venv made with
+# --system-site-packages sees the system's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +37,20 @@ status=0
 .venv/bin/ruff check --no-cache nkat_search tests benchmarks || status=$?
 .venv/bin/ruff format --check --no-cache nkat_search tests benchmarks || status=$?
 .venv/bin/lint-imports || status=$?
-.venv/bin/mypy nkat_search || status=$?  # pyproject.toml [tool.mypy]
+# While the main pass runs (much of its time is spent waiting): the type check (pyproject.toml
+# [tool.mypy]) and the oldest-Optuna environment of the second pass. .venv-min reuses .venv's
+# packages (torch among them) through a .pth line, so only the two old packages are installed there.
+.venv/bin/mypy nkat_search > .venv/mypy.log 2>&1 &
+mypy_pid=$!
+purelib() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+(
+  set -e
+  [ -x .venv-min/bin/python ] || .venv/bin/python -m venv .venv-min  # the same base Python as .venv
+  echo '*' > .venv-min/.gitignore
+  purelib .venv/bin/python > "$(purelib .venv-min/bin/python)/nkat-search-base.pth"
+  .venv-min/bin/pip install -q -c constraints/min.txt optuna optuna-dashboard
+) > .venv/min-setup.log 2>&1 &
+min_pid=$!
 # In parallel processes (pytest-xdist): most of a test's time is waiting (worker processes starting,
 # heartbeats going stale, a server restarting), so more processes than cores pay off. A module's
 # tests stay on one process (loadfile), so that a module's session fixtures (the bad-input table's
@@ -46,12 +58,13 @@ status=0
 # pytest 9.2 with xdist 3.8: measured, the bad-input table was built on all three processes.)
 PARALLEL=(-n "${NKAT_TEST_PROCESSES:-3}" --dist loadfile)
 .venv/bin/python -m pytest "${PARALLEL[@]}" || status=$?
+wait "$mypy_pid" || status=$?
+cat .venv/mypy.log
+if ! wait "$min_pid"; then
+  cat .venv/min-setup.log
+  exit 1
+fi
 
-purelib() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
-[ -x .venv-min/bin/python ] || .venv/bin/python -m venv .venv-min  # the same base Python as .venv
-echo '*' > .venv-min/.gitignore
-purelib .venv/bin/python > "$(purelib .venv-min/bin/python)/nkat-search-base.pth"
-.venv-min/bin/pip install -q -c constraints/min.txt optuna optuna-dashboard
 .venv-min/bin/pip install -q --no-deps -e .
 echo "oldest supported: $(.venv-min/bin/python -c 'import optuna, optuna_dashboard as d; print("optuna", optuna.__version__, "optuna-dashboard", d.__version__)')"
 # What depends on the Optuna version is marked optuna_api (pyproject.toml): the journal storage and
