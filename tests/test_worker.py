@@ -76,7 +76,12 @@ def test_a_killed_worker_is_detected_and_its_trial_retried_on_the_embedded_stora
     assert cli("start", "--study", path, "--storage", url, "--workers", "0").returncode == 0
     victim = spawn("worker", "--storage", url)
     study = _load(url, "tiny")
-    wait_for(lambda: study.get_trials(states=(TrialState.RUNNING,)), what="a running trial")
+    # A trial with its owner recorded: killed between ask and that write, the trial would be an
+    # orphan, failed as one ("no owner and no heartbeat"), another test's subject.
+    wait_for(
+        lambda: [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "worker" in t.user_attrs],
+        what="a running trial with its owner",
+    )
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert study.get_trials(states=(TrialState.RUNNING,))  # left RUNNING by the dead process

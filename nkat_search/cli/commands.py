@@ -136,10 +136,10 @@ def cmd_start(args) -> int:
         raise UsageError(f"--trials must be at least 1, got {budget}.")
     from ..storage import backends, urls
 
-    backends.check_url(urls.resolve_url(args.storage))
+    backends.check_storage(urls.resolve_url(args.storage))
     plan = _plan(args)
-    # Imported after the study file, the storage URL and the flags are checked: a mistake there is
-    # told in a fraction of a second, not after the seconds torch takes to import.
+    # Imported after the study file, the storage and the flags are checked: a mistake there is told
+    # in a fraction of a second, not after the seconds torch and the data take.
     from ..data.files import ensure_available
     from ..outputs import dashboard
     from ..search import studies

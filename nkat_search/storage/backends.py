@@ -79,26 +79,43 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
     except UsageError:
         raise
     except Exception as exc:  # sqlalchemy/driver errors: say what and where, never the password
-        reason = _reason(exc, url)
-        if not create and "does not exist" in reason and "relation" in reason:
-            raise NoStudies(
-                f"the storage {mask(url)} holds no studies (it has no Optuna tables); create one with "
-                "`nkat-search start` or pass the right --storage."
-            ) from None
-        advice = (
-            "check that the file is an SQLite database that you can read and write, or pass another --storage"
-            if scheme == "sqlite"
-            else "check the host, port, user and password, and that the server is running"
+        raise _cannot_open(exc, url, scheme, create) from None
+
+
+def _cannot_open(exc: Exception, url: str, scheme: str, create: bool) -> UsageError:
+    """SQLAlchemy's or the driver's error as one sentence: what and where, never the password."""
+    reason = _reason(exc, url)
+    if not create and "does not exist" in reason and "relation" in reason:
+        return NoStudies(
+            f"the storage {mask(url)} holds no studies (it has no Optuna tables); create one with "
+            "`nkat-search start` or pass the right --storage."
         )
-        raise UsageError(f"cannot open the storage {mask(url)} ({reason[:200]}); {advice}.") from None
+    advice = (
+        "check that the file is an SQLite database that you can read and write, or pass another --storage"
+        if scheme == "sqlite"
+        else "check the host, port, user and password, and that the server is running"
+    )
+    return UsageError(f"cannot open the storage {mask(url)} ({reason[:200]}); {advice}.")
 
 
-def check_url(url: str) -> None:
-    """Refuse what can be told of a storage URL, and the heartbeat settings, without opening it: a
-    command that takes seconds to prepare (torch, the data) says so before it starts on them."""
-    if journal_path(url) is None:
-        _checked_scheme(url)
+def check_storage(url: str) -> None:
+    """Refuse what can be told of a storage without writing to it: the URL, the heartbeat settings,
+    a journal's folder, a database server's reachability and password, an existing SQLite file.
+    `start` calls it before the seconds it spends on torch and the data (a download of CIFAR-10
+    can take minutes), so that a mistaken --storage is told at once."""
+    path = journal_path(url)
     heartbeat_settings()
+    if path is not None:
+        _journal_checks(url, path, create=True)
+        return
+    scheme = _checked_scheme(url)
+    db_file = sqlite_path(url) if scheme == "sqlite" else None
+    if db_file is not None and not Path(db_file).is_file():
+        return  # probing would create it: open_storage does, once everything else is checked
+    try:
+        _probe(url)
+    except Exception as exc:
+        raise _cannot_open(exc, url, scheme, create=True) from None
 
 
 def _checked_scheme(url: str) -> str:
@@ -154,6 +171,18 @@ def _reason(exc: BaseException, url: str) -> str:
 
 
 def _open_journal(url: str, path: str, create: bool) -> JournalStorage:
+    _journal_checks(url, path, create)
+    try:
+        return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+    except Exception as exc:  # a file that is not an Optuna journal
+        raise UsageError(
+            f"{path} is not an Optuna journal file ({type(exc).__name__}: {str(exc)[:120]}); "
+            "pass the right --storage, or move the file away to start a new study."
+        ) from None
+
+
+def _journal_checks(url: str, path: str, create: bool) -> None:
+    """What can be told of a journal storage without opening (or creating) its file."""
     if not path:
         raise UsageError("a journal storage needs a file: journal:PATH.")
     file = Path(path)
@@ -170,10 +199,3 @@ def _open_journal(url: str, path: str, create: bool) -> JournalStorage:
             f"cannot write the journal file {path}: {directory} is not a writable folder; "
             "pass --storage journal:<writable path>."
         )
-    try:
-        return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
-    except Exception as exc:  # a file that is not an Optuna journal
-        raise UsageError(
-            f"{path} is not an Optuna journal file ({type(exc).__name__}: {str(exc)[:120]}); "
-            "pass the right --storage, or move the file away to start a new study."
-        ) from None
