@@ -272,6 +272,30 @@ def test_a_queued_configuration_given_up_before_it_ran_is_queued_again(tiny_stud
     assert [t.user_attrs.get("retry_of") for t in done if t.params == wanted] == [given_up.number]
 
 
+def test_a_queued_configuration_killed_after_its_first_parameter_is_queued_again_whole(tiny_study, tmp_path):
+    # A worker took a queued configuration and died after its first parameter was written: the
+    # trial held embed_dim alone, the retry queued that much, and the sampler drew a new
+    # temperature; the configuration was lost (found by the campaign: `benchmarks.faults --seed
+    # 1198 --storage postgresql`). The retry now queues the whole of the queue's fixed parameters.
+    from nkat_search.search import space, worker
+    from nkat_search.storage import retrying
+
+    config = load_study(tiny_study(trials=1))
+    url = f"journal:{tmp_path / 's.journal'}"
+    store = backends.open_storage(url)
+    study = studies.create_or_resume(store, url, config, 1)
+    wanted = {"embed_dim": 16, "temperature": 0.75}
+    study.enqueue_trial(wanted)
+    partial = study.ask()
+    partial.suggest_int("embed_dim", 8, 16, step=8)  # then the worker died
+    retrying.retry(study, study.get_trials()[0])
+    w = worker.Worker(study, store, url, config)
+    worker.fail_trial(w, partial.number, "worker died", retry=False)
+    assert worker.run_loop(w, lambda t: sum(space.suggest(t, config).values()), poll_seconds=0.1) == 0
+    (done,) = study.get_trials(states=(TrialState.COMPLETE,))
+    assert done.params == wanted and done.user_attrs["retry_of"] == partial.number
+
+
 def test_a_dropped_connection_inside_the_objective_fails_the_trial_and_queues_it_again(tiny_study, tmp_path):
     # A storage call of the objective (a suggest, a report) meets a connection the server dropped:
     # the database's fault, not the configuration's. Found by `benchmarks.faults --seed 13 --storage

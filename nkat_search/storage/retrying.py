@@ -182,8 +182,9 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     if len(history) > MAX_RETRY:
         log.warning("trial %d failed %d times; not queueing it again", history[0], len(history))
         return
-    # A trial taken from the queue and given up before its objective ran has its parameters only
-    # as the queue's fixed_params: they are queued again the same way (as enqueue_trial does).
+    # A trial taken from the queue ([[enqueue]] or a retry of one) is queued again the way
+    # enqueue_trial queues it, with the whole of its fixed_params: given up before its objective
+    # ran, or killed after it set some of its parameters, it holds only part of them as params.
     fixed = trial.system_attrs.get("fixed_params")
     if not trial.params and not fixed:
         return
@@ -191,7 +192,15 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         return  # see worker.fail_trial, which queues before it fails
     original = trial.system_attrs.get("failed_trial", trial.number)
     links = {"failed_trial": original, "retry_history": history}
-    if trial.params:
+    if fixed:  # a queued configuration: all of it, though the attempt may have set only some of it
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                user_attrs={"retry_of": original},
+                system_attrs={**links, "fixed_params": {**fixed, **trial.params}},
+            )
+        )
+    else:
         study.add_trial(
             optuna.trial.create_trial(
                 state=TrialState.WAITING,
@@ -199,14 +208,6 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
                 distributions=trial.distributions,
                 user_attrs={"retry_of": original},
                 system_attrs=links,
-            )
-        )
-    else:
-        study.add_trial(
-            optuna.trial.create_trial(
-                state=TrialState.WAITING,
-                user_attrs={"retry_of": original},
-                system_attrs={**links, "fixed_params": fixed},
             )
         )
 
