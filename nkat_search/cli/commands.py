@@ -11,8 +11,7 @@ import re
 from pathlib import Path
 
 from .. import settings
-from ..config import DataConfig, ModelConfig, TrainConfig, UsageError, adapt_patch_size
-from .flags import _given
+from ..config import DataConfig, ModelConfig, UsageError
 
 log = logging.getLogger("nkat_search")
 MODEL_DEFAULTS = ModelConfig()
@@ -33,51 +32,6 @@ def _data_root(args) -> str | None:
 def safe_name(name: str) -> str:
     """A study name as one path component: separators and leading dots cannot leave the folder."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "study"
-
-
-def cmd_train(args) -> int:
-    from .. import datasets
-
-    spec = datasets.DATASETS[args.dataset]  # the parser's choices
-    model_kwargs = _given(ModelConfig, args, DATASET_FIELDS)
-    stem = model_kwargs.get("conv_stem", MODEL_DEFAULTS.conv_stem)
-    model_kwargs.setdefault("patch_size", adapt_patch_size(spec.image_size, stem, MODEL_DEFAULTS.patch_size))
-    model_cfg = ModelConfig(
-        in_chans=spec.channels, img_size=spec.image_size, num_classes=spec.num_classes, **model_kwargs
-    )
-    train_cfg = TrainConfig(**_given(TrainConfig, args))
-    data_cfg = DataConfig(**{**_given(DataConfig, args), "root": args.root or data_root_default()})
-    # Imported once the configuration is checked: a mistake there is told before torch's import.
-    from ..data.loader import load_splits
-    from ..devices import resolve_device
-    from ..outputs.progress import TrainProgress
-    from ..train import OutOfMemory, fit, out_of_memory
-
-    device = resolve_device(args.device)
-    try:
-        splits = load_splits(args.dataset, data_cfg, device)
-        with TrainProgress(args.dataset, train_cfg.epochs) as on_epoch:  # a bar on a terminal, else a line per epoch
-            result = fit(model_cfg, train_cfg, splits, on_epoch=on_epoch, eval_test=args.eval_test)
-    except (MemoryError, RuntimeError) as exc:
-        if not out_of_memory(exc):
-            raise
-        raise OutOfMemory(
-            f"the model or the data does not fit in the memory of {device} ({type(exc).__name__}); "
-            "lower embed_dim, depth, batch_size or the number of images."
-        ) from None
-    summary = result.summary()
-    summary["data_source"] = data_cfg.source
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        test = f"  test accuracy {summary['test_accuracy']:.4f}" if args.eval_test else ""
-        print(
-            f"{summary['dataset']}: val accuracy {summary['accuracy']:.4f}{test}  local TPE {summary['local_tpe']:.4f}  "
-            f"params {summary['params']:,} (lambda {summary['lambda']:.3f})  {summary['epochs']} epochs in "
-            f"{summary['seconds']:.1f} s ({summary['images_per_second']:.0f} img/s, {summary['precision']}, "
-            f"{summary['device']})"
-        )
-    return 0
 
 
 def _open(args, create: bool = True):

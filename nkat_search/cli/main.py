@@ -17,9 +17,8 @@ import sys
 import typing
 
 from .. import configure_logging, datasets, settings
-from ..config import DataConfig, ModelConfig, RuntimeFailure, TrainConfig, UsageError
+from ..config import RuntimeFailure, UsageError
 from .commands import (
-    DATASET_FIELDS,
     cmd_attention,
     cmd_augment,
     cmd_dashboard,
@@ -31,17 +30,16 @@ from .commands import (
     cmd_start,
     cmd_status,
     cmd_studies,
-    cmd_train,
     cmd_worker,
 )
 from .flags import (
     _add_run_flags,
     _add_storage_flags,
     _bench_flags,
-    _config_flags,
     _flag,
     _number,
 )
+from .training import add_train_parser
 
 log = logging.getLogger("nkat_search")
 
@@ -77,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nkat-search", description="Two-stage Optuna search for the NKAT Vision Transformer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_train_parser(sub)
+    add_train_parser(sub)
     _add_start_parser(sub)
     _add_worker_parser(sub)
     _add_leaderboard_parser(sub)
@@ -92,26 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_studies_parser(sub)
     _add_download_parser(sub)
     return parser
-
-
-def _add_train_parser(sub) -> None:
-    """`train`: the model, recipe and data flags come from the config dataclasses' fields."""
-    p = sub.add_parser(
-        "train",
-        help="train one configuration on one dataset and print the result",
-        description="Train one NKAT ViT configuration on one dataset; evaluate the EMA weights "
-        "on the validation split after every epoch.",
-    )
-    _flag(p, "dataset", default="cifar10", choices=datasets.NAMES, help="[%(default)s]")
-    _flag(
-        p, "device", default="auto", help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps [%(default)s]"
-    )
-    _flag(p, "eval_test", action="store_true", help="also evaluate on the test set (kept out of model selection)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary line")
-    _config_flags(p, "model (defaults: the research's baseline)", ModelConfig, DATASET_FIELDS)
-    _config_flags(p, "training recipe (defaults: the research's)", TrainConfig)
-    _config_flags(p, "data", DataConfig)
-    p.set_defaults(func=cmd_train)
 
 
 def _add_start_parser(sub) -> None:
