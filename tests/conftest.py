@@ -35,3 +35,26 @@ def tiny_study(tmp_path):
         return str(path)
 
     return write
+
+
+# The modules that take longest, longest first (measured: docs/performance.md, "Test suite
+# timings"). xdist hands whole modules out in collection order; one of minutes handed out last is
+# a tail the other processes sit out (test_worker, last by name, was).
+LONGEST_FIRST = (
+    "test_chaos",
+    "test_worker",
+    "test_bad_input",
+    "test_bench",
+    "test_recipe",
+    "test_reliability",
+    "test_storage",
+    "test_postgres",
+    "test_train",
+    "test_faults",
+    "test_cli",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module's own order is kept
