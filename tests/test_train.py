@@ -77,19 +77,7 @@ def test_test_split_is_used_only_when_asked(splits):
 
 def test_summary_has_the_documented_json_fields(splits):
     summary = fit(TINY, ONE_EPOCH, splits).summary()
-    for key in (
-        "dataset",
-        "accuracy",
-        "test_accuracy",
-        "params",
-        "lambda",
-        "local_tpe",
-        "epochs",
-        "seconds",
-        "images_per_second",
-        "precision",
-        "device",
-    ):
+    for key in "dataset accuracy test_accuracy params lambda local_tpe epochs seconds images_per_second precision device".split():  # the documented fields
         assert key in summary
     assert summary["lambda"] == summary["params"] / 1e6
     assert summary["precision"] == "float32" and summary["device"] == "cpu"
