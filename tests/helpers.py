@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
@@ -343,3 +344,19 @@ def storage_call() -> str | None:
             outermost = frame.f_code.co_name
         frame = frame.f_back
     return outermost
+
+
+def lose_the_reply_of_the_first_new_trial(store) -> list[float]:
+    """Make the first `_create_new_trial` of `store` commit, then drop its connection before the
+    reply (as a server that went away after its COMMIT): Optuna tries again and creates a second
+    trial, the first left RUNNING with no owner. Returns the list that gets the moment it happened."""
+    lost: list[float] = []
+
+    def commit_then_lose_the_reply(conn):
+        if not lost and storage_call() == "_create_new_trial":
+            conn.connection.dbapi_connection.commit()
+            lost.append(time.monotonic())
+            raise dropped_connection("COMMIT")
+
+    sqlalchemy.event.listen(store.engine, "commit", commit_then_lose_the_reply)
+    return lost

@@ -23,7 +23,7 @@ from helpers import (
     assert_exact_budget,
     cli,
     create_study,
-    dropped_connection,
+    lose_the_reply_of_the_first_new_trial,
     storage_call,
     wait_for,
     worker_groups,
@@ -209,15 +209,7 @@ def test_a_lost_reply_after_a_committed_new_trial_leaves_an_orphan_that_is_faile
     config = load_study(tiny_study())
     store = backends.open_storage(pg_url)
     study = studies.create_or_resume(store, pg_url, config, 3)
-    lost = []
-
-    def commit_then_lose_the_reply(conn):
-        if not lost and storage_call() == "_create_new_trial":
-            conn.connection.dbapi_connection.commit()
-            lost.append(time.monotonic())
-            raise dropped_connection("COMMIT")
-
-    sqlalchemy.event.listen(store.engine, "commit", commit_then_lose_the_reply)
+    lost = lose_the_reply_of_the_first_new_trial(store)
     w = Worker(study, store, pg_url, config)
     assert run_in_thread(lambda: run_loop(w, lambda t: sum(suggest(t, config).values()), poll_seconds=0.2), 90) == 0
     assert lost, "the fault was not injected"

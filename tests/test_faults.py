@@ -17,7 +17,7 @@ import time
 import optuna
 import pytest
 import sqlalchemy
-from helpers import ROOT, dropped_connection, storage_call
+from helpers import ROOT, lose_the_reply_of_the_first_new_trial, storage_call
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -332,15 +332,7 @@ def test_an_orphan_of_the_last_trial_is_failed_before_the_workers_call_the_budge
     config = load_study(tiny_study())
     store = backends.open_storage(pg_url)
     study = studies.create_or_resume(store, pg_url, config, 1)
-    lost = []
-
-    def commit_then_lose_the_reply(conn):
-        if not lost and storage_call() == "_create_new_trial":
-            conn.connection.dbapi_connection.commit()
-            lost.append(time.monotonic())
-            raise dropped_connection("COMMIT")
-
-    sqlalchemy.event.listen(store.engine, "commit", commit_then_lose_the_reply)
+    lost = lose_the_reply_of_the_first_new_trial(store)
     w = worker.Worker(study, store, pg_url, config)
     ended = []
 
