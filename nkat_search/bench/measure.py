@@ -3,10 +3,11 @@ device it runs on.
 
 Quick sections (the default): images per second of the real training step beside the bare model
 step and the research-style pipeline; batched vs per-image augmentation; evaluation; ask+tell
-latency of a storage; peak memory. Slow sections, asked for by name: `search` (a search of a
-study through the worker's own loop, with the time of every trial split by phase), `share`
-(smoke-sized trials in 1, 2, 3 concurrent CPU processes, with and without host sharing) and
-`procs` (K concurrent training processes on one device).
+latency of a storage; peak memory. Asked for by name: `ops` (quick: the aten ops that one batch's
+augmentation and training step dispatch, and how many of them wait for the device), and the slow
+sections `search` (a search of a study through the worker's own loop, with the time of every trial
+split by phase), `share` (smoke-sized trials in 1, 2, 3 concurrent CPU processes, with and without
+host sharing) and `procs` (K concurrent training processes on one device).
 
 Every comparison is taken within one run, side by side: the variants of a section run in turn
 inside each repeat (real, bare, research, real, bare, research, ...) and each figure is the median
@@ -31,6 +32,7 @@ from .. import devices
 from ..config import TrainConfig
 from ..devices import choose_precision
 from .concurrent import bench_procs, bench_share
+from .ops import bench_ops
 from .options import DEFAULT_BATCH, BenchOptions
 from .search import bench_search
 from .steps import bench_augment, bench_eval, bench_train
@@ -83,6 +85,21 @@ def measure(options: BenchOptions) -> dict:
             reference=reference,
         )
         out["memory"] = out["train"].pop("memory")
+    out.update(_named_sections(options, device, model_cfg))
+    return out
+
+
+def _named_sections(options: BenchOptions, device: torch.device, model_cfg) -> dict:
+    """The sections that run only when asked for by name: ops, search, share and procs."""
+    sections, out = options.sections, {}
+    if "ops" in sections:  # at the recipe's batch unless --batch-size says
+        out["ops"] = bench_ops(
+            model_cfg,
+            device,
+            batch=options.batch_size or TrainConfig().batch_size,
+            images=options.images,
+            precision=options.precision,
+        )
     if "search" in sections:  # as a worker: its share of the host's cores, unless --threads says
         out["search"] = bench_search(options.study, options.trials, device, share=options.threads is None)
     if "share" in sections:

@@ -14,10 +14,13 @@ DEFAULT_BATCH = {"cpu": 32, "cuda": 512, "mps": 128}
 SECTIONS = ("train", "augment", "eval", "storage")  # quick; the default
 
 
+OTHER_SECTIONS = ("ops",)  # quick, asked for by name: op counts, not speed
+
+
 SLOW_SECTIONS = ("search", "share", "procs")
 
 
-ALL_SECTIONS = SECTIONS + SLOW_SECTIONS
+ALL_SECTIONS = SECTIONS + OTHER_SECTIONS + SLOW_SECTIONS
 
 
 MODEL = ModelConfig()

@@ -48,6 +48,8 @@ def table(result: dict) -> str:
         lines += ["", *_share_table(result["share"])]
     if "procs" in result:
         lines += ["", *_procs_table(result["procs"])]
+    if "ops" in result:
+        lines += ["", *_ops_table(result["ops"])]
     return "\n".join(lines)
 
 
@@ -145,5 +147,34 @@ def _procs_table(s: dict) -> list[str]:
         lines.append(
             f"  {r['processes']:>9} {r['variant']:<9} {r['img_per_s']:>9.1f} {r['jobs_per_hour']:>10.0f} "
             f"{r['job_seconds']:>7.1f}"
+        )
+    return lines
+
+
+def _ops_table(s: dict) -> list[str]:
+    m = s["model"]
+
+    def each(counts: list[int]) -> str:
+        return "/".join(map(str, counts))
+
+    changes = "; ".join(
+        f"{name}: the research's CIFAR-10 recipe" + ("".join(f", {k} {v}" for k, v in fields.items()))
+        for name, fields in s["recipe_changes"].items()
+    )
+    lines = [
+        f"ops: aten ops dispatched per batch (a/b/c: {s['batches']} batches in a row, after {s['warmup']} uncounted); "
+        f"batch {s['batch']} ({s['precision']}, eager); model: stem {m['conv_stem']}, patch {m['patch_size']}, "
+        f"embed {m['embed_dim']}, depth {m['depth']}",
+        f"  recipes: {changes}",
+        f"  sync-prone: {', '.join(s['sync_prone_ops'])}; views launch no kernel",
+        f"  {'recipe':<9} {'part':<8} {'ops':>15} {'views':>15} {'sync-prone':>12} {'same ops':>8} "
+        f"{'same shapes':>11}  sync-prone by op",
+    ]
+    for r in s["rows"]:
+        by_op = ", ".join(f"{name} {each(counts)}" for name, counts in r["sync_prone_by_op"].items())
+        lines.append(
+            f"  {r['recipe']:<9} {r['part']:<8} {each(r['ops']):>15} {each(r['views']):>15} "
+            f"{each(r['sync_prone']):>12} {'yes' if r['same_ops'] else 'no':>8} "
+            f"{'yes' if r['same_shapes'] else 'no':>11}  {by_op}".rstrip()
         )
     return lines

@@ -189,8 +189,9 @@ def _add_bench_parser(sub) -> None:
         help="measure training, augmentation, evaluation and search speed, storage latency and memory",
         description="Images per second of the real training step (TrainStep over BatchLoader) beside the bare "
         "model step and the research-style pipeline, measured side by side in one run; batched vs "
-        "per-image PIL augmentation; evaluation; ask+tell latency of a storage; peak memory. Slow "
-        "sections by name: search (where each trial's time goes), share (concurrent CPU workers with "
+        "per-image PIL augmentation; evaluation; ask+tell latency of a storage; peak memory. By name: ops "
+        "(the aten ops one batch's augmentation and training step dispatch, and the sync-prone ones among them); "
+        "slow sections: search (where each trial's time goes), share (concurrent CPU workers with "
         "and without host sharing), procs (concurrent processes on one device). Figures are medians "
         "over --repeats rounds on synthetic CIFAR-10-shaped data; the precision used is printed with why.",
     )
