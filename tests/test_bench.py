@@ -18,6 +18,7 @@ from helpers import INTERRUPTED, child_signals
 from nkat_search import devices, train
 from nkat_search.bench import (
     concurrent,
+    ops,
     options,
     search,
     steps,
@@ -406,3 +407,55 @@ def test_a_reference_that_is_not_python_is_refused_in_one_sentence(tmp_path):
     notes.write_text("not a module\n")
     with pytest.raises(UsageError, match="is not a Python file"):
         timing.research_pipeline(str(notes))
+
+
+def test_ops_section_counts_both_parts_of_both_recipes_and_the_step_repeats_exactly(capsys):
+    args = cli.build_parser().parse_args(
+        "bench --only ops --json --embed-dim 32 --depth 1 --batch-size 8 --images 32 --device cpu --precision fp32".split()
+    )
+    assert args.func(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    section = result["ops"]
+    assert (section["batch"], section["precision"], section["batches"]) == (8, "float32", ops.BATCHES)
+    rows = {(r["recipe"], r["part"]): r for r in section["rows"]}
+    assert list(rows) == [(recipe, part) for recipe in ("research", "round2") for part in ("augment", "step")]
+    for r in rows.values():
+        assert len(r["ops"]) == ops.BATCHES and all(n > views >= 0 for n, views in zip(r["ops"], r["views"]))
+        by_batch = list(zip(*r["sync_prone_by_op"].values())) or [()] * ops.BATCHES
+        assert [sum(kinds) for kinds in by_batch] == r["sync_prone"]
+    for recipe in ("research", "round2"):  # the trainer's step never waits for the device
+        step = rows[(recipe, "step")]
+        assert step["same_ops"] and step["same_shapes"] and step["sync_prone"] == [0] * ops.BATCHES
+    lines = tables.table(result).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["recipe", "part"]) + 1
+    printed = [line.split()[:7] for line in lines[start:]]
+    assert printed == [
+        [r["recipe"], r["part"], *("/".join(map(str, r[k])) for k in ("ops", "views", "sync_prone"))]
+        + ["yes" if r["same_ops"] else "no", "yes" if r["same_shapes"] else "no"]
+        for r in section["rows"]
+    ]
+
+
+def test_ops_counter_names_the_sync_prone_ops_and_compares_batches():
+    x = torch.arange(6.0)
+    with ops.OpCounter() as counter:
+        mask = x > 2
+        x[mask]
+        mask.nonzero()
+        x.sum().item()
+        torch.tensor([1.0, 2.0])
+        x * 2
+    assert [why for _, _, why, _ in counter.ops if why] == [
+        "index (bool mask)",
+        "nonzero",
+        "_local_scalar_dense",
+        "lift_fresh",
+    ]
+    assert ops.sync_prone("_to_copy", (x,), {"device": torch.device("cuda")}) == "host-device copy"
+    assert ops.sync_prone("_to_copy", (x,), {"dtype": torch.bfloat16}) is None
+    sizes = iter(range(1, 10))
+    grows = ops._count(lambda: torch.ones(next(sizes)) * 2)  # the same ops on other shapes
+    assert grows["same_ops"] and not grows["same_shapes"] and grows["sync_prone"] == [0] * ops.BATCHES
+    calls = iter(range(10))
+    branches = ops._count(lambda: x.sum() if next(calls) % 2 else x.nonzero())
+    assert not branches["same_ops"] and branches["sync_prone_by_op"] == {"nonzero": [0, 1, 0]}
