@@ -36,7 +36,7 @@ class BenchOptions:
         "auto: bf16 autocast on CUDA and on CPUs with native bf16 (the table says which and why), else fp32",
         choices=PRECISIONS,
     )
-    batch_size: int | None = opt(None, "images per step [32 on the CPU, 512 on CUDA; 128 in procs]")
+    batch_size: int | None = opt(None, "images per step [32 on the CPU, 512 on CUDA; 128 in procs and ops]")
     steps: int = opt(4, "timed steps per variant per round")
     warmup: int = opt(2, "untimed steps per variant first")
     repeats: int = opt(3, "rounds; figures are their median")
