@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up this machine for the test suite and runs it: Debian packages the tests need (PostgreSQL
-# server binaries, docker-compose to check the compose file, Chromium for the dashboard
-# screenshot, Slurm for a one-node cluster), a virtual environment with the project at the exact versions CI tests
+# server binaries, docker-compose (and trixie's compose v2) to check the compose files, the Docker
+# engine and debootstrap to run the compose stack, Chromium for the dashboard screenshot, Slurm for
+# a one-node cluster), a virtual environment with the project at the exact versions CI tests
 # (constraints/ci.txt), then ruff (lint and format), the import contracts (lint-imports), mypy and pytest in parallel
 # processes. Extra arguments go to pytest alone.
 #
@@ -17,9 +18,26 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v docker-compose >/dev/null || need+=(docker-compose)
 command -v chromium >/dev/null || need+=(chromium)
 command -v slurmctld >/dev/null || need+=(slurmctld slurmd slurm-client)  # tests/test_deploy.py's one-node cluster
+# tests/test_compose_stack.py: a private Docker engine, and debootstrap for the local base image
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v debootstrap >/dev/null || need+=(debootstrap)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# Debian's compose v2 (the package of trixie, Debian 13: bookworm has only 1.29), unpacked into the
+# git-ignored cache, so that tests/test_compose.py checks the compose files with both versions.
+compose_v2=.cache/docker/compose-v2
+if [ ! -x "$compose_v2/docker-compose" ]; then
+  mirror=http://deb.debian.org/debian
+  deb=$(curl -fsS "$mirror/dists/trixie/main/binary-$(dpkg --print-architecture)/Packages.xz" | xz -d |
+    awk '/^Package: docker-compose$/ {p = 1} p && /^Filename:/ && !done {print $2; done = 1}')  # reads to the end: no SIGPIPE under pipefail
+  mkdir -p "$compose_v2/deb"
+  curl -fsS -o "$compose_v2/deb/compose.deb" "$mirror/$deb"
+  dpkg-deb -x "$compose_v2/deb/compose.deb" "$compose_v2/deb"
+  mv "$compose_v2/deb/usr/libexec/docker/cli-plugins/docker-compose" "$compose_v2/docker-compose"
+  rm -rf "$compose_v2/deb"
 fi
 
 # Every component a test needs is installed above: a test that cannot find one fails instead of

@@ -41,6 +41,7 @@ def tiny_study(tmp_path):
 # timings"). xdist hands whole modules out in collection order; one of minutes handed out last is
 # a tail the other processes sit out (test_worker, last by name, was).
 LONGEST_FIRST = (
+    "test_compose_stack",
     "test_chaos",
     "test_worker",
     "test_bad_input",

@@ -1,0 +1,98 @@
+"""A private Docker engine for tests/test_compose_stack.py: `dockerd` started by the test with its own
+data root, exec root, socket and pid file, and stopped by its pid whatever happens.
+
+Its data root is kept in .cache/docker/engine (git-ignored): the images built there (the local Debian
+base, PostgreSQL, the worker image) are reused by the next run on this machine. The engine runs
+without the default bridge (`--bridge=none`), so that it does not take over docker0 from another
+engine on the host: containers talk over the compose project's own network, and builds use the host's
+network (deploy/docker/compose.cpu.yml). It keeps its iptables rules: a host that bridges through
+netfilter with a FORWARD policy of DROP (as an engine leaves it) drops that network's traffic without them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from helpers import ROOT, unavailable
+
+CACHE = ROOT / ".cache" / "docker"
+
+
+def _missing() -> str | None:
+    if os.name != "posix" or os.geteuid() != 0:
+        return "a private Docker engine needs root (dockerd, debootstrap)"
+    tools = {
+        "dockerd": "docker.io",
+        "docker": "docker.io",
+        "docker-compose": "docker-compose",
+        "debootstrap": "debootstrap",
+    }
+    lacking = sorted({package for tool, package in tools.items() if shutil.which(tool, path=_path()) is None})
+    if lacking:
+        return f"Docker engine tools missing (apt-get install -y {' '.join(lacking)})"
+    return None
+
+
+def _path() -> str:
+    return os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+
+
+@contextmanager
+def private_engine() -> Iterator[dict[str, str]]:
+    """Starts dockerd and yields the environment (PATH, DOCKER_HOST) that talks to it; stops it after."""
+    reason = _missing()
+    if reason:
+        unavailable(reason)
+    # unix socket paths are limited to 108 bytes: the socket lives in a short folder under /tmp
+    run = Path(tempfile.mkdtemp(prefix="nkd-", dir="/tmp"))
+    data = CACHE / "engine"
+    data.mkdir(parents=True, exist_ok=True)
+    log_path = run / "dockerd.log"
+    environ = {**os.environ, "PATH": _path(), "DOCKER_HOST": f"unix://{run}/docker.sock"}
+    argv = [
+        "dockerd",
+        f"--data-root={data}",
+        f"--exec-root={run}/exec",
+        f"--pidfile={run}/docker.pid",
+        f"--host={environ['DOCKER_HOST']}",
+        "--bridge=none",
+    ]
+    with open(log_path, "wb") as log:
+        engine = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=environ, start_new_session=True)
+    try:
+        _wait_until_up(engine, environ, log_path)
+        yield environ
+    finally:
+        _stop(engine)
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def _wait_until_up(engine: subprocess.Popen, environ: dict[str, str], log_path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if engine.poll() is not None:
+            unavailable(f"dockerd exited ({engine.returncode}): {log_path.read_text()[-600:]}")
+        probe = subprocess.run(["docker", "version"], env=environ, capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return
+        time.sleep(0.5)
+    unavailable(f"dockerd did not answer within 60 s: {log_path.read_text()[-600:]}")
+
+
+def _stop(engine: subprocess.Popen) -> None:
+    """SIGTERM, as `systemctl stop docker` does; the engine stops its containers and containerd."""
+    if engine.poll() is None:
+        engine.send_signal(signal.SIGTERM)
+        try:
+            engine.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(engine.pid, signal.SIGKILL)
+            engine.wait(timeout=30)
