@@ -72,6 +72,7 @@ def private_engine() -> Iterator[dict[str, str]]:
         yield environ
     finally:
         _stop(engine)
+        _unmount_below(run)
         shutil.rmtree(run, ignore_errors=True)
 
 
@@ -85,6 +86,14 @@ def _wait_until_up(engine: subprocess.Popen, environ: dict[str, str], log_path: 
             return
         time.sleep(0.5)
     unavailable(f"dockerd did not answer within 60 s: {log_path.read_text()[-600:]}")
+
+
+def _unmount_below(folder: Path) -> None:
+    """The engine leaves its default network namespace mounted in its exec root when it exits."""
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1] for line in mounts if line.split()[1].startswith(f"{folder}/")]
+    for point in sorted(points, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
 
 
 def _stop(engine: subprocess.Popen) -> None:
