@@ -12,10 +12,12 @@ failure) for docs/clusters.md.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import optuna
 import pytest
@@ -197,3 +199,16 @@ def test_two_workers_finish_the_study_through_a_stopped_worker(stack):
 
 def workers(s: Stack) -> list[str]:
     return s("ps", "-q", "worker").split()
+
+
+def test_an_engine_that_cannot_start_skips_with_its_reason(tmp_path, monkeypatch):
+    """Where dockerd cannot run (no privileges, another kernel) the stack is skipped, naming why."""
+    fake = tmp_path / "dockerd"
+    fake.write_text("#!/bin/sh\necho 'failed to start daemon: operation not permitted' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    before = set(Path("/tmp").glob("nkd-*"))
+    with pytest.raises(pytest.skip.Exception, match="dockerd cannot run here.*operation not permitted"):
+        with private_engine():
+            pass
+    assert set(Path("/tmp").glob("nkd-*")) == before, "the engine's run folder was left behind"
