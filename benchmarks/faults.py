@@ -931,7 +931,13 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM ends the campaign as Ctrl-C does: its servers are stopped and removed on the way out.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.monotonic()
-    outcomes = run_campaign(schedules, folder, args.jobs, keep=args.keep or args.seed is not None, progress=progress)
+    try:
+        outcomes = run_campaign(
+            schedules, folder, args.jobs, keep=args.keep or args.seed is not None, progress=progress
+        )
+    except KeyboardInterrupt:  # Ctrl-C: run_campaign has stopped and removed its servers on the way out
+        print(f"interrupted after {len(done)} of {len(schedules)} schedules; logs: {folder}", file=sys.stderr)
+        return 130
     print(figures(outcomes, time.monotonic() - started))
     if args.seed is not None:
         print(f"logs: {folder}")

@@ -249,7 +249,9 @@ def _add_attention_parser(sub) -> None:
     p.add_argument(
         "--trial", type=_number(int, "int"), required=True, help="trial number (retrained by `nkat-search report`)"
     )
-    p.add_argument("--dataset", default="cifar10", help="dataset of the retrained model [%(default)s]")
+    p.add_argument(
+        "--dataset", default="cifar10", choices=datasets.NAMES, help="dataset of the retrained model [%(default)s]"
+    )
     p.add_argument("--images", type=_number(int, "int", 1), default=10, help="validation images to draw [%(default)s]")
     p.add_argument("--out", default=None, help="output folder [reports/<study>/attention-trial-N-<dataset>]")
     p.add_argument(
