@@ -62,6 +62,7 @@ def private_engine() -> Iterator[dict[str, str]]:
     run = Path(tempfile.mkdtemp(prefix="nkd-", dir="/tmp"))
     data = CACHE / "engine"
     data.mkdir(parents=True, exist_ok=True)
+    _stop_orphans(data)
     log_path = run / "dockerd.log"
     environ = {**os.environ, "PATH": _path(), "DOCKER_HOST": f"unix://{run}/docker.sock"}
     argv = [
@@ -93,6 +94,27 @@ def _wait_until_up(engine: subprocess.Popen, environ: dict[str, str], log_path: 
             return
         time.sleep(0.5)
     pytest.skip(f"dockerd cannot run here: no answer within 60 s: {log_path.read_text()[-600:]}")
+
+
+def _stop_orphans(data: Path) -> None:
+    """Stops an engine on this data root that an earlier run left behind (its pytest killed with
+    SIGKILL): two engines on one data root would share its containers' state."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        if argv and argv[0].endswith(b"dockerd") and f"--data-root={data}".encode() in argv:
+            orphan = int(cmdline.parent.name)
+            os.kill(orphan, signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while Path(f"/proc/{orphan}").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            for arg in argv:  # its run folder: the parent of its exec root
+                if arg.startswith(b"--exec-root=/tmp/nkd-"):
+                    run = Path(arg.split(b"=", 1)[1].decode()).parent
+                    _unmount_below(run)
+                    shutil.rmtree(run, ignore_errors=True)
 
 
 def _unmount_below(folder: Path) -> None:

@@ -74,6 +74,13 @@ class Stack:
         assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
+    def down(self) -> str:
+        """Containers, network and volumes of the project removed, whatever state they are in: what
+        docker-compose said."""
+        argv = ["docker-compose", "-p", PROJECT, "--env-file", str(self.env_file), *FILES, "down", "-v", "-t", "5"]
+        done = subprocess.run(argv, env=self.environ, capture_output=True, text=True, timeout=180, cwd=ROOT)
+        return f"down exited {done.returncode}: {done.stdout.strip()} {done.stderr.strip()}"
+
     def docker(self, *args: str, timeout: float = 120) -> str:
         done = subprocess.run(["docker", *args], env=self.environ, capture_output=True, text=True, timeout=timeout)
         assert done.returncode == 0, f"docker {' '.join(args)}: {done.stderr}"
@@ -97,6 +104,7 @@ def stack(tmp_path_factory):
     with private_engine() as environ:
         s = Stack(environ, tmp_path_factory.mktemp("compose"))
         try:
+            s.down()  # what an interrupted earlier run left in the cached engine (its restart policies revive it)
             started = time.monotonic()
             images = subprocess.run(
                 ["bash", "scripts/docker-images.sh"], env=environ, capture_output=True, text=True, timeout=420, cwd=ROOT
@@ -107,13 +115,7 @@ def stack(tmp_path_factory):
             yield s
         finally:
             started = time.monotonic()
-            subprocess.run(
-                ["docker-compose", "-p", PROJECT, "--env-file", str(s.env_file), *FILES, "down", "-v", "-t", "5"],
-                env=s.environ,
-                capture_output=True,
-                timeout=180,
-                cwd=ROOT,
-            )
+            print(s.down())
             s.seconds["teardown"] = time.monotonic() - started
             print("compose stack, seconds per phase:", json.dumps({k: round(v, 1) for k, v in s.seconds.items()}))
 
