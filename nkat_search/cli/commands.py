@@ -61,10 +61,25 @@ def _plan(args) -> tuple[list[str], int]:
             "row may fail before a worker stops."
         )
     devices = parse_gpus(args.gpus)
-    count = args.workers if args.workers is not None else len(devices)
+    if args.trials_per_gpu is not None and args.workers is not None:
+        raise UsageError(
+            "--workers and --trials-per-gpu both set the number of trial processes; give one of them "
+            "(--trials-per-gpu K runs K per device of --gpus)."
+        )
+    per_gpu = args.trials_per_gpu or 1
+    count = args.workers if args.workers is not None else per_gpu * len(devices)
     if count < 0:
         raise UsageError(f"--workers must be >= 0, got {count}.")
     return devices, count
+
+
+def _check_fit(study, plan: tuple[list[str], int]) -> None:
+    """More than one trial process on a GPU: refused where the study's measured peaks say they do not fit."""
+    from ..search import memory
+
+    processes = memory.per_device(*plan)
+    if any(d.startswith("cuda") and k > 1 for d, k in processes.items()):
+        memory.check_fit(processes, memory.largest_peak(study), memory.gpu_total_mib)
 
 
 def _run(url: str, study_name: str, args, plan: tuple[list[str], int]) -> int:
@@ -116,6 +131,7 @@ def cmd_start(args) -> int:
             for t in study.get_trials(deepcopy=False)
         ),
     )
+    _check_fit(study, plan)
     code = _run(url, config.name, args, plan)
     if code == 0 and args.workers != 0:
         _print_status(study, config)
@@ -128,6 +144,7 @@ def cmd_worker(args) -> int:
     plan = _plan(args)
     url, study, _ = _attach(args)
     log.info("storage: %s", urls.mask(url))
+    _check_fit(study, plan)
     return _run(url, study.study_name, args, plan)
 
 

@@ -109,6 +109,13 @@ def _add_run_flags(p: argparse.ArgumentParser, workers_help: str) -> None:
         "[every visible GPU, else MPS, else cpu]; --gpus 0 --workers 4 runs 4 trials on GPU 0",
     )
     p.add_argument(
+        "--trials-per-gpu",
+        type=_number(int, "int", 1),
+        default=None,
+        help="trial processes per device of --gpus, sharing it (instead of --workers); refused where the "
+        "study's measured peak GPU memory says they cannot fit [1]",
+    )
+    p.add_argument(
         "--max-failures",
         type=_number(int, "int"),
         default=3,

@@ -326,6 +326,7 @@ def run_worker(
     from ..outputs.dashboard import annotate_trial
     from ..outputs.progress import Relay, StudyProgress
     from .hostshare import HostShare
+    from .memory import recording_peak_memory
     from .objective import make_objective
 
     store = backends.open_storage(url, create=False)
@@ -352,7 +353,7 @@ def run_worker(
     with HostShare(device) as share, view as progress:
         return run_loop(
             w,
-            make_objective(config, load, progress),
+            recording_peak_memory(make_objective(config, load, progress), device),
             max_failures=max_failures,
             poll_seconds=poll_seconds,
             on_end=on_end,
