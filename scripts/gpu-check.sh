@@ -14,6 +14,7 @@
 #   train    the research baseline (tiny stem, patch 2, embed 384, depth 7) on Stage-1-sized
 #            synthetic CIFAR-10 (50,000 generated: 45,000 train, 5,000 validation), bf16, 3 epochs
 #   bench    nkat-search bench --json
+#   ops      nkat-search bench --only ops --json: the aten ops and host syncs of one batch at 128
 #   search   nkat-search start --study smoke with several workers on GPU 0, then status --json
 # Every figure goes into one JSON file: --out, else $OUT/gpu-check.json (the device tool's $OUT),
 # else ./gpu-check.json; each stage's output lies beside it in gpu-check-logs/.
@@ -55,14 +56,16 @@ if [ "$TINY" = 1 ]; then
   BENCH=(--only train --images 64 --eval-images 32 --steps 1 --warmup 1 --repeats 1 --embed-dim 32 --depth 1
          --batch-size 16 --threads 1)
   TRIALS=${NKAT_GPU_CHECK_TRIALS:-2} WORKERS=${NKAT_GPU_CHECK_WORKERS:-1}
-  LIMITS=(env=60 install=150 tests=120 train=120 bench=120 search=240 status=60)
+  OPS=(--batch-size 8 --images 64 --embed-dim 32 --depth 1 --threads 1)
+  LIMITS=(env=60 install=150 tests=120 train=120 bench=120 ops=120 search=240 status=60)
 else
   TESTS=${NKAT_GPU_CHECK_TESTS:-tests}
   TRAIN=(--synthetic_train 50000 --val_size 5000 --embed_dim 384 --depth 7 --epochs 3 --warmup 1
          --batch_size 512 --lr 4e-4 --precision bf16)
   BENCH=()
   TRIALS=${NKAT_GPU_CHECK_TRIALS:-8} WORKERS=${NKAT_GPU_CHECK_WORKERS:-4}
-  LIMITS=(env=30 install=60 tests=170 train=100 bench=80 search=100 status=20)
+  OPS=()
+  LIMITS=(env=30 install=60 tests=160 train=100 bench=80 ops=30 search=100 status=20)
 fi
 STUDY=${NKAT_GPU_CHECK_STUDY:-smoke}
 GPUS=$([ "$DEVICE" = cuda ] && echo 0 || echo cpu)
@@ -146,6 +149,7 @@ stage tests "$V" -m pytest -q -p no:cacheprovider -m "not slow and not postgres 
 stage train "$NKAT" train --device "$DEVICE" --dataset cifar10 --data-source synthetic \
   --conv_stem tiny --patch_size 2 "${TRAIN[@]}" --json
 stage bench "$NKAT" bench --device "$DEVICE" "${BENCH[@]}" --json
+stage ops "$NKAT" bench --device "$DEVICE" --only ops "${OPS[@]}" --json
 stage search "$NKAT" start --study "$STUDY" --trials "$TRIALS" --gpus "$GPUS" --workers "$WORKERS" --storage "$STORAGE"
 stage status "$NKAT" status --storage "$STORAGE" --json
 
@@ -181,7 +185,7 @@ def freeze(name):
 
 report = {"check": "nkat-search GPU check", "device": device, "tiny": tiny == "1", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
           "seconds": round(time.time() - int(start), 1), "stages": {}}
-for name in ("env", "install", "tests", "train", "bench", "search", "status"):
+for name in ("env", "install", "tests", "train", "bench", "ops", "search", "status"):
     meta = (logs / f"{name}.meta").read_text().split() if (logs / f"{name}.meta").exists() else ["-1", "0", "0"]
     rc, seconds, limit = int(meta[0]), int(meta[1]) / 1000, int(meta[2])
     stdout = (logs / f"{name}.out").read_text(errors="replace") if (logs / f"{name}.out").exists() else ""

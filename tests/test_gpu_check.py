@@ -13,7 +13,7 @@ import sys
 import pytest
 from helpers import ROOT
 
-STAGES = ["env", "install", "tests", "train", "bench", "search", "status"]
+STAGES = ["env", "install", "tests", "train", "bench", "ops", "search", "status"]
 
 
 @pytest.mark.slow
@@ -75,6 +75,8 @@ def test_gpu_check_runs_every_stage_on_the_cpu_and_writes_one_json(tmp_path, tin
     assert stages["train"]["stage1_estimate_s"] == pytest.approx(450_000 / train["images_per_second"], rel=1e-3)
 
     assert stages["bench"]["result"]["train"]  # the bench's JSON object, as `bench --json` prints it
+    ops = {(r["recipe"], r["part"]): r for r in stages["ops"]["result"]["ops"]["rows"]}
+    assert ops[("research", "step")]["same_ops"] and min(ops[("research", "augment")]["ops"]) > 0
 
     status = stages["status"]["result"]
     assert status["finished"] == status["budget"] == stages["search"]["trials"] == 2
