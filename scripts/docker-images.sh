@@ -15,10 +15,12 @@ mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 mkdir -p "$cache"
 
 have() { docker image inspect "$1" >/dev/null 2>&1; }
+took() { echo "$1: $((SECONDS - $2)) s"; }
 
 if ! have nkat-debian:bookworm; then
   tarball="$cache/debian-bookworm.tar"
   if [ ! -s "$tarball" ]; then
+    t=$SECONDS
     rootfs=$(mktemp -d)
     trap 'rm -rf "$rootfs"' EXIT
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" "$mirror" \
@@ -30,11 +32,15 @@ if ! have nkat-debian:bookworm; then
     tar -C "$rootfs" -cf "$tarball.part" . && mv "$tarball.part" "$tarball"
     rm -rf "$rootfs"
     trap - EXIT
+    took debootstrap "$t"
   fi
+  t=$SECONDS
   docker import "$tarball" nkat-debian:bookworm >/dev/null
+  took "docker import" "$t"
 fi
 
 if ! have nkat-python:bookworm; then
+  t=$SECONDS
   docker build -q --network host -t nkat-python:bookworm - >/dev/null <<'DOCKERFILE'
 FROM nkat-debian:bookworm
 # Debian's Python 3.11 with a virtual environment first on PATH: the Dockerfile's `pip install` goes there.
@@ -44,9 +50,12 @@ ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
     SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 CMD ["python3"]
 DOCKERFILE
+  took nkat-python:bookworm "$t"
 fi
 
 if ! have nkat-postgres:15; then
+  t=$SECONDS
   docker build -q --network host --build-arg BASE_IMAGE=nkat-debian:bookworm -t nkat-postgres:15 deploy/docker/postgres >/dev/null
+  took nkat-postgres:15 "$t"
 fi
 echo "local images: nkat-debian:bookworm nkat-python:bookworm nkat-postgres:15"

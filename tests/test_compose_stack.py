@@ -111,6 +111,7 @@ def stack(tmp_path_factory):
             )
             assert images.returncode == 0, images.stdout + images.stderr
             s.seconds["local images"] = time.monotonic() - started
+            print(images.stdout.strip())  # the seconds of each step the cache did not spare
             s.timed("compose build", "build", "worker", timeout=600)
             yield s
         finally:
