@@ -52,15 +52,15 @@ def _path() -> str:
 
 
 @contextmanager
-def private_engine() -> Iterator[dict[str, str]]:
-    """Starts dockerd and yields the environment (PATH, DOCKER_HOST) that talks to it; stops it after."""
+def private_engine(data: Path = CACHE / "engine") -> Iterator[dict[str, str]]:
+    """Starts dockerd on the data root `data` and yields the environment (PATH, DOCKER_HOST) that
+    talks to it; stops it after."""
     _cannot_run()
     reason = _missing()
     if reason:
         unavailable(reason)
     # unix socket paths are limited to 108 bytes: the socket lives in a short folder under /tmp
     run = Path(tempfile.mkdtemp(prefix="nkd-", dir="/tmp"))
-    data = CACHE / "engine"
     data.mkdir(parents=True, exist_ok=True)
     _stop_orphans(data)
     log_path = run / "dockerd.log"

@@ -211,7 +211,8 @@ def test_an_engine_that_cannot_start_skips_with_its_reason(tmp_path, monkeypatch
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     before = set(Path("/tmp").glob("nkd-*"))
+    # its own data root: the stack's engine on the cached one may be running (module-scoped fixture)
     with pytest.raises(pytest.skip.Exception, match="dockerd cannot run here.*operation not permitted"):
-        with private_engine():
+        with private_engine(tmp_path / "engine"):
             pass
     assert set(Path("/tmp").glob("nkd-*")) == before, "the engine's run folder was left behind"
