@@ -37,14 +37,14 @@ def test_trials_per_gpu_runs_k_processes_on_each_listed_device(monkeypatch):
 
 def test_check_fit_refuses_what_the_measured_peak_says_cannot_fit(caplog):
     total = {"cuda:0": 10_000, "cuda:1": 10_000}.__getitem__
-    memory.check_fit(memory.Counter({"cuda:0": 4}), 2_000, total)  # 8,000 MiB of 9,000 usable
+    memory.check_fit(memory.Counter({"cuda:0": 4}), lambda: 2_000, total)  # 8,000 MiB of 9,000 usable
     with pytest.raises(UsageError) as refused:
-        memory.check_fit(memory.Counter({"cuda:0": 1, "cuda:1": 5}), 2_000, total)
+        memory.check_fit(memory.Counter({"cuda:0": 1, "cuda:1": 5}), lambda: 2_000, total)
     assert "5 trials do not fit on cuda:1" in str(refused.value)
     assert "peaked at 2,000 MiB" in str(refused.value) and "--trials-per-gpu 4" in str(refused.value)
-    memory.check_fit(memory.Counter({"cpu": 8}), 2_000, total)  # processes on the CPU share no GPU memory
+    memory.check_fit(memory.Counter({"cpu": 8}), lambda: 2_000, total)  # processes on the CPU share no GPU memory
     with caplog.at_level(logging.INFO, logger="nkat_search"):
-        memory.check_fit(memory.Counter({"cuda:0": 8}), None, total)  # nothing measured yet: allowed, said
+        memory.check_fit(memory.Counter({"cuda:0": 8}), lambda: None, total)  # nothing measured yet: allowed, said
     assert "unchecked" in caplog.text
 
 

@@ -238,6 +238,17 @@ def test_process_liveness_judges_only_processes_that_are_gone_as_dead(monkeypatc
     assert alive(12345)  # another user's process that we may not inspect is still running
 
 
+def a_queued_configuration(tiny_study, tmp_path, trials: int):
+    """A tiny study on a journal with one configuration queued: (config, url, storage, study, it)."""
+    config = load_study(tiny_study(trials=trials))
+    url = f"journal:{tmp_path / 's.journal'}"
+    store = backends.open_storage(url)
+    study = studies.create_or_resume(store, url, config, trials)
+    wanted = {"embed_dim": 16, "temperature": 0.75}
+    study.enqueue_trial(wanted)
+    return config, url, store, study, wanted
+
+
 def test_a_queued_configuration_given_up_before_it_ran_is_queued_again(tiny_study, tmp_path, monkeypatch):
     # The budget lock's connection is lost while a worker asks, and what it received is a queued
     # configuration (an [[enqueue]] entry or the retry of a dead worker's trial). It must not run
@@ -247,12 +258,7 @@ def test_a_queued_configuration_given_up_before_it_ran_is_queued_again(tiny_stud
     from nkat_search.search import space, worker
     from nkat_search.storage import lock
 
-    config = load_study(tiny_study(trials=2))
-    url = f"journal:{tmp_path / 's.journal'}"
-    store = backends.open_storage(url)
-    study = studies.create_or_resume(store, url, config, 2)
-    wanted = {"embed_dim": 16, "temperature": 0.75}
-    study.enqueue_trial(wanted)
+    config, url, store, study, wanted = a_queued_configuration(tiny_study, tmp_path, trials=2)
     real_lock, lost = lock.budget_lock, []
 
     @contextlib.contextmanager
@@ -280,12 +286,7 @@ def test_a_queued_configuration_killed_after_its_first_parameter_is_queued_again
     from nkat_search.search import space, worker
     from nkat_search.storage import retrying
 
-    config = load_study(tiny_study(trials=1))
-    url = f"journal:{tmp_path / 's.journal'}"
-    store = backends.open_storage(url)
-    study = studies.create_or_resume(store, url, config, 1)
-    wanted = {"embed_dim": 16, "temperature": 0.75}
-    study.enqueue_trial(wanted)
+    config, url, store, study, wanted = a_queued_configuration(tiny_study, tmp_path, trials=1)
     partial = study.ask()
     partial.suggest_int("embed_dim", 8, 16, step=8)  # then the worker died
     retrying.retry(study, study.get_trials()[0])

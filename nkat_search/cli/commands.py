@@ -77,9 +77,7 @@ def _check_fit(study, plan: tuple[list[str], int]) -> None:
     """More than one trial process on a GPU: refused where the study's measured peaks say they do not fit."""
     from ..search import memory
 
-    processes = memory.per_device(*plan)
-    if any(d.startswith("cuda") and k > 1 for d, k in processes.items()):
-        memory.check_fit(processes, memory.largest_peak(study), memory.gpu_total_mib)
+    memory.check_fit(memory.per_device(*plan), lambda: memory.largest_peak(study), memory.gpu_total_mib)
 
 
 def _run(url: str, study_name: str, args, plan: tuple[list[str], int]) -> int:

@@ -52,12 +52,14 @@ def per_device(devices: list[str], count: int) -> Counter:
     return Counter(devices[i % len(devices)] for i in range(count))
 
 
-def check_fit(processes: Counter, peak_mib: int | None, total_mib: Callable[[str], int]) -> None:
+def check_fit(processes: Counter, peak: Callable[[], int | None], total_mib: Callable[[str], int]) -> None:
     """Refuses (one sentence) more trial processes on a GPU than its memory holds, at the largest
-    peak measured in the study; with no trial measured yet there is nothing to go by."""
+    peak measured in the study (peak(), read only where a GPU gets more than one process); with no
+    trial measured yet there is nothing to go by."""
     crowded = {device: k for device, k in processes.items() if device.startswith("cuda") and k > 1}
     if not crowded:
         return
+    peak_mib = peak()
     if peak_mib is None:
         log.info("no trial of this study has a measured GPU memory peak yet; %s share their GPUs unchecked", crowded)
         return
