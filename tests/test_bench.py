@@ -428,9 +428,9 @@ def test_ops_section_counts_both_parts_of_both_recipes_and_the_step_repeats_exac
         assert step["same_ops"] and step["same_shapes"] and step["sync_prone"] == [0] * ops.BATCHES
     lines = tables.table(result).splitlines()
     start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["recipe", "part"]) + 1
-    printed = [line.split()[:7] for line in lines[start:]]
+    printed = [line.split()[:8] for line in lines[start:]]
     assert printed == [
-        [r["recipe"], r["part"], *("/".join(map(str, r[k])) for k in ("ops", "views", "sync_prone"))]
+        [r["recipe"], r["part"], *("/".join(map(str, r[k])) for k in ("ops", "views", "kernel_ops", "sync_prone"))]
         + ["yes" if r["same_ops"] else "no", "yes" if r["same_shapes"] else "no"]
         for r in section["rows"]
     ]

@@ -1,6 +1,7 @@
 import pickle
 import struct
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from urllib.error import URLError
 
@@ -9,11 +10,14 @@ import torch
 import torchvision
 from torchvision.transforms import v2
 
+from nkat_search.bench import ops
 from nkat_search.config import DataConfig, TrainConfig, UsageError, replace
 from nkat_search.data import files
 from nkat_search.data.augment import RANDAUGMENT_OPS, randaugment_magnitude
 from nkat_search.data.files import get_spec
 from nkat_search.data.loader import BatchLoader, load_splits
+from nkat_search.data.mix import BatchMix
+from nkat_search.data.randaugment import BatchRandAugment
 from nkat_search.datasets import DATASETS, DatasetSpec
 
 SYNTH = DataConfig(source="synthetic", val_size=100, synthetic_train=600, synthetic_test=200)
@@ -322,6 +326,67 @@ def test_randaugment_magnitudes_on_28px_images(op, m, expected):
     assert randaugment_magnitude(op, m, 28, 28) == pytest.approx(expected, abs=1e-4)
 
 
+def _varied(n, c, s):
+    """Random images with dark, low-contrast, flat and few-valued ones among them, so that every
+    op's edge cases (AutoContrast's flat channel, Equalize's empty step) occur."""
+    x = _images(n, c, s, 10)[0]
+    x[:8] //= 3
+    x[8:12] = x[8:12] // 4 + 100
+    x[12:14] = 77
+    x[14:16, :, :, :5] = 0
+    x[16:20] = torch.randint(0, 4, (4, c, s, s), generator=torch.Generator().manual_seed(1), dtype=torch.uint8) * 60
+    return x
+
+
+def _torchvision(images: torch.Tensor, choices: list[int], m: int) -> torch.Tensor:
+    """Each image through augment.py's torchvision calls for its choices (2 x op + negative), in turn."""
+    names, out = list(RANDAUGMENT_OPS), []
+    for img, rounds in zip(images, zip(*choices)):
+        for choice in rounds:
+            name = names[int(choice) // 2]
+            _, _, signed, apply = RANDAUGMENT_OPS[name]
+            magnitude = randaugment_magnitude(name, m, img.shape[-2], img.shape[-1])
+            img = apply(img, -magnitude if signed and choice % 2 else magnitude)
+        out.append(img)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(("c", "s", "m"), [(3, 32, 9), (1, 28, 9), (3, 32, 17), (1, 28, 10), (3, 32, 30), (1, 28, 0)])
+def test_batched_randaugment_makes_every_op_exactly_as_torchvision(c, s, m):
+    """Every op and sign, applied to a whole batch with per-image parameters, gives each image
+    exactly what torchvision's call for that op gives it; two rounds of random choices too."""
+    x = _varied(64, c, s)
+    ra = BatchRandAugment(2, m, c, s, s, torch.device("cpu"))
+    for choice in range(2 * len(RANDAUGMENT_OPS)):
+        chosen = torch.full((1, 64), choice)
+        ours = ra.apply(x, chosen)
+        assert ours.dtype == torch.float32 and torch.equal(ours, _torchvision(x, chosen.tolist(), m).float()), choice
+    chosen = torch.randint(2 * len(RANDAUGMENT_OPS), (2, 64), generator=torch.Generator().manual_seed(m))
+    assert torch.equal(ra.apply(x, chosen), _torchvision(x, chosen.tolist(), m).float())
+
+
+def test_batched_randaugment_draws_every_op_and_sign_as_often_as_torchvision():
+    """One image, 2,800 copies: each output is identified as the (op, sign) that makes it; every op
+    comes out 1/14 of the time and a signed op's two signs half each, as v2.RandAugment draws them."""
+    img = _images(1, 3, 32, 10)[0][0] // 2 + 60  # 60-187: AutoContrast and Solarize (at 178.5) change it
+    img[:, 8:24, 8:24] //= 3  # a darker centre, so that every op changes something
+    m, names = 9, list(RANDAUGMENT_OPS)
+    made: dict[bytes, set[str]] = {}  # an output's bytes -> the ops that make it
+    for choice in range(2 * len(names)):
+        made.setdefault(_torchvision(img[None], [[choice]], m)[0].numpy().tobytes(), set()).add(names[choice // 2])
+    assert len(made) == 23 and all(len(ops) == 1 for ops in made.values())  # 9 signed ops, 5 unsigned: distinct
+    ra = BatchRandAugment(1, m, 3, 32, 32, torch.device("cpu"))
+    out = ra(img[None].expand(2800, -1, -1, -1), torch.Generator().manual_seed(0)).to(torch.uint8)
+    counts = Counter(image.numpy().tobytes() for image in out)
+    assert set(counts) <= set(made)
+    per_op = Counter()
+    for key, n in counts.items():
+        per_op[next(iter(made[key]))] += n
+    assert all(abs(per_op[name] - 200) < 60 for name in names), per_op  # 4.4 standard deviations
+    signed = [n for key, n in counts.items() if RANDAUGMENT_OPS[next(iter(made[key]))][2]]
+    assert len(signed) == 18 and min(signed) > 55  # each sign of the 9 signed ops: about 100
+
+
 def _mixed(targets: torch.Tensor) -> bool:
     return bool(((targets > 0).sum(1) > 1).any())
 
@@ -372,6 +437,50 @@ def test_same_mix_for_the_images_and_the_labels():
             images, targets = next(iter(BatchLoader(x, y, spec, 8, train=True, train_cfg=cfg, seed=_)))
             white = images.mean((1, 2, 3))  # normalisation with mean 0, std 1: pixel fraction
             assert torch.allclose(white, targets[:, 1], atol=1e-5) and torch.allclose(targets.sum(1), torch.ones(8))
+
+
+def _ks(a: list[float], b: list[float]) -> float:
+    """The two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
+    values = torch.tensor(sorted(a + b))
+    cdf = lambda s: torch.searchsorted(torch.tensor(sorted(s)), values, right=True) / len(s)  # noqa: E731
+    return float((cdf(a) - cdf(b)).abs().max())
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixing_weights_follow_torchvisions_distributions(kind):
+    """The share of each target that is the image's own label (MixUp's lambda at the research's
+    alpha 0.1, or the area outside CutMix's box) has the distribution torchvision's v2.MixUp and
+    v2.CutMix draw: two samples of 600 batches within the KS test's 1% critical value."""
+    x, y = _images(10, 1, 28, 10)  # ten labels in a row: image i's own label is class i
+    # Image 1's own share: one draw per batch, rounded so that one area is one value in both samples.
+    own = lambda targets: [round(w, 5) for w in targets.diagonal().tolist()[1:2]]  # noqa: E731
+    mix = BatchMix(1.0 if kind == "cutmix" else 0, 0.1 if kind == "mixup" else 0, 1.0, 10, 28, 3, "cpu")
+    gen = torch.Generator().manual_seed(3)
+    ours = [w for _ in range(600) for w in own(mix(x.float(), y, gen)[1])]
+    reference = v2.MixUp(alpha=0.1, num_classes=10) if kind == "mixup" else v2.CutMix(alpha=1.0, num_classes=10)
+    torch.manual_seed(0)
+    theirs = [w for _ in range(600) for w in own(reference(x.float(), y)[1])]
+    assert len(ours) == len(theirs) == 600 and _ks(ours, theirs) < 1.63 * (2 / 600) ** 0.5
+
+
+@pytest.mark.parametrize("name", ["cifar10", "mnist"])
+def test_augmentation_dispatches_the_same_few_ops_every_batch_without_a_sync(name):
+    """With every augmentation on (the research's recipe), drawing a batch dispatches at most 150
+    ops that are not views, none of them sync-prone, and the same ops with the same shapes every
+    batch: what a CUDA graph can replay (issue 22's CPU target)."""
+    c, s, k = SHAPES[name]
+    x, y = _images(256, c, s, k)
+    batches = iter(BatchLoader(x, y, DATASETS[name], 32, train=True, train_cfg=TrainConfig(), seed=1))
+    next(batches)  # the epoch's permutation
+    runs = []
+    for _ in range(3):
+        with ops.OpCounter() as counter:
+            next(batches)
+        runs.append(counter.ops)
+    kernels = [[op for op, _, _, view in run if not view] for run in runs]
+    assert max(map(len, kernels)) <= 150 and min(map(len, kernels)) > 50
+    assert [why for run in runs for _, _, why, _ in run if why] == []
+    assert all([op[:2] for op in run] == [op[:2] for op in runs[0]] for run in runs)
 
 
 def test_same_seed_same_batches_other_seed_other_batches():

@@ -5,9 +5,10 @@ On a GPU each op that is not a view is about one kernel launch; at the research 
 tokens the kernels are tiny, so the count, not the arithmetic, bounds the step. Some ops also make
 the host wait for the device or depend on the data (SYNC_PRONE); a batch that has none of them and
 dispatches the same ops every time can be recorded once as a CUDA graph and replayed. An op counts
-whatever device its tensors are on: today's RandAugment draws its ops on the CPU and picks each
-op's images there (nonzero on a CPU mask, then a copy of the indices to the device), so on a GPU
-some of the counted ops run on the host; they still make the batch's shapes depend on the data.
+whatever device its tensors are on. Since issue 22 the augmentation draws everything on the device
+(data/randaugment.py, data/mix.py): at most 150 ops that are not views, none sync-prone, the same
+every batch (tests/test_data.py guards it); before, RandAugment picked each op's images on the
+host, about 770 ops and 103 sync-prone ones per batch (docs/performance.md).
 
 Counted with a TorchDispatchMode because torch has no public op counter:
 torch.utils.flop_counter.FlopCounterMode counts the FLOPs of matmuls, convolutions and attention
@@ -120,6 +121,7 @@ def _count(calls) -> dict:
     return {
         "ops": [len(run) for run in runs],
         "views": [sum(view for _, _, _, view in run) for run in runs],  # views launch no kernel
+        "kernel_ops": [sum(not view for _, _, _, view in run) for run in runs],  # the ops that are not views
         "sync_prone": [sum(why is not None for _, _, why, _ in run) for run in runs],
         "sync_prone_by_op": {k: [Counter(why for _, _, why, _ in run)[k] for run in runs] for k in kinds},
         "same_ops": all([op[0] for op in run] == [op[0] for op in runs[0]] for run in runs),

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 from ..config import DataConfig, TrainConfig, UsageError
 from ..datasets import DatasetSpec
 from . import synthetic
-from .augment import RANDAUGMENT_OPS, randaugment_magnitude
 from .files import _torchvision, get_spec
+from .mix import BatchMix, Cutout
+from .randaugment import BatchRandAugment
 
 
 @dataclass
@@ -65,24 +65,25 @@ def load_splits(name: str, data: DataConfig, device: str | torch.device = "cpu")
     )  # fmt: skip
 
 
-def _crop(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, size: int) -> torch.Tensor:
-    """A size x size window of every image of x at its own offset (oy[i], ox[i]).
+def _crop(x: torch.Tensor, images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, size: int) -> torch.Tensor:
+    """A size x size window of every image of x at its own offset (oy[i], ox[i]); images is
+    arange(len(x)).
 
     unfold makes a view of every window; indexing it copies only the chosen ones."""
     windows = x.unfold(2, size, 1).unfold(3, size, 1)  # [B, C, offsets_y, offsets_x, size, size]
-    return windows[torch.arange(len(x), device=x.device), :, oy, ox]
+    return windows[images, :, oy, ox]
 
 
 class BatchLoader:
     """Draws batches from uint8 tensors on the device; augments whole batches there.
 
-    Training order and augmentation are a function of (seed, epoch): a torch.Generator on the
-    device draws the permutation, crops, flips and cutout squares; RandAugment's op and sign
-    draws, the CutMix/MixUp choice and torchvision's CutMix and MixUp draw from torch's global
-    RNG, so they run inside torch.random.fork_rng seeded per batch. Order: crop, flip,
-    RandAugment (uint8), normalise, Cutout (fill 0: the mean), then CutMix or MixUp on the whole
-    batch; targets are class indices, or probabilities (unsmoothed; the loss smooths them) when
-    CutMix or MixUp is on. With train_cfg None a training loader only shuffles."""
+    Training order and augmentation are a function of (seed, epoch): one torch.Generator on the
+    device, seeded per epoch, draws the permutation and every augmentation parameter, so drawing a
+    batch never waits for the host and dispatches the same ops every time (bench --only ops counts
+    them). Order: crop, flip, RandAugment (uint8 values), normalise, Cutout (fill 0: the mean),
+    then CutMix or MixUp on the whole batch; targets are class indices, or probabilities
+    (unsmoothed; the loss smooths them) when CutMix or MixUp is on. With train_cfg None a training
+    loader only shuffles."""
 
     def __init__(
         self,
@@ -105,19 +106,18 @@ class BatchLoader:
         self.seed, self.limit, self.epoch = seed, limit, 0
         self.mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
         self.std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
-        cfg = train_cfg
-        h, w = x.shape[-2:]
-        # (magnitude, signed, op) of each RandAugment op at the recipe's M, in the table's order.
-        self.randaugment = (
-            [
-                (randaugment_magnitude(name, cfg.randaugment[1], h, w), signed, apply)
-                for name, (_, _, signed, apply) in RANDAUGMENT_OPS.items()
-            ]
-            if cfg
-            else []
+        cfg, (c, h, w) = train_cfg, x.shape[-3:]
+        ra = cfg.randaugment if cfg else (0, 0)
+        self.randaugment = BatchRandAugment(ra[0], ra[1], c, h, w, x.device) if ra[0] > 0 else None
+        self.cutout = Cutout(cfg.cutout, w, x.device) if cfg and cfg.cutout > 0 else None
+        self.mix = (
+            BatchMix(cfg.cutmix, cfg.mixup, cfg.mixup_prob, spec.num_classes, w, seed, x.device)
+            if cfg and (cfg.cutmix > 0 or cfg.mixup > 0)
+            else None
         )
-        self.cutmix = v2.CutMix(alpha=1.0, num_classes=spec.num_classes) if cfg and cfg.cutmix > 0 else None
-        self.mixup = v2.MixUp(alpha=cfg.mixup, num_classes=spec.num_classes) if cfg and cfg.mixup > 0 else None
+        # Normalisation as one multiply-add: x * scale + shift = (x / 255 - mean) / std.
+        self.scale, self.shift = 1 / (255 * self.std), -self.mean / self.std
+        self.batch_index = torch.arange(min(batch_size, len(x)), device=x.device)
 
     def __len__(self) -> int:
         n = len(self.x)
@@ -136,69 +136,27 @@ class BatchLoader:
         bs = min(self.batch_size, len(self.x))
         for b in range(len(self)):
             idx = perm[b * bs : (b + 1) * bs]
-            # Python's hash of a tuple of ints is stable across runs (only str hashing is salted).
-            yield self._augment(self.x[idx], self.y[idx], gen, hash((self.seed, epoch, b)) & (2**63 - 1))
+            yield self._augment(self.x[idx], self.y[idx], gen)
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float().div_(255) - self.mean) / self.std
+        return torch.addcmul(self.shift, x.float(), self.scale)
 
-    def _augment(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, batch_seed: int):
+    def _augment(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
         cfg, dev, n = self.cfg, x.device, len(x)
         if cfg is None:
             return self._normalise(x), y
         if cfg.crop_padding > 0:
             p, s = cfg.crop_padding, x.shape[-1]
             off = torch.randint(0, 2 * p + 1, (2, n), generator=gen, device=dev)
-            x = _crop(F.pad(x, (p, p, p, p)), off[0], off[1], s)
+            x = _crop(F.pad(x, (p, p, p, p)), self.batch_index[:n], off[0], off[1], s)
         if self.spec.hflip:
             flip = torch.rand(n, generator=gen, device=dev) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(batch_seed)
-            if cfg.randaugment[0] > 0:
-                x = self._randaugment(x, cfg.randaugment[0])
-            x = self._normalise(x)
-            if cfg.cutout > 0:
-                x = self._cutout(x, cfg.cutout, gen)
-            if self.cutmix is not None or self.mixup is not None:
-                # CPU draws decide CutMix vs MixUp, so there is no device sync per batch.
-                draw = torch.rand(2)
-                if self.cutmix is not None and draw[0] < cfg.cutmix:
-                    x, y = self.cutmix(x, y)
-                elif self.mixup is not None and draw[1] < cfg.mixup_prob:
-                    x, y = self.mixup(x, y)
-                else:  # unmixed: still probabilities, so that a loader yields one kind of target
-                    y = F.one_hot(y, self.spec.num_classes).float()
+        if self.randaugment is not None:
+            x = self.randaugment(x, gen)
+        x = self._normalise(x)
+        if self.cutout is not None:
+            x = self.cutout(x, gen)
+        if self.mix is not None:
+            x, y = self.mix(x, y, gen)
         return x, y
-
-    def _randaugment(self, x: torch.Tensor, num_ops: int) -> torch.Tensor:
-        """RandAugment with its own ops and signs for every image (as the paper and torchvision draw
-        them), applied op by op to the images that drew it: at most num_ops x 26 calls per batch,
-        whatever its size. The draws come from torch's CPU RNG (seeded per batch), so choosing the
-        images never waits for the device."""
-        n = len(x)
-        x = x.clone()
-        for _ in range(num_ops):
-            op, negative = torch.randint(len(self.randaugment), (n,)), torch.rand(n) <= 0.5
-            for i, (magnitude, signed, apply) in enumerate(self.randaugment):
-                for sign in (1.0, -1.0) if signed and magnitude else (1.0,):
-                    chosen = (op == i) & (negative == (sign < 0)) if signed and magnitude else op == i
-                    idx = chosen.nonzero().squeeze(1)
-                    if len(idx):
-                        idx = idx.to(x.device, non_blocking=True)
-                        x[idx] = apply(x[idx], sign * magnitude)
-        return x
-
-    @staticmethod
-    def _cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-        """Zero (the mean, after normalisation) a size x size square at a random centre per image,
-        clipped at the border as in DeVries & Taylor (2017)."""
-        n, _, h, w = x.shape
-        centre = torch.rand(2, n, generator=gen, device=x.device)
-        top = (centre[0] * h).long() - size // 2
-        left = (centre[1] * w).long() - size // 2
-        rows = torch.arange(h, device=x.device)[None, :]
-        cols = torch.arange(w, device=x.device)[None, :]
-        in_rows = (rows >= top[:, None]) & (rows < top[:, None] + size)
-        in_cols = (cols >= left[:, None]) & (cols < left[:, None] + size)
-        return x.masked_fill(in_rows[:, None, :, None] & in_cols[:, None, None, :], 0.0)
