@@ -165,18 +165,19 @@ class BatchRandAugment:
             degenerate = F.conv2d(x.view(1, n * c, h, w), kernels[r], padding=1, groups=n).view(n, c, h, w)
             degenerate = (degenerate + offset).floor()
             degenerate = torch.where(contrast, degenerate[:, :1].mean((2, 3), keepdim=True), degenerate)
-            x = torch.addcmul(x * ratio, degenerate, one_minus[r]).clamp(0, 255)
-            x = self._lookup(x.long().view(n, c, h * w), tables[r], flags[_AUTOCONTRAST][r], flags[_EQUALIZE][r])
-            x = x.view(n, c, h, w)
+            x = torch.addcmul(x * ratio, degenerate, one_minus[r]).clamp(0, 255).floor().view(n, c, h * w)
+            x = self._lookup(x, tables[r], flags[_AUTOCONTRAST][r], flags[_EQUALIZE][r]).view(n, c, h, w)
         return x
 
-    def _lookup(self, pixels: torch.Tensor, table: torch.Tensor, autocontrast: torch.Tensor, equalize: torch.Tensor):
+    def _lookup(self, x: torch.Tensor, table: torch.Tensor, autocontrast: torch.Tensor, equalize: torch.Tensor):
         """Each image's table ([n, 1, 256]: Posterize, Solarize or the identity), or its AutoContrast or
-        Equalize table ([n, C, 256]) where it drew one, applied to its pixels ([n, C, H * W], the
-        uint8 values as integers)."""
-        low, high = pixels.aminmax(dim=-1, keepdim=True)
-        table = torch.where(autocontrast, self._autocontrast(low.float(), high.float()), table)
-        table = torch.where(equalize, self._equalize(pixels, high), table)
+        Equalize table ([n, C, 256]) where it drew one, applied to its pixels (x: [n, C, H * W], the
+        uint8 values as floats; the ranges and the histogram are taken in float, which every device
+        reduces)."""
+        pixels = x.long()
+        low, high = x.aminmax(dim=-1, keepdim=True)
+        table = torch.where(autocontrast, self._autocontrast(low, high), table)
+        table = torch.where(equalize, self._equalize(x, pixels, high), table)
         return table.gather(-1, pixels)
 
     def _autocontrast(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -186,12 +187,12 @@ class BatchRandAugment:
         inv_scale = ((high - low) * (1.0 / 255)).masked_fill(flat, 1.0)
         return ((self.values - low.masked_fill(flat, 0.0)) / inv_scale).clamp(0, 255).floor()
 
-    def _equalize(self, pixels: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    def _equalize(self, x: torch.Tensor, pixels: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         """torchvision's equalize (PIL's table: each value maps to the count of smaller pixels, in
         steps of 1/255 of the pixels below the maximum, rounded; the identity when that step is 0).
         Ours because TF.equalize returns the image, and here a table is what the ops share."""
         hist = torch.zeros(*pixels.shape[:-1], 256, device=pixels.device)
         hist.scatter_add_(-1, pixels, self.one.expand(pixels.shape))
-        step = torch.floor((pixels < high).sum(-1, keepdim=True) / 255)
+        step = torch.floor((x < high).sum(-1, keepdim=True) / 255)
         table = torch.floor((hist.cumsum(-1) - hist + torch.floor(step / 2)) / step.clamp(min=1)).clamp(0, 255)
         return torch.where(step > 0, table, self.values)
