@@ -87,7 +87,7 @@ def test_every_packaged_study_gives_the_mnist_family_one_recipe():
 def test_train_dataset_mnist_learns_real_digits_with_the_commands_recipe(digits_root):
     """`nkat-search train --dataset mnist` with no recipe flag: Round 2's recipe of mnist, as the
     command resolves it. Only what 1,297 digits on a CPU cannot carry is this test's: the budget
-    (30 epochs of batch 64 instead of 5 of 128: 16 steps an epoch here, 469 on MNIST), a small model,
+    (30 epochs of batch 64 instead of 5 of 128: 15 steps an epoch here, 429 on MNIST), a small model,
     the validation split and fp32, so that every CPU agrees."""
     model = ["--conv_stem", "tiny", "--patch_size", "1", "--embed_dim", "64", "--depth", "2", "--num_heads", "4"]
     budget = ["--epochs", "30", "--warmup", "3", "--batch_size", "64", "--lr", "1e-3", "--precision", "fp32"]
