@@ -1,4 +1,8 @@
-"""RandAugment's operations and magnitudes, applied to batches of image tensors."""
+"""RandAugment's operations and magnitudes: the definition, one torchvision functional call per op.
+
+randaugment.py applies these ops to whole batches with per-image parameters (it takes the op list
+and the magnitudes from here); the calls below are what tests/test_data.py compares it with, image
+by image, and what it compares with v2.RandAugment itself."""
 
 from __future__ import annotations
 
