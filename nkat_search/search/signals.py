@@ -17,7 +17,25 @@ class Interrupted(KeyboardInterrupt):
     """SIGTERM or SIGINT arrived while a trial ran."""
 
 
-_interrupted = threading.Event()
+class _Flag:
+    """Whether an interrupt is being handled. Not threading.Event: its set() holds a lock that is
+    not reentrant, so a second Ctrl-C landing inside the first handler's set() deadlocked the
+    process (seen in a burst of Ctrl-C on a loaded machine). Handlers and their readers all run in
+    the main thread, so a plain attribute is enough."""
+
+    value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def clear(self) -> None:
+        self.value = False
+
+    def is_set(self) -> bool:
+        return self.value
+
+
+_interrupted = _Flag()
 
 
 # Code that an exception raised in its midst can leave broken. SQLAlchemy took a transaction for
