@@ -159,6 +159,7 @@ STEM_STRIDE = {"off": 1, "tiny": 4, "small": 4}
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+GRAPH_MODES = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,12 @@ class TrainConfig:
     )
     limit_train: int = opt(0, "at most this many batches per epoch (recorded in the output); 0 = whole epochs")
     compile: bool = opt(False, "torch.compile the model (pays on CUDA for long runs only)")
+    graphs: str = opt(
+        "auto",
+        "auto: on CUDA, capture each training iteration once as a CUDA graph and replay it per batch "
+        "(eager if capture fails, with a warning); eager on the CPU and MPS; off: always eager",
+        choices=GRAPH_MODES,
+    )
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -307,6 +314,8 @@ class TrainConfig:
         n, m = self.randaugment
         if not 0 <= n <= MAX_RANDAUGMENT_OPS or not 0 <= m <= 30:
             raise UsageError(f"randaugment N M needs 0 <= N <= {MAX_RANDAUGMENT_OPS} and 0 <= M <= 30, got {n} {m}.")
+        if self.graphs not in GRAPH_MODES:
+            raise UsageError(f"graphs {self.graphs!r} is unknown; use one of {', '.join(GRAPH_MODES)}.")
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision {self.precision!r} is unknown; use one of {', '.join(PRECISIONS)}.")
 

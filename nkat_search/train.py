@@ -23,6 +23,7 @@ from torch import nn
 from .config import ModelConfig, RuntimeFailure, TrainConfig
 from .data.loader import BatchLoader, Splits
 from .devices import resolve_precision
+from .iteration import Iteration, make_iteration
 from .metrics import local_tpe, theory_size
 from .model import NKATViT, count_params
 
@@ -63,6 +64,7 @@ class FitResult:
     precision: str
     device: str
     limit_train: int
+    graphs: str = "off"  # "on", or "off" with the reason (iteration.graph_plan; GraphedIteration.status)
     history: list[dict] = field(default_factory=list)
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
@@ -136,27 +138,61 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
     return factor
 
 
+class DeviceSchedule:
+    """warmup_cosine on the device: each step's factor is computed from a step counter on the device
+    and written into the optimiser's tensor learning rate, so a step needs no number from the host.
+
+    Not LambdaLR: it computes the factor on the host and writes it into the learning rate per step
+    (a float, or fill_ with a host scalar), which a captured CUDA graph would replay at its first
+    value for ever. The factors equal warmup_cosine's (float32 on the device)."""
+
+    def __init__(self, lr: torch.Tensor, warmup_steps: int, total_steps: int):
+        self.lr, self.base = lr, float(lr)
+        self.warmup, self.decay_steps = warmup_steps, max(1, total_steps - warmup_steps)
+        self.steps = torch.zeros((), dtype=torch.float32, device=lr.device)
+        self._write()
+
+    def step(self) -> None:
+        self.steps += 1
+        self._write()
+
+    def _write(self) -> None:
+        s = self.steps
+        warm = (s + 1) / max(1, self.warmup)
+        progress = ((s - self.warmup) / self.decay_steps).clamp(max=1.0)
+        cosine = 0.5 * (1 + torch.cos(progress * math.pi))
+        self.lr.copy_(torch.where(s < self.warmup, warm, cosine) * self.base)
+
+
 class EMA:
     """Exponential moving average of a model's weights and buffers, used for evaluation.
 
     The decay warms up as min(decay, (1+n)/(10+n)) after n updates (as timm's ModelEmaV3 does),
     so that short runs do not evaluate near-initial weights: with a fixed 0.9995 a 300-step run
-    would still be 86% initialisation. Not torch's AveragedModel: its update reads its step
-    counter on the host twice per step (a device sync on CUDA) and cannot lerp integer buffers.
+    would still be 86% initialisation. n and the weight live on the device (a CUDA graph replays
+    the update). Not torch's AveragedModel: its update reads its step counter on the host twice per
+    step (a device sync on CUDA) and cannot lerp integer buffers.
     """
 
     def __init__(self, model: nn.Module, decay: float):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.updates = decay, 0
+        self.decay = decay
         pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
         self.floats = [pair for pair in pairs if pair[0].is_floating_point()]
         self.others = [pair for pair in pairs if not pair[0].is_floating_point()]
+        device = next(iter(model.state_dict().values())).device
+        self.updates = torch.zeros((), dtype=torch.float32, device=device)
 
     @torch.no_grad()
     def update(self) -> None:
         self.updates += 1
-        weight = 1 - min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_([e for e, _ in self.floats], [m for _, m in self.floats], weight)
+        weight = 1 - ((1 + self.updates) / (10 + self.updates)).clamp(max=self.decay)
+        # ema += weight * (model - ema): foreach ops that take the weight as a tensor (the lerp that
+        # takes one scalar would read it on the host, a sync per step).
+        ema = [e for e, _ in self.floats]
+        delta = torch._foreach_sub([m for _, m in self.floats], ema)
+        torch._foreach_mul_(delta, weight)
+        torch._foreach_add_(ema, delta)
         for ema_tensor, tensor in self.others:
             ema_tensor.copy_(tensor)
 
@@ -206,15 +242,19 @@ class TrainStep:
         no_decay: list[nn.Parameter] = []
         for p in self.model.parameters():
             (decay if p.ndim >= 2 else no_decay).append(p)
-        # The fused kernel exists for CPU and CUDA: one pass over each parameter instead of ~8.
+        # The fused kernel exists for CPU and CUDA: one pass over each parameter instead of ~8. The
+        # learning rate is one tensor on the device, shared by both groups and written by the
+        # schedule; capturable (CUDA) keeps the step count on the device, as graph capture needs,
+        # with and without graphs so that both run the same kernels.
+        lr = torch.tensor(train_cfg.lr, dtype=torch.float32, device=device)
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=train_cfg.lr,
+            lr=lr,
             fused=True,
+            capturable=device.type == "cuda",
         )
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(train_cfg.warmup * steps_per_epoch, train_cfg.epochs * steps_per_epoch)
-        )
+        self.schedule = DeviceSchedule(lr, train_cfg.warmup * steps_per_epoch, train_cfg.epochs * steps_per_epoch)
+        self.autocast_cache = True  # off while a CUDA graph is captured (iteration.py)
         self.ema = EMA(self.model, train_cfg.ema) if train_cfg.ema else None
         # compile_mode (e.g. "reduce-overhead": CUDA graphs) is torch.compile's mode; without it,
         # train_cfg.compile decides, with torch's default mode.
@@ -225,7 +265,12 @@ class TrainStep:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+        with torch.autocast(
+            self.device_type,
+            dtype=self.autocast or torch.float32,
+            enabled=self.autocast is not None,
+            cache_enabled=self.autocast_cache,
+        ):
             loss = self.criterion(self.step_model(images), targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -238,8 +283,9 @@ class TrainStep:
         return loss.detach()
 
 
-def _build(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, compile_mode: str | None):
-    """The seeded training batches and the step (model, optimiser, schedule, EMA) of one fit."""
+def _build(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, compile_mode: str | None) -> Iteration:
+    """The seeded training iteration of one fit: its batches, step (model, optimiser, schedule,
+    EMA) and, per train_cfg.graphs, its capture as a CUDA graph."""
     torch.manual_seed(train_cfg.seed)
     loader = BatchLoader(
         splits.train_x,
@@ -252,25 +298,24 @@ def _build(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, compi
         limit=train_cfg.limit_train,
     )
     step = TrainStep(model_cfg, train_cfg, splits.train_x.device, len(loader), compile_mode)
-    return loader, step
+    return make_iteration(step, loader, train_cfg.graphs, compile_mode)
 
 
-def _train_epoch(step: TrainStep, loader: BatchLoader, device, dataset: str, epoch: int) -> tuple[float, int]:
+def _train_epoch(iteration: Iteration, dataset: str, epoch: int) -> tuple[float, int]:
     """One epoch of steps: the mean training loss and the number of images seen; a loss that is
     not finite is a NonFiniteLossError."""
-    step.model.train()
-    loss_sum = torch.zeros((), device=device)
-    images = 0
-    for x, y in loader:
-        loss_sum += step(x, y).float()
-        images += len(x)
-    mean_loss = loss_sum.item() / len(loader)  # the one host synchronisation of the epoch
+    iteration.step.model.train()
+    loss_sum = torch.zeros((), device=iteration.loader.x.device)
+    batches = iteration.start_epoch()
+    for b in range(batches):
+        loss_sum += iteration(b).float()
+    mean_loss = loss_sum.item() / batches  # the one host synchronisation of the epoch
     if not math.isfinite(mean_loss):
         raise NonFiniteLossError(
             f"the training loss of {dataset} became {mean_loss} in epoch {epoch}; "
             "lower the learning rate or raise the temperature."
         )
-    return mean_loss, images
+    return mean_loss, batches * min(iteration.loader.batch_size, len(iteration.loader.x))
 
 
 def fit(
@@ -289,7 +334,8 @@ def fit(
     compile_mode compiles the model with that torch.compile mode (TrainStep)."""
     device = splits.train_x.device
     with _phase(timer, "model build"):
-        loader, step = _build(model_cfg, train_cfg, splits, compile_mode)
+        iteration = _build(model_cfg, train_cfg, splits, compile_mode)
+        step = iteration.step
         model, autocast = step.model, step.autocast
         params = count_params(model)
         eval_model = step.ema.module if step.ema is not None else model
@@ -299,7 +345,7 @@ def fit(
     for epoch in range(1, train_cfg.epochs + 1):
         epoch_start = time.perf_counter()
         with _phase(timer, "train steps"):
-            mean_loss, images = _train_epoch(step, loader, device, splits.spec.name, epoch)
+            mean_loss, images = _train_epoch(iteration, splits.spec.name, epoch)
             train_images += images
         train_seconds += time.perf_counter() - epoch_start
         with _phase(timer, "evaluation"):
@@ -328,6 +374,7 @@ def fit(
         precision=str(autocast or torch.float32).removeprefix("torch."),
         device=str(device),
         limit_train=train_cfg.limit_train,
+        graphs=iteration.status,
         history=history,
         model=eval_model,
     )

@@ -423,15 +423,16 @@ def test_ops_section_counts_both_parts_of_both_recipes_and_the_step_repeats_exac
         assert len(r["ops"]) == ops.BATCHES and all(n > views >= 0 for n, views in zip(r["ops"], r["views"]))
         by_batch = list(zip(*r["sync_prone_by_op"].values())) or [()] * ops.BATCHES
         assert [sum(kinds) for kinds in by_batch] == r["sync_prone"]
-    for recipe in ("research", "round2"):  # the trainer's step never waits for the device
-        step = rows[(recipe, "step")]
-        assert step["same_ops"] and step["same_shapes"] and step["sync_prone"] == [0] * ops.BATCHES
+    for recipe in ("research", "round2"):  # a batch never waits for the device and can be replayed as a graph
+        for part in ("augment", "step"):
+            r = rows[(recipe, part)]
+            assert r["same_ops"] and r["same_shapes"] and r["same_arguments"] and r["sync_prone"] == [0] * ops.BATCHES
     lines = tables.table(result).splitlines()
     start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["recipe", "part"]) + 1
-    printed = [line.split()[:8] for line in lines[start:]]
+    printed = [line.split()[:9] for line in lines[start:]]
     assert printed == [
         [r["recipe"], r["part"], *("/".join(map(str, r[k])) for k in ("ops", "views", "kernel_ops", "sync_prone"))]
-        + ["yes" if r["same_ops"] else "no", "yes" if r["same_shapes"] else "no"]
+        + ["yes" if r[k] else "no" for k in ("same_ops", "same_shapes", "same_arguments")]
         for r in section["rows"]
     ]
 
@@ -456,6 +457,10 @@ def test_ops_counter_names_the_sync_prone_ops_and_compares_batches():
     sizes = iter(range(1, 10))
     grows = ops._count(lambda: torch.ones(next(sizes)) * 2)  # the same ops on other shapes
     assert grows["same_ops"] and not grows["same_shapes"] and grows["sync_prone"] == [0] * ops.BATCHES
+    rates = iter([0.1, 0.2, 0.3, 0.4])  # a number from the host per batch, as LambdaLR's learning rate was
+    host_numbers = ops._count(lambda: torch.ones(3) * next(rates))
+    assert host_numbers["same_shapes"] and not host_numbers["same_arguments"]
+    assert ops._count(lambda: torch.ones(3) * torch.tensor(0.5).expand(3))["same_arguments"]
     calls = iter(range(10))
     branches = ops._count(lambda: x.sum() if next(calls) % 2 else x.nonzero())
     assert not branches["same_ops"] and branches["sync_prone_by_op"] == {"nonzero": [0, 1, 0]}

@@ -466,21 +466,25 @@ def test_mixing_weights_follow_torchvisions_distributions(kind):
 @pytest.mark.parametrize("name", ["cifar10", "mnist"])
 def test_augmentation_dispatches_the_same_few_ops_every_batch_without_a_sync(name):
     """With every augmentation on (the research's recipe), drawing a batch dispatches at most 150
-    ops that are not views, none of them sync-prone, and the same ops with the same shapes every
-    batch: what a CUDA graph can replay (issue 22's CPU target)."""
+    ops that are not views, none of them sync-prone, and the same ops with the same shapes and the
+    same non-tensor arguments every batch: what a CUDA graph can replay (issue 22's CPU target).
+    Drawn as the training iteration draws them: batch(indices) of the epoch's order."""
     c, s, k = SHAPES[name]
     x, y = _images(256, c, s, k)
-    batches = iter(BatchLoader(x, y, DATASETS[name], 32, train=True, train_cfg=TrainConfig(), seed=1))
-    next(batches)  # the epoch's permutation
-    runs = []
-    for _ in range(3):
+    loader = BatchLoader(x, y, DATASETS[name], 32, train=True, train_cfg=TrainConfig(), seed=1)
+    order = loader.epoch_order()
+    runs, constants = [], []
+    for b in range(3):
+        indices = loader.indices(order, b)
         with ops.OpCounter() as counter:
-            next(batches)
+            loader.batch(indices)
         runs.append(counter.ops)
+        constants.append(counter.constants)
     kernels = [[op for op, _, _, view in run if not view] for run in runs]
     assert max(map(len, kernels)) <= 150 and min(map(len, kernels)) > 50
     assert [why for run in runs for _, _, why, _ in run if why] == []
     assert all([op[:2] for op in run] == [op[:2] for op in runs[0]] for run in runs)
+    assert constants[1] == constants[0] == constants[2]
 
 
 def test_same_seed_same_batches_other_seed_other_batches():

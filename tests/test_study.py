@@ -251,3 +251,15 @@ def test_a_trial_budget_beyond_64_bits_is_refused_in_one_sentence(tmp_path):
     path.write_text(TINY_STUDY.format(name="huge", trials=10**20, gate=0.01))
     with pytest.raises(UsageError, match="study.trials: 100000000000000000000 does not fit in 64 bits"):
         load_study(str(path))
+
+
+def test_graphs_is_stored_only_when_a_study_sets_it_so_older_studies_still_resume(tmp_path):
+    """`graphs` came after studies were first stored: at its default it stays out of the stored
+    definition (an older study's definition still matches); set, it is stored and read back."""
+    plain = load_study("smoke")
+    assert "graphs" not in plain.definition()["train"] and plain.train.graphs == "auto"
+    path = tmp_path / "g.toml"
+    path.write_text(BASE.replace("[train]\n", '[train]\ngraphs = "off"\n'))
+    study = load_study(str(path))
+    assert study.train.graphs == "off" and study.definition()["train"]["graphs"] == "off"
+    assert StudyConfig.from_definition(study.definition()).train.graphs == "off"

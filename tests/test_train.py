@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from nkat_search import devices, train
-from nkat_search.config import DataConfig, ModelConfig, TrainConfig
+from nkat_search import devices, iteration, train
+from nkat_search.config import DataConfig, ModelConfig, TrainConfig, UsageError, replace
 from nkat_search.data.loader import load_splits
 from nkat_search.devices import choose_precision
 from nkat_search.metrics import local_tpe
@@ -77,7 +77,7 @@ def test_test_split_is_used_only_when_asked(splits):
 
 def test_summary_has_the_documented_json_fields(splits):
     summary = fit(TINY, ONE_EPOCH, splits).summary()
-    for key in "dataset accuracy test_accuracy params lambda local_tpe epochs seconds images_per_second precision device".split():  # the documented fields
+    for key in "dataset accuracy test_accuracy params lambda local_tpe epochs seconds images_per_second precision device graphs".split():  # the documented fields
         assert key in summary
     assert summary["lambda"] == summary["params"] / 1e6
     assert summary["precision"] == "float32" and summary["device"] == "cpu"
@@ -88,6 +88,44 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == pytest.approx(1.0) and f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)
     assert all(f(s) >= f(s + 1) for s in range(4, 12))
+
+
+@pytest.mark.parametrize("warmup, total", [(4, 12), (0, 5), (3, 3)])
+def test_the_schedule_on_the_device_is_warmup_cosine_and_adamw_reads_it(warmup, total):
+    model = torch.nn.Linear(2, 2)
+    lr = torch.tensor(0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+    schedule, f = train.DeviceSchedule(lr, warmup, total), warmup_cosine(warmup, total)
+    seen = []
+    for _ in range(total + 2):
+        seen.append(float(optimizer.param_groups[0]["lr"]))  # the learning rate AdamW steps with
+        schedule.step()
+    assert seen == pytest.approx([0.01 * f(s) for s in range(total + 2)], abs=1e-8)
+
+
+def test_ema_weight_warms_up_per_update_from_its_counter_on_the_device():
+    model = torch.nn.Linear(2, 2)
+    ema = train.EMA(model, 0.9)
+    for n in range(1, 25):
+        before = ema.module.weight.clone()
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update()
+        weight = 1 - min(0.9, (1 + n) / (10 + n))
+        assert torch.allclose(ema.module.weight, before + weight * (model.weight - before), atol=1e-5)
+    assert float(ema.updates) == 24
+
+
+def test_graphs_auto_trains_eagerly_off_cuda_and_the_result_says_so(splits):
+    assert fit(TINY, ONE_EPOCH, splits).graphs == "off (auto: eager on cpu)"
+    assert fit(TINY, replace(ONE_EPOCH, graphs="off"), splits).graphs == "off"
+    with pytest.raises(UsageError, match="graphs 'on' is unknown; use one of auto, off"):
+        TrainConfig(graphs="on")
+    cuda = torch.device("cuda")
+    assert iteration.graph_plan("auto", cuda, None) == (True, "on")
+    assert iteration.graph_plan("off", cuda, None) == (False, "off")
+    assert iteration.graph_plan("auto", cuda, "reduce-overhead")[0] is False
+    assert iteration.graph_plan("auto", torch.device("mps"), None) == (False, "off (auto: eager on mps)")
 
 
 CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx2 avx512f {extra}\n"

@@ -58,7 +58,7 @@ SYNC_RULES = {
 }
 
 BATCHES = 3  # counted batches, in a row; their op sequences are compared
-WARMUP = 1  # uncounted first batch: the epoch's permutation, and AdamW making its state
+WARMUP = 1  # uncounted first batch: AdamW making its state
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -88,14 +88,29 @@ def sync_prone(name: str, args: tuple, kwargs: dict) -> str | None:
     return None
 
 
+def _constants(value) -> tuple:
+    """The arguments of an op that are not tensors (numbers, flags, dtypes), in order: what a CUDA
+    graph bakes into its kernels when it is captured."""
+    if isinstance(value, torch.Tensor):
+        return ()
+    if isinstance(value, list | tuple):
+        return tuple(c for item in value for c in _constants(item))
+    if isinstance(value, dict):
+        return tuple(c for k, v in value.items() for c in ((k,), _constants(v)))
+    if isinstance(value, torch.Generator):  # its state is on the device; the Python object is new per op
+        return (f"generator on {value.device}",)
+    return (repr(value),)
+
+
 class OpCounter(TorchDispatchMode):
     """Records every op dispatched while it is active: its name, its tensors' shapes and dtypes,
-    and why it is sync-prone (or None). The profiler's record_function markers are not kernels
-    and are left out."""
+    and why it is sync-prone (or None); and, apart (`constants`), its arguments that are not
+    tensors. The profiler's record_function markers are not kernels and are left out."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[tuple[str, tuple, str | None, bool]] = []
+        self.constants: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -104,19 +119,23 @@ class OpCounter(TorchDispatchMode):
             shapes = tuple((tuple(t.shape), t.dtype) for t in _tensors((args, kwargs)))
             why = sync_prone(name, args, kwargs) if func.namespace == "aten" else None
             self.ops.append((str(func), shapes, why, func.is_view))
+            self.constants.append(_constants((args, kwargs)))
         return func(*args, **kwargs)
 
 
 def _count(calls) -> dict:
     """Counts of BATCHES calls of calls() (after WARMUP uncounted ones), and whether they dispatched
-    the same ops, and the same ops with the same shapes, every time."""
+    the same ops, the same ops with the same shapes, and those with the same arguments that are not
+    tensors every time: the last is what replaying one captured CUDA graph per batch needs (a
+    learning rate or EMA weight passed as a Python number would differ from batch to batch)."""
     for _ in range(WARMUP):
         calls()
-    runs = []
+    runs, constants = [], []
     for _ in range(BATCHES):
         with OpCounter() as counter:
             calls()
         runs.append(counter.ops)
+        constants.append([(*op[:2], c) for op, c in zip(counter.ops, counter.constants)])
     kinds = sorted({why for run in runs for _, _, why, _ in run if why})
     return {
         "ops": [len(run) for run in runs],
@@ -126,6 +145,7 @@ def _count(calls) -> dict:
         "sync_prone_by_op": {k: [Counter(why for _, _, why, _ in run)[k] for run in runs] for k in kinds},
         "same_ops": all([op[0] for op in run] == [op[0] for op in runs[0]] for run in runs),
         "same_shapes": all([op[:2] for op in run] == [op[:2] for op in runs[0]] for run in runs),
+        "same_arguments": all(run == constants[0] for run in constants),
     }
 
 
@@ -151,8 +171,10 @@ def count_recipe(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits)
     loader = BatchLoader(
         splits.train_x, splits.train_y, splits.spec, batch, train=True, train_cfg=train_cfg, seed=train_cfg.seed
     )
-    batches, drawn = iter(loader), []
-    augment = _count(lambda: drawn.append(next(batches)))
+    # As an iteration draws them (iteration.py): the epoch's order, then each batch from its indices.
+    order = loader.epoch_order()
+    indices, drawn = iter([loader.indices(order, b) for b in range(len(loader))]), []
+    augment = _count(lambda: drawn.append(loader.batch(next(indices))))
     step = TrainStep(model_cfg, train_cfg, splits.train_x.device, len(loader))
     step.model.train()
     fed = iter(drawn)

@@ -168,13 +168,13 @@ def _ops_table(s: dict) -> list[str]:
         f"  recipes: {changes}",
         f"  sync-prone: {', '.join(s['sync_prone_ops'])}; views launch no kernel",
         f"  {'recipe':<9} {'part':<8} {'ops':>15} {'views':>15} {'kernel ops':>15} {'sync-prone':>12} {'same ops':>8} "
-        f"{'same shapes':>11}  sync-prone by op",
+        f"{'same shapes':>11} {'same args':>9}  sync-prone by op",
     ]
     for r in s["rows"]:
         by_op = ", ".join(f"{name} {each(counts)}" for name, counts in r["sync_prone_by_op"].items())
         lines.append(
             f"  {r['recipe']:<9} {r['part']:<8} {each(r['ops']):>15} {each(r['views']):>15} {each(r['kernel_ops']):>15} "
             f"{each(r['sync_prone']):>12} {'yes' if r['same_ops'] else 'no':>8} "
-            f"{'yes' if r['same_shapes'] else 'no':>11}  {by_op}".rstrip()
+            f"{'yes' if r['same_shapes'] else 'no':>11} {'yes' if r['same_arguments'] else 'no':>9}  {by_op}".rstrip()
         )
     return lines

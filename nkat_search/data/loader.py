@@ -80,7 +80,8 @@ class BatchLoader:
     Training order and augmentation are a function of (seed, epoch): one torch.Generator on the
     device, seeded per epoch, draws the permutation and every augmentation parameter, so drawing a
     batch never waits for the host and dispatches the same ops every time (bench --only ops counts
-    them). Order: crop, flip, RandAugment (uint8 values), normalise, Cutout (fill 0: the mean),
+    them). A training epoch is epoch_order() then batch(indices(order, b)) for every b < len(self);
+    iterating does exactly that. Order: crop, flip, RandAugment (uint8 values), normalise, Cutout (fill 0: the mean),
     then CutMix or MixUp on the whole batch; targets are class indices, or probabilities
     (unsmoothed; the loss smooths them) when CutMix or MixUp is on. With train_cfg None a training
     loader only shuffles."""
@@ -118,6 +119,9 @@ class BatchLoader:
         # Normalisation as one multiply-add: x * scale + shift = (x / 255 - mean) / std.
         self.scale, self.shift = 1 / (255 * self.std), -self.mean / self.std
         self.batch_index = torch.arange(min(batch_size, len(x)), device=x.device)
+        # One generator for the loader's life, re-seeded per epoch: a CUDA graph that captured the
+        # augmentation keeps drawing from the generator it registered (iteration.py).
+        self.generator = torch.Generator(device=x.device)
 
     def __len__(self) -> int:
         n = len(self.x)
@@ -130,13 +134,24 @@ class BatchLoader:
                 sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
                 yield self._normalise(self.x[sl]), self.y[sl]
             return
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        gen = torch.Generator(device=self.x.device).manual_seed(self.seed + epoch)
-        perm = torch.randperm(len(self.x), generator=gen, device=self.x.device)
-        bs = min(self.batch_size, len(self.x))
+        order = self.epoch_order()
         for b in range(len(self)):
-            idx = perm[b * bs : (b + 1) * bs]
-            yield self._augment(self.x[idx], self.y[idx], gen)
+            yield self.batch(self.indices(order, b))
+
+    def epoch_order(self) -> torch.Tensor:
+        """Start the next training epoch: re-seed the generator with seed + epoch and draw the order."""
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        self.generator.manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.x), generator=self.generator, device=self.x.device)
+
+    def indices(self, order: torch.Tensor, b: int) -> torch.Tensor:
+        """The image indices of training batch b of an epoch's order (a view: no kernel)."""
+        bs = min(self.batch_size, len(self.x))
+        return order[b * bs : (b + 1) * bs]
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented training batch of these image indices, drawn from the epoch's generator."""
+        return self._augment(self.x[indices], self.y[indices], self.generator)
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.shift, x.float(), self.scale)

@@ -40,6 +40,10 @@ from .study_tables import (
 # searched values are checked in every combination.
 COUPLED = ("conv_stem", "patch_size", "embed_dim", "num_heads", "split_heads", "mlp_ratio")
 
+# TrainConfig fields added after studies were first stored: definition() writes them only when a
+# study sets them to something other than this default, so an older study's definition still matches.
+ADDED_LATER = {"graphs": "auto"}
+
 
 MAX_COMBINATIONS = 20000
 
@@ -106,6 +110,9 @@ class StudyConfig:
         study; the path and the budget are not part of it). from_definition reads it back."""
         searched = {p.name for p in self.space if not p.datasets}
         train = {k: v for k, v in dataclasses.asdict(self.train).items() if k != "epochs" and k not in searched}
+        for key, default in ADDED_LATER.items():  # so that a study stored before the key still resumes
+            if train.get(key) == default:
+                del train[key]
         train.update({ds: dict(v) for ds, v in self.train_overrides.items() if ds != "stage2"})
         return _jsonable(
             {

@@ -23,7 +23,7 @@ TRAIN_KEYS = field_names(TrainConfig) - {"epochs"}  # each stage sets its epochs
 
 
 # Set by the recipe or the machine, never a hyperparameter of a trial.
-NOT_SEARCHABLE = {"epochs", "precision", "limit_train", "compile"}
+NOT_SEARCHABLE = {"epochs", "precision", "limit_train", "compile", "graphs"}
 
 
 SEARCHABLE = (MODEL_KEYS | TRAIN_KEYS) - NOT_SEARCHABLE
