@@ -108,6 +108,10 @@ class GraphedIteration(Iteration):
             with torch.cuda.graph(graph):
                 self.static_loss = self._eager(self.static_indices)
         except Exception as exc:  # noqa: BLE001 - any capture failure leaves the run to eager steps
+            from .train import out_of_memory  # (train imports this module)
+
+            if out_of_memory(exc):  # eager steps would not fit either: the trial's OOM path says so
+                raise
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             self.failed, self.status = True, f"off (capture failed: {reason})"
             log.warning("CUDA graph capture failed (%s); this run trains eagerly.", reason)

@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# The GPU check, in one call of at most 8 minutes on the lent GPU machine (Python 3.12 with torch
+# The GPU check, in one call of at most 10 minutes on the lent GPU machine (Python 3.12 with torch
 # 2.11 and torchvision 0.26 preinstalled, no network). Needs wheels/ from scripts/gpu-wheels.sh.
 #
 #   bash scripts/gpu-check.sh [--device cuda|cpu] [--out FILE.json] [--wheels DIR] [--python PY] [--tiny]
 #
-# Stages, each under its own time limit and all under one deadline (NKAT_GPU_CHECK_SECONDS, 470 s;
-# the device tool's call gets 8 minutes):
+# Stages, each under its own time limit and all under one deadline (NKAT_GPU_CHECK_SECONDS, 560 s;
+# the device tool's call gets at most 10 minutes):
 #   env      Python, torch, CUDA devices, the packages there before the install
 #   install  a venv that sees the machine's packages after its own (so the preinstalled torch is
 #            reused), nkat-search installed into it from wheels/ with pip's resolver (--no-index);
 #            should the resolver fail, every wheel --no-deps, and the JSON says so
 #   tests    the quick suite: -m "not slow and not postgres and not browser"
 #   train    the research baseline (tiny stem, patch 2, embed 384, depth 7) on Stage-1-sized
-#            synthetic CIFAR-10 (50,000 generated: 45,000 train, 5,000 validation), bf16, 3 epochs
-#   bench    nkat-search bench --json
+#            synthetic CIFAR-10 (50,000 generated: 45,000 train, 5,000 validation), bf16, 3 epochs,
+#            each iteration replayed as a CUDA graph (--graphs auto)
+#   train_eager  the same run with --graphs off: the same losses within bf16 tolerance, and the speed-up
+#   bench128 nkat-search bench --only train --batch-size 128 --json (Round 2's batch; eager and graphed)
+#   bench    nkat-search bench --json (batch 512; eager and graphed)
+#   round2   nkat-search bench --only round2 --json: one epoch per dataset of a Round 2 trial at the
+#            real sizes, scaled by the stages' epochs, and the 50-trial search projected from it
 #   ops      nkat-search bench --only ops --json: the aten ops and host syncs of one batch at 128
+#   procs    nkat-search bench --only procs --json: K = 1, 2, 4 training processes on GPU 0, eager
+#            and graphed, in aggregate
 #   search   nkat-search start --study smoke with several workers on GPU 0, then status --json
 # Every figure goes into one JSON file: --out, else $OUT/gpu-check.json (the device tool's $OUT),
 # else ./gpu-check.json; each stage's output lies beside it in gpu-check-logs/.
@@ -57,7 +64,11 @@ if [ "$TINY" = 1 ]; then
          --batch-size 16 --threads 1)
   TRIALS=${NKAT_GPU_CHECK_TRIALS:-2} WORKERS=${NKAT_GPU_CHECK_WORKERS:-1}
   OPS=(--batch-size 8 --images 64 --embed-dim 32 --depth 1 --threads 1)
-  LIMITS=(env=60 install=150 tests=120 train=120 bench=120 ops=120 search=240 status=60)
+  BENCH128=(--images 64 --eval-images 32 --steps 1 --warmup 1 --repeats 1 --embed-dim 32 --depth 1 --threads 1)
+  ROUND2=(--scale 0.003 --embed-dim 32 --depth 1 --threads 1)
+  PROCS=(--processes 1 2 --jobs 1 --images 64 --eval-images 32 --batch-size 16 --embed-dim 32 --depth 1)
+  LIMITS=(env=60 install=150 tests=120 train=120 train_eager=120 bench128=120 bench=120 round2=120 ops=120
+          procs=180 search=240 status=60)
 else
   TESTS=${NKAT_GPU_CHECK_TESTS:-tests}
   TRAIN=(--synthetic_train 50000 --val_size 5000 --embed_dim 384 --depth 7 --epochs 3 --warmup 1
@@ -65,11 +76,15 @@ else
   BENCH=()
   TRIALS=${NKAT_GPU_CHECK_TRIALS:-8} WORKERS=${NKAT_GPU_CHECK_WORKERS:-4}
   OPS=()
-  LIMITS=(env=30 install=60 tests=160 train=100 bench=80 ops=30 search=100 status=20)
+  BENCH128=()
+  ROUND2=()
+  PROCS=(--jobs 2)
+  LIMITS=(env=30 install=60 tests=90 train=60 train_eager=60 bench128=40 bench=60 round2=120 ops=20
+          procs=90 search=60 status=20)
 fi
 STUDY=${NKAT_GPU_CHECK_STUDY:-smoke}
 GPUS=$([ "$DEVICE" = cuda ] && echo 0 || echo cpu)
-DEADLINE=$((START + ${NKAT_GPU_CHECK_SECONDS:-$([ "$TINY" = 1 ] && echo 900 || echo 470)}))
+DEADLINE=$((START + ${NKAT_GPU_CHECK_SECONDS:-$([ "$TINY" = 1 ] && echo 1200 || echo 560)}))
 
 limit_of() { local kv; for kv in "${LIMITS[@]}"; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
 
@@ -147,9 +162,14 @@ for t in $TESTS; do tests+=("$SRC/$t"); done
 stage tests "$V" -m pytest -q -p no:cacheprovider -m "not slow and not postgres and not browser" \
   --junit-xml="$LOGS/junit.xml" "${tests[@]}"
 stage train "$NKAT" train --device "$DEVICE" --dataset cifar10 --data-source synthetic \
-  --conv_stem tiny --patch_size 2 "${TRAIN[@]}" --json
+  --conv_stem tiny --patch_size 2 "${TRAIN[@]}" --graphs auto --json
+stage train_eager "$NKAT" train --device "$DEVICE" --dataset cifar10 --data-source synthetic \
+  --conv_stem tiny --patch_size 2 "${TRAIN[@]}" --graphs off --json
+stage bench128 "$NKAT" bench --device "$DEVICE" --only train --batch-size 128 "${BENCH128[@]}" --json
 stage bench "$NKAT" bench --device "$DEVICE" "${BENCH[@]}" --json
+stage round2 "$NKAT" bench --device "$DEVICE" --only round2 "${ROUND2[@]}" --json
 stage ops "$NKAT" bench --device "$DEVICE" --only ops "${OPS[@]}" --json
+stage procs "$NKAT" bench --device "$DEVICE" --only procs "${PROCS[@]}" --json
 stage search "$NKAT" start --study "$STUDY" --trials "$TRIALS" --gpus "$GPUS" --workers "$WORKERS" --storage "$STORAGE"
 stage status "$NKAT" status --storage "$STORAGE" --json
 
@@ -185,7 +205,8 @@ def freeze(name):
 
 report = {"check": "nkat-search GPU check", "device": device, "tiny": tiny == "1", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
           "seconds": round(time.time() - int(start), 1), "stages": {}}
-for name in ("env", "install", "tests", "train", "bench", "ops", "search", "status"):
+STAGES = ("env", "install", "tests", "train", "train_eager", "bench128", "bench", "round2", "ops", "procs", "search", "status")
+for name in STAGES:
     meta = (logs / f"{name}.meta").read_text().split() if (logs / f"{name}.meta").exists() else ["-1", "0", "0"]
     rc, seconds, limit = int(meta[0]), int(meta[1]) / 1000, int(meta[2])
     stdout = (logs / f"{name}.out").read_text(errors="replace") if (logs / f"{name}.out").exists() else ""
@@ -222,6 +243,15 @@ if train:
     if train.get("images_per_second"):
         # README's Stage-1 estimate: 10 epochs of 45,000 images at the measured training rate.
         report["stages"]["train"]["stage1_estimate_s"] = round(450_000 / train["images_per_second"], 1)
+eager = report["stages"]["train_eager"].get("result")
+if train and eager:
+    # The same run with and without CUDA graphs: per-epoch training losses and the speed-up.
+    ours, theirs = [h["train_loss"] for h in train["history"]], [h["train_loss"] for h in eager["history"]]
+    diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ours, theirs)) if ours and len(ours) == len(theirs) else None
+    report["stages"]["train"]["graphs_vs_eager"] = {
+        "graphs": train.get("graphs"), "eager": eager.get("graphs"), "losses": ours, "eager_losses": theirs,
+        "max_relative_loss_difference": diff, "same_losses_within_bf16": diff is not None and diff <= 0.02,
+        "speedup": train["images_per_second"] / eager["images_per_second"] if eager.get("images_per_second") else None}
 report["stages"]["search"]["trials"], report["stages"]["search"]["workers"] = int(trials), int(workers)
 report["ok"] = all(s["ok"] for s in report["stages"].values())
 Path(out).write_text(json.dumps(report, indent=2) + "\n")

@@ -115,6 +115,7 @@ def test_train_figures_side_by_side_with_their_precision(splits, reference, monk
     assert all(figure["img_per_s"] > 0 for figure in out["variants"].values())
     assert out["real_over_bare_cost"] > 0 and out["real_over_research_speed"] > 0
     assert out["memory"]["kind"] == "cpu_peak_rss" and out["memory"]["mib"] > 0
+    assert out["graphs"] == "off (auto: eager on cpu)"  # real_graphed runs where graphs capture: CUDA
 
 
 def test_a_bf16_real_step_is_also_shown_at_fp32_beside_the_fp32_research(splits, reference):
@@ -182,6 +183,8 @@ def test_peak_memory_is_read_portably():
         (dict(processes=(1, 0)), "--processes takes one or more counts"),
         (dict(warmup=-1), "--warmup must be at least 0"),
         (dict(steps="4"), "steps must be a whole number"),
+        (dict(scale=0.0), "--scale must be in"),
+        (dict(pass_rate=1.5), "--pass-rate must be in"),
     ],
 )
 def test_options_refuse_bad_values_with_a_sentence(change, message):
@@ -324,6 +327,33 @@ def test_procs_section_runs_k_processes_on_one_device():
     assert [(r["processes"], r["variant"]) for r in out["rows"]] == [(1, "eager"), (2, "eager")]  # no compile on CPU
     assert all(r["img_per_s"] > 0 and r["jobs_per_hour"] > 0 for r in out["rows"])
     assert "img/s" in "\n".join(tables._procs_table(out))
+
+
+def test_round2_section_times_an_epoch_per_dataset_and_projects_the_search(capsys):
+    """Each dataset of Round 2's stages: one epoch at the study's batch, scaled by the stage's
+    epochs (10 on CIFAR-10, 5 on each of the rest); the projection is trials x (Stage 1 + pass
+    rate x Stage 2), and the table prints both."""
+    args = cli.build_parser().parse_args(
+        "bench --only round2 --scale 0.004 --pass-rate 0.5 --embed-dim 32 --depth 1 --threads 1 --device cpu --json".split()
+    )
+    assert args.func(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    r2 = result["round2"]
+    rows = [(r["stage"], r["dataset"], r["epochs"], r["batch"]) for r in r2["rows"]]
+    assert rows == [
+        (1, "cifar10", 10, 128),
+        (2, "mnist", 5, 128),
+        (2, "fashion_mnist", 5, 128),
+        (2, "emnist_letters", 5, 128),
+    ]
+    for r in r2["rows"]:
+        assert r["stage_seconds"] == pytest.approx(r["epoch_seconds"] * r["epochs"]) and r["img_per_s"] > 0
+        assert r["graphs"] == "off (auto: eager on cpu)" and r["train_images"] >= 2 * r["batch"]
+    stage2 = sum(r["stage_seconds"] for r in r2["rows"][1:])
+    assert r2["trial_stage2_seconds"] == pytest.approx(stage2)
+    assert r2["projected_search_seconds"] == pytest.approx(50 * (r2["rows"][0]["stage_seconds"] + 0.5 * stage2))
+    printed = "\n".join(tables._round2_table(r2))
+    assert "projected: 50 trials x (Stage 1 + 0.50 x Stage 2)" in printed and "emnist_letters" in printed
 
 
 def _efficiency_script():

@@ -13,7 +13,20 @@ import sys
 import pytest
 from helpers import ROOT
 
-STAGES = ["env", "install", "tests", "train", "bench", "ops", "search", "status"]
+STAGES = [
+    "env",
+    "install",
+    "tests",
+    "train",
+    "train_eager",
+    "bench128",
+    "bench",
+    "round2",
+    "ops",
+    "procs",
+    "search",
+    "status",
+]
 
 
 @pytest.mark.slow
@@ -49,7 +62,7 @@ def test_gpu_check_runs_every_stage_on_the_cpu_and_writes_one_json(tmp_path, tin
         text=True,
         env=env,
         cwd=tmp_path,
-        timeout=1200,
+        timeout=1500,
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
@@ -74,7 +87,17 @@ def test_gpu_check_runs_every_stage_on_the_cpu_and_writes_one_json(tmp_path, tin
     assert 0.0 <= train["accuracy"] <= 1.0 and train["images_per_second"] > 0
     assert stages["train"]["stage1_estimate_s"] == pytest.approx(450_000 / train["images_per_second"], rel=1e-3)
 
+    same = stages["train"]["graphs_vs_eager"]  # graphs auto beside graphs off: on a CPU both run eagerly
+    assert (same["graphs"], same["eager"]) == ("off (auto: eager on cpu)", "off")
+    assert same["losses"] == same["eager_losses"] and same["max_relative_loss_difference"] == 0.0
+    assert same["same_losses_within_bf16"] is True and same["speedup"] > 0
+
     assert stages["bench"]["result"]["train"]  # the bench's JSON object, as `bench --json` prints it
+    assert stages["bench128"]["result"]["config"]["batch_size"] == 128 and stages["bench128"]["result"]["train"]
+    round2 = stages["round2"]["result"]["round2"]
+    assert [r["dataset"] for r in round2["rows"]] == ["cifar10", "mnist", "fashion_mnist", "emnist_letters"]
+    assert round2["projected_search_seconds"] > 0
+    assert [r["processes"] for r in stages["procs"]["result"]["procs"]["rows"]] == [1, 2]
     ops = {(r["recipe"], r["part"]): r for r in stages["ops"]["result"]["ops"]["rows"]}
     assert ops[("research", "step")]["same_ops"] and min(ops[("research", "augment")]["ops"]) > 0
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from ..config import DataConfig, ModelConfig, TrainConfig
+from ..config import DataConfig, ModelConfig, TrainConfig, replace
 from ..data.loader import Splits, load_splits
 from ..train import fit
 from .storage import _collect
@@ -235,19 +235,20 @@ def bench_procs(
 ) -> dict:
     """K concurrent training processes on one device: aggregate img/s and jobs per hour, a job being
     one epoch of `images` synthetic CIFAR-10 images plus one evaluation (fit), after one untimed
-    job per process. On CUDA also with the model compiled with mode="reduce-overhead" (CUDA
-    graphs): a 17-token model is launch-bound there, which graphs and more processes both attack."""
+    job per process. On CUDA both eager (graphs = "off") and with each training iteration replayed
+    as a CUDA graph (graphs = "auto", iteration.py): a 17-token model is launch-bound there, which
+    graphs and more processes both attack."""
     data = DataConfig(source="synthetic", val_size=eval_images, synthetic_train=images + eval_images, synthetic_test=1)
-    run = ("cifar10", model_cfg, TrainConfig(epochs=1, warmup=0, batch_size=batch, precision=precision))
-    variants: dict[str, str | None] = {"eager": None}  # name: torch.compile mode
+    recipe = TrainConfig(epochs=1, warmup=0, batch_size=batch, precision=precision, graphs="off")
+    variants = {"eager": recipe}
     if device.type == "cuda":
-        variants["graphs"] = "reduce-overhead"
+        variants["graphs"] = replace(recipe, graphs="auto")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for count in counts:
-            for name, mode in variants.items():
+            for name, train_cfg in variants.items():
                 row = run_concurrent(
-                    [Job((run,), mode)] * jobs,
+                    [Job((("cifar10", model_cfg, train_cfg),))] * jobs,
                     count,
                     device=str(device),
                     warm=True,

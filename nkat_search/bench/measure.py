@@ -7,7 +7,8 @@ latency of a storage; peak memory. Asked for by name: `ops` (quick: the aten ops
 augmentation and training step dispatch, and how many of them wait for the device), and the slow
 sections `search` (a search of a study through the worker's own loop, with the time of every trial
 split by phase), `share` (smoke-sized trials in 1, 2, 3 concurrent CPU processes, with and without
-host sharing) and `procs` (K concurrent training processes on one device).
+host sharing), `procs` (K concurrent training processes on one device) and `round2` (a Round 2
+trial's wall time at the real datasets' sizes, and the search's projected from it).
 
 Every comparison is taken within one run, side by side: the variants of a section run in turn
 inside each repeat (real, bare, research, real, bare, research, ...) and each figure is the median
@@ -34,6 +35,7 @@ from ..devices import choose_precision
 from .concurrent import bench_procs, bench_share
 from .ops import bench_ops
 from .options import DEFAULT_BATCH, BenchOptions
+from .round2 import bench_round2
 from .search import bench_search
 from .steps import bench_augment, bench_eval, bench_train
 from .storage import bench_storage
@@ -90,7 +92,7 @@ def measure(options: BenchOptions) -> dict:
 
 
 def _named_sections(options: BenchOptions, device: torch.device, model_cfg) -> dict:
-    """The sections that run only when asked for by name: ops, search, share and procs."""
+    """The sections that run only when asked for by name: ops, search, share, procs and round2."""
     sections, out = options.sections, {}
     if "ops" in sections:  # at the recipe's batch unless --batch-size says
         out["ops"] = bench_ops(
@@ -114,6 +116,10 @@ def _named_sections(options: BenchOptions, device: torch.device, model_cfg) -> d
             eval_images=options.eval_images,
             batch=options.batch_size or TrainConfig().batch_size,
             precision=options.precision,
+        )
+    if "round2" in sections:
+        out["round2"] = bench_round2(
+            model_cfg, device, scale=options.scale, pass_rate=options.pass_rate, precision=options.precision
         )
     return out
 

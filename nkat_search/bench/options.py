@@ -17,7 +17,7 @@ SECTIONS = ("train", "augment", "eval", "storage")  # quick; the default
 OTHER_SECTIONS = ("ops",)  # quick, asked for by name: op counts, not speed
 
 
-SLOW_SECTIONS = ("search", "share", "procs")
+SLOW_SECTIONS = ("search", "share", "procs", "round2")
 
 
 ALL_SECTIONS = SECTIONS + OTHER_SECTIONS + SLOW_SECTIONS
@@ -55,7 +55,7 @@ class BenchOptions:
     storage_procs: int = opt(8, "concurrent processes of the storage figure")
     storage_ops: int = opt(20, "ask+tell pairs per process")
     only: tuple[str, ...] = opt(
-        SECTIONS, "sections to run: " + ", ".join(ALL_SECTIONS) + " (the last three take minutes)", choices=ALL_SECTIONS
+        SECTIONS, "sections to run: " + ", ".join(ALL_SECTIONS) + " (the last four take minutes)", choices=ALL_SECTIONS
     )
     search: bool = opt(
         False,
@@ -68,6 +68,10 @@ class BenchOptions:
         None, "concurrent processes of share and procs [share: 1 2 3; procs: 1 2 4]"
     )
     jobs: int = opt(6, "training jobs per process count in share and procs")
+    scale: float = opt(1.0, "round2: the fraction of the real datasets' sizes to time, one epoch each")
+    pass_rate: float = opt(
+        0.32, "round2: the share of trials that pass the gate in the projection [the demo's main job, docs/demo.md]"
+    )
     reference: str | None = opt(
         None,
         "file of the research-style pipeline [benchmarks/research_pipeline.py of "
@@ -98,6 +102,10 @@ class BenchOptions:
         for name in ("batch_size", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if not 0 < self.scale <= 1:
+            raise UsageError(f"--scale must be in (0, 1], got {self.scale}; 1 times the real datasets' sizes.")
+        if not 0 <= self.pass_rate <= 1:
+            raise UsageError(f"--pass-rate must be in [0, 1], got {self.pass_rate}.")
         if self.processes is not None and (not self.processes or min(self.processes) < 1):
             raise UsageError("--processes takes one or more counts, each at least 1, e.g. --processes 1 2 4.")
         unknown = set(self.only) - set(ALL_SECTIONS)

@@ -10,6 +10,7 @@ from .. import devices
 from ..config import ModelConfig, TrainConfig, UsageError, replace
 from ..data.loader import BatchLoader, Splits
 from ..devices import choose_precision
+from ..iteration import GraphedIteration, graph_plan, make_iteration
 from ..model import NKATViT
 from ..train import TrainStep, evaluate
 from .timing import NO_REFERENCE, _cycle, _dtype_name, interleaved, peak_memory
@@ -25,8 +26,9 @@ def bench_train(
     repeats: int,
     reference=None,
 ) -> dict:
-    """The real step (TrainStep over BatchLoader, at train_cfg's precision) beside the bare step
-    (fixed batch; forward, backward, AdamW) and, with a reference module, the research-style
+    """The real step (TrainStep over BatchLoader, at train_cfg's precision, eager) beside the bare
+    step (fixed batch; forward, backward, AdamW), on CUDA the real step replayed as a CUDA graph
+    (real_graphed, as fit() runs it there) and, with a reference module, the research-style
     pipeline at fp32, as the research ran it. The real step also runs at the other precision where
     the device has native bf16, so both ratios are in the table."""
     device, batch = splits.train_x.device, train_cfg.batch_size
@@ -53,6 +55,9 @@ def bench_train(
         name = "real_" + ("fp32" if other.precision == "fp32" else "bf16")
         variants[name] = lambda: losses.append(second(*next(batches)))
         precision[name] = _dtype_name(second.autocast)
+    graphed = _graphed(model_cfg, train_cfg, splits, losses)
+    if graphed is not None:
+        variants["real_graphed"], precision["real_graphed"] = graphed, _dtype_name(step.autocast)
     research = None
     if reference is not None:
         research = reference.ResearchStep(model_cfg, train_cfg, splits, batch, device, autocast=None)
@@ -70,8 +75,42 @@ def bench_train(
     if not torch.isfinite(torch.stack(losses)).all():
         raise RuntimeError("the benchmark's training loss became non-finite; the figures would be meaningless.")
     result = {"variants": out, **_ratios({name: fig["img_per_s"] for name, fig in out.items()})}
+    result["graphs"] = graphed.iteration.status if graphed is not None else graph_plan("auto", device, None)[1]
     result["memory"] = peak_memory(device)
     return result
+
+
+class _Graphed:
+    """The real step as fit() runs it with graphs = "auto" on CUDA: batches drawn by the iteration,
+    captured once and replayed (iteration.GraphedIteration); its status says if capture failed."""
+
+    def __init__(self, iteration: GraphedIteration, losses: list[torch.Tensor]) -> None:
+        self.iteration, self.losses, self.b = iteration, losses, len(iteration.loader)
+
+    def __call__(self) -> None:
+        if self.b >= len(self.iteration.loader):
+            self.iteration.start_epoch()
+            self.b = 0
+        self.losses.append(self.iteration(self.b).clone())  # the graph's output is rewritten per replay
+        self.b += 1
+
+
+def _graphed(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, losses: list) -> _Graphed | None:
+    """The graphed variant where graphs = "auto" captures (CUDA), else None."""
+    loader = BatchLoader(
+        splits.train_x, splits.train_y, splits.spec, train_cfg.batch_size, train=True, train_cfg=train_cfg, seed=1
+    )
+    if not graph_plan("auto", splits.train_x.device, None)[0]:
+        return None
+    step = TrainStep(model_cfg, train_cfg, splits.train_x.device, len(loader))
+    step.model.train()
+    iteration = make_iteration(step, loader, "auto")
+    if not isinstance(iteration, GraphedIteration):
+        return None
+    graphed = _Graphed(iteration, losses)
+    for _ in range(GraphedIteration.WARMUP + 1):  # its eager warm-up and the capture, before any timing
+        graphed()
+    return graphed
 
 
 def _bare_step(step: TrainStep, splits: Splits, batch: int):
@@ -102,6 +141,9 @@ def _other_precision(train_cfg: TrainConfig, autocast: torch.dtype | None, devic
 def _ratios(speed: dict[str, float]) -> dict:
     """The real step's cost over the bare step, and its speed over the research's where that ran."""
     result: dict[str, Any] = {"real_over_bare_cost": speed["bare"] / speed["real"]}
+    if "real_graphed" in speed:
+        result["graphed_over_bare_cost"] = speed["bare"] / speed["real_graphed"]
+        result["graphed_over_eager_speed"] = speed["real_graphed"] / speed["real"]
     if "research" in speed:
         result["real_over_research_speed"] = speed["real"] / speed["research"]
         if "real_fp32" in speed:

@@ -50,6 +50,8 @@ def table(result: dict) -> str:
         lines += ["", *_procs_table(result["procs"])]
     if "ops" in result:
         lines += ["", *_ops_table(result["ops"])]
+    if "round2" in result:
+        lines += ["", *_round2_table(result["round2"])]
     return "\n".join(lines)
 
 
@@ -61,12 +63,17 @@ def _train_rows(t: dict, row) -> None:
         "bare": "train: bare model step",
         "real_fp32": "train: real step at fp32",
         "real_bf16": "train: real step at bf16",
+        "real_graphed": "train: real step as a CUDA graph",
         "research": "train: research-style pipeline (fp32)",
     }
     for name, fig in v.items():
         rel = v["bare"]["img_per_s"] / fig["img_per_s"]
         row(labels[name], f"{fig['img_per_s']:.1f} img/s", fig["precision"], f"{rel:.2f}x the bare step's time")
     row("train: real step cost over bare", f"{t['real_over_bare_cost']:.3f}x", "", "target <= 1.15")
+    if "graphed_over_bare_cost" in t:
+        row("train: graphed step cost over bare", f"{t['graphed_over_bare_cost']:.3f}x", "", "target <= 1.15")
+        row("train: graphed over eager speed", f"{t['graphed_over_eager_speed']:.3f}x", "", "")
+    row("train: CUDA graphs", t["graphs"], "", "")
     if "real_over_research_speed" in t:
         row(
             "train: real speed over research",
@@ -140,7 +147,7 @@ def _share_table(s: dict) -> list[str]:
 def _procs_table(s: dict) -> list[str]:
     lines = [
         f"procs: concurrent processes on one device; a job = 1 epoch of {s['images_per_job']} images at batch "
-        f"{s['batch']} + 1 evaluation ({s['precision']['dtype']}); graphs = torch.compile(mode='reduce-overhead')",
+        f"{s['batch']} + 1 evaluation ({s['precision']['dtype']}); graphs: each training iteration replayed as one CUDA graph (--graphs auto)",
         f"  {'processes':>9} {'variant':<9} {'img/s':>9} {'jobs/hour':>10} {'s/job':>7}",
     ]
     for r in s["rows"]:
@@ -177,4 +184,27 @@ def _ops_table(s: dict) -> list[str]:
             f"{each(r['sync_prone']):>12} {'yes' if r['same_ops'] else 'no':>8} "
             f"{'yes' if r['same_shapes'] else 'no':>11} {'yes' if r['same_arguments'] else 'no':>9}  {by_op}".rstrip()
         )
+    return lines
+
+
+def _round2_table(s: dict) -> list[str]:
+    m = s["model"]
+    lines = [
+        f"round2: one trial of {s['study']} at {s['scale']:g} x the real datasets' sizes (synthetic images); "
+        f"one epoch per dataset timed, scaled by its stage's epochs; model: stem {m['conv_stem']}, "
+        f"patch {m['patch_size']}, embed {m['embed_dim']}, depth {m['depth']}",
+        f"  {'stage':>5} {'dataset':<15} {'train images':>12} {'batch':>5} {'epoch s':>8} {'img/s':>9} "
+        f"{'epochs':>6} {'stage s':>8}  graphs",
+    ]
+    for r in s["rows"]:
+        lines.append(
+            f"  {r['stage']:>5} {r['dataset']:<15} {r['train_images']:>12,} {r['batch']:>5} {r['epoch_seconds']:>8.1f} "
+            f"{r['img_per_s']:>9.0f} {r['epochs']:>6} {r['stage_seconds']:>8.1f}  {r['graphs']}"
+        )
+    hours = s["projected_search_seconds"] / 3600
+    lines += [
+        f"  a trial: Stage 1 {s['trial_stage1_seconds']:.0f} s, Stage 2 {s['trial_stage2_seconds']:.0f} s (if it passes)",
+        f"  projected: {s['trials']} trials x (Stage 1 + {s['pass_rate']:.2f} x Stage 2) = "
+        f"{s['projected_search_seconds']:,.0f} s ({hours:.2f} h), one trial at a time on this device",
+    ]
     return lines
