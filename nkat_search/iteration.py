@@ -105,7 +105,8 @@ class GraphedIteration(Iteration):
         graph = torch.cuda.CUDAGraph()
         try:
             graph.register_generator_state(self.loader.generator)
-            with torch.cuda.graph(graph):
+            # thread_local: a worker's other threads (heartbeat, display) stay free to call CUDA.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.static_loss = self._eager(self.static_indices)
         except Exception as exc:  # noqa: BLE001 - any capture failure leaves the run to eager steps
             from .train import out_of_memory  # (train imports this module)
