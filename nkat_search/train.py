@@ -180,6 +180,7 @@ class EMA:
         pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
         self.floats = [pair for pair in pairs if pair[0].is_floating_point()]
         self.others = [pair for pair in pairs if not pair[0].is_floating_point()]
+        self.ema_floats, self.model_floats = [e for e, _ in self.floats], [m for _, m in self.floats]
         device = next(iter(model.state_dict().values())).device
         self.updates = torch.zeros((), dtype=torch.float32, device=device)
 
@@ -189,10 +190,9 @@ class EMA:
         weight = 1 - ((1 + self.updates) / (10 + self.updates)).clamp(max=self.decay)
         # ema += weight * (model - ema): foreach ops that take the weight as a tensor (the lerp that
         # takes one scalar would read it on the host, a sync per step).
-        ema = [e for e, _ in self.floats]
-        delta = torch._foreach_sub([m for _, m in self.floats], ema)
+        delta = torch._foreach_sub(self.model_floats, self.ema_floats)
         torch._foreach_mul_(delta, weight)
-        torch._foreach_add_(ema, delta)
+        torch._foreach_add_(self.ema_floats, delta)
         for ema_tensor, tensor in self.others:
             ema_tensor.copy_(tensor)
 

@@ -10,7 +10,7 @@ from .. import devices
 from ..config import ModelConfig, TrainConfig, UsageError, replace
 from ..data.loader import BatchLoader, Splits
 from ..devices import choose_precision
-from ..iteration import GraphedIteration, graph_plan, make_iteration
+from ..iteration import GraphedIteration, graph_plan
 from ..model import NKATViT
 from ..train import TrainStep, evaluate
 from .timing import NO_REFERENCE, _cycle, _dtype_name, interleaved, peak_memory
@@ -97,17 +97,14 @@ class _Graphed:
 
 def _graphed(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: Splits, losses: list) -> _Graphed | None:
     """The graphed variant where graphs = "auto" captures (CUDA), else None."""
+    if not graph_plan("auto", splits.train_x.device, None)[0]:
+        return None
     loader = BatchLoader(
         splits.train_x, splits.train_y, splits.spec, train_cfg.batch_size, train=True, train_cfg=train_cfg, seed=1
     )
-    if not graph_plan("auto", splits.train_x.device, None)[0]:
-        return None
     step = TrainStep(model_cfg, train_cfg, splits.train_x.device, len(loader))
     step.model.train()
-    iteration = make_iteration(step, loader, "auto")
-    if not isinstance(iteration, GraphedIteration):
-        return None
-    graphed = _Graphed(iteration, losses)
+    graphed = _Graphed(GraphedIteration(step, loader), losses)
     for _ in range(GraphedIteration.WARMUP + 1):  # its eager warm-up and the capture, before any timing
         graphed()
     return graphed

@@ -81,8 +81,8 @@ class BatchLoader:
     device, seeded per epoch, draws the permutation and every augmentation parameter, so drawing a
     batch never waits for the host and dispatches the same ops every time (bench --only ops counts
     them). A training epoch is epoch_order() then batch(indices(order, b)) for every b < len(self);
-    iterating does exactly that. Order: crop, flip, RandAugment (uint8 values), normalise, Cutout (fill 0: the mean),
-    then CutMix or MixUp on the whole batch; targets are class indices, or probabilities
+    iterating does exactly that. Order: crop, flip, RandAugment (uint8 values), normalise, Cutout
+    (fill 0: the mean), then CutMix or MixUp on the whole batch; targets are class indices, or probabilities
     (unsmoothed; the loss smooths them) when CutMix or MixUp is on. With train_cfg None a training
     loader only shuffles."""
 
