@@ -6,20 +6,25 @@ with 1 and 2 torch threads, against the demo's thresholds (docs/demo.md):
   the study's fixed heads, depth and stem those two fix the model's parameter count, lambda;
 - the gate both stops and passes at least 20% of the finished trials.
 
-Each search is the real `nkat-search start --study FILE --trials N` (nkat_search.cli.main, in a
-process of its own) on a fresh journal in a temporary folder. FILE is a copy of the study file with
-only `[sampler] seed` changed. The process gets OMP_NUM_THREADS=threads and a private temporary folder
-(so its own worker is the only one in the host-share registry), and its host share ignores the load
-average: a worker otherwise gives up threads while other programs keep the cores busy, and a 2-thread
-row could run with 1 thread. The process reports which thread counts its trials ran with. The row
-fails unless that is exactly the row's count. One worker, a fixed seed and fixed threads make each
-search repeat trial for trial.
+A setup is W worker processes with T torch threads each (`WxT`). The default two are what README's
+commands run on a 2-core machine: `2x1`, the main job (`start --workers 2`: the host share gives
+each worker one core), and `1x2`, `start` without --workers (one worker with both cores).
 
-1-thread searches may run --jobs at a time (one core each); 2-thread searches always run alone.
+Each search is the real `nkat-search start --study FILE --trials N --workers W` (nkat_search.cli.main,
+in a process of its own) on a fresh journal in a temporary folder. FILE is a copy of the study file
+with only `[sampler] seed` changed. The process gets OMP_NUM_THREADS=T and a private temporary folder
+(so its workers are the only ones in the host-share registry), and a one-worker search's host share
+ignores the load average: a worker otherwise gives up threads while other programs keep the cores
+busy, and a 2-thread row could run with 1 thread. Every trial records the threads it ran with
+(`torch_threads`); the row fails unless that is exactly T. One worker, a fixed seed and fixed threads
+make a search repeat trial for trial; with two workers the order in which trials finish (and so what
+the sampler has seen when it asks) depends on timing, so a 2-worker row is one sample of its search.
+
+Searches whose W x T is 1 may run --jobs at a time (one core each); the others run alone.
 Exits 1 if any row misses a threshold.
 
     .venv/bin/python -m benchmarks.demo_seeds                       # the six searches, one table
-    .venv/bin/python -m benchmarks.demo_seeds --seeds 0 --threads 2 --out runs/demo.json
+    .venv/bin/python -m benchmarks.demo_seeds --seeds 0 --setups 1x1 --out runs/demo.json
 """
 
 from __future__ import annotations
@@ -39,23 +44,24 @@ CHANCE_MULTIPLE = 3.0  # the best trial: at least 3x chance on every dataset
 GATE_SHARE = 0.20  # the gate stops at least 20% of the trials and passes at least 20%
 TOP = 5  # the top five are not all one size
 
-# Run in the search's own process: pin the host share to OMP_NUM_THREADS, record the thread counts
-# the trials ran with, then run the command line.
+# Run in the search's own process: the host share ignores the load average (one worker runs in this
+# process; spawned workers share the cores between themselves and get one each on 2 cores), then the
+# command line.
 RUNNER = """
-import atexit, sys
+import sys
 from nkat_search.search import hostshare
 hostshare.busy_elsewhere = lambda load, own_threads: 0
-used = set()
-plain = hostshare.HostShare.threads_for_next_trial
-def pinned(self):
-    threads = plain(self)
-    used.add(threads)
-    return threads
-hostshare.HostShare.threads_for_next_trial = pinned
-atexit.register(lambda: print("demo_seeds: torch threads per trial", sorted(used), flush=True))
 from nkat_search.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
+
+
+def parse_setup(text: str) -> tuple[int, int]:
+    """`WxT` -> (workers, threads), both >= 1."""
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if match is None or min(int(match.group(1)), int(match.group(2))) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WORKERSxTHREADS (e.g. 2x1); give both as numbers >= 1")
+    return int(match.group(1)), int(match.group(2))
 
 
 def seeded_copy(text: str, seed: int, out: Path) -> Path:
@@ -70,30 +76,24 @@ def seeded_copy(text: str, seed: int, out: Path) -> Path:
     return out
 
 
-def search(study_text: str, seed: int, threads: int, trials: int) -> dict:
+def search(study_text: str, seed: int, workers: int, threads: int, trials: int) -> dict:
     """One search in a fresh temporary folder: the finished study's figures and the wall time."""
-    with tempfile.TemporaryDirectory(prefix=f"demo-s{seed}-t{threads}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"demo-s{seed}-{workers}x{threads}-") as tmp:
         folder = Path(tmp)
         copy = seeded_copy(study_text, seed, folder / "study.toml")
         url = f"journal:{folder / 'search.journal'}"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TMPDIR": str(folder), "NKAT_SEARCH_STORAGE": url}
         env.pop("NKAT_SEARCH_STUDY", None)
         command = [sys.executable, "-c", RUNNER, "start", "--study", str(copy), "--trials", str(trials)]
+        command += ["--workers", str(workers)]
         started = time.perf_counter()
         done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - started
         (folder / "out.log").write_text(done.stdout + done.stderr)
         if done.returncode != 0:
-            raise SystemExit(f"seed {seed}, {threads} threads: exit {done.returncode}\n{done.stderr[-3000:]}")
-        used = re.search(r"demo_seeds: torch threads per trial \[([\d, ]*)\]", done.stdout)
+            raise SystemExit(f"seed {seed}, {workers}x{threads}: exit {done.returncode}\n{done.stderr[-3000:]}")
         row = figures(url, str(copy))
-    return {
-        "seed": seed,
-        "threads": threads,
-        "threads_used": [int(x) for x in used.group(1).split(",") if x.strip()] if used else [],
-        "wall_seconds": wall,
-        **row,
-    }
+    return {"seed": seed, "workers": workers, "threads": threads, "wall_seconds": wall, **row}
 
 
 def size_of(params: dict) -> str:
@@ -132,6 +132,7 @@ def figures(url: str, study_file: str) -> dict:
             d: best.user_attrs[f"{d}_accuracy"] * DATASETS[d].num_classes for d in datasets if best is not None
         },
         "top_sizes": [size_of(t.params) for t in complete[:TOP]],
+        "threads_used": sorted({t.user_attrs["torch_threads"] for t in trials if "torch_threads" in t.user_attrs}),
         "stage1_seconds": sum(t.user_attrs.get("stage1_seconds", 0.0) for t in trials),
         "stage2_seconds": sum(t.user_attrs.get("stage2_seconds", 0.0) for t in trials),
         "trials": [  # for the JSON: each trial's state, size, Stage-1 accuracy and lambda, value
@@ -174,7 +175,7 @@ def table(rows: list[dict]) -> str:
     datasets = list(rows[0]["best_x_chance"]) if rows and rows[0]["best_x_chance"] else list(SHORT)
     head = [
         "seed",
-        "threads",
+        "workers x threads",
         "complete",
         "gate stopped",
         "gate passed",
@@ -190,7 +191,7 @@ def table(rows: list[dict]) -> str:
         miss = failures(r)
         cells = [
             str(r["seed"]),
-            str(r["threads"]),
+            f"{r['workers']} x {r['threads']}",
             f"{r['complete']} of {r['finished']}",
             f"{r['gate_stopped']} ({r['gate_stopped'] / n:.0%})",
             f"{r['gate_passed']} ({r['gate_passed'] / n:.0%})",
@@ -204,20 +205,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_all(study_text: str, seeds: list[int], threads: list[int], trials: int, jobs: int) -> list[dict]:
-    """Every (seed, threads) search of the study file's text (read once, before the first search):
-    the 1-thread ones `jobs` at a time, the others one at a time."""
-    plan = [(s, t) for s in seeds for t in threads]
-    rows: dict[tuple[int, int], dict] = {}
+def run_all(study_text: str, seeds: list[int], setups: list[tuple[int, int]], trials: int, jobs: int) -> list[dict]:
+    """Every (seed, setup) search of the study file's text (read once, before the first search): the
+    one-core ones `jobs` at a time, the others one at a time; rows in the order seeds x setups."""
+    plan = [(s, w, t) for s in seeds for w, t in setups]
+    rows: dict[tuple[int, int, int], dict] = {}
 
-    def one(key: tuple[int, int]) -> None:
-        rows[key] = search(study_text, key[0], key[1], trials)
+    def one(key: tuple[int, int, int]) -> None:
+        rows[key] = search(study_text, *key, trials)
         r = rows[key]
-        print(f"seed {key[0]}, {key[1]} threads: {r['wall_seconds']:.0f} s, {failures(r) or 'holds'}", flush=True)
+        print(f"seed {key[0]}, {key[1]}x{key[2]}: {r['wall_seconds']:.0f} s, {failures(r) or 'holds'}", flush=True)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(one, [k for k in plan if k[1] == 1]))
-    for key in (k for k in plan if k[1] != 1):
+        list(pool.map(one, [k for k in plan if k[1] * k[2] == 1]))
+    for key in (k for k in plan if k[1] * k[2] != 1):
         one(key)
     return [rows[k] for k in plan]
 
@@ -228,12 +229,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", default="smoke", help="a packaged study's name or a study file (default smoke)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--setups",
+        type=parse_setup,
+        nargs="+",
+        default=[(2, 1), (1, 2)],
+        help="WORKERSxTHREADS per search (default: 2x1 1x2, the main job and `start` without --workers)",
+    )
     parser.add_argument("--trials", type=int, default=50)
-    parser.add_argument("--jobs", type=int, default=2, help="1-thread searches at a time (default 2)")
+    parser.add_argument("--jobs", type=int, default=2, help="one-core (1x1) searches at a time (default 2)")
     parser.add_argument("--out", help="write the rows as JSON here too")
     args = parser.parse_args(argv)
-    rows = run_all(Path(study_path(args.study)).read_text(), args.seeds, args.threads, args.trials, args.jobs)
+    rows = run_all(Path(study_path(args.study)).read_text(), args.seeds, args.setups, args.trials, args.jobs)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=1))

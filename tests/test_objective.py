@@ -4,6 +4,7 @@ import dataclasses
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from nkat_search.metrics import global_tpe
@@ -48,6 +49,7 @@ def test_completed_trials_carry_measured_results_for_every_dataset(tiny_study, t
         assert 0 < t.user_attrs["robustness"] <= 1 and t.user_attrs["consistency"] <= 1
         assert t.user_attrs["stage1_seconds"] > 0 and t.user_attrs["stage2_seconds"] > 0
         assert list(t.intermediate_values) == [1]  # Stage-1 Local TPE reported per epoch
+        assert t.user_attrs["torch_threads"] == torch.get_num_threads()  # what the CPU kernels ran with
     assert study.user_attrs["gate"]["threshold"] == 0.01
     assert study.metric_names == ["global_tpe"]
 

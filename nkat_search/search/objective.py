@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import optuna
+import torch
 
 from ..data.loader import Splits
 from ..metrics import consistency, global_tpe, robustness
@@ -88,6 +89,9 @@ def make_objective(
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, study)
+        # The thread count decides the CPU kernels' reduction order, so it is part of what makes a
+        # trial's numbers repeat (benchmarks/demo_seeds.py checks it).
+        trial.set_user_attr("torch_threads", torch.get_num_threads())
         shown.trial_started(trial.number, params)
         results = [stage1(trial, params, study, train, shown)]
         results += stage2(trial, params, study, train, shown)
