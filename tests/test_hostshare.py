@@ -98,6 +98,20 @@ def test_workers_in_one_folder_count_each_other_and_leave(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_siblings_of_one_command_count_before_they_join(tmp_path):
+    # `start --workers 2` on 2 cores: the first worker up must not take both cores for its first
+    # trial while its sibling is still starting (measured: that trial ran 3x longer, oversubscribed).
+    first = HostShare("cpu", folder=tmp_path, cores=2, load=QUIET, siblings={"cpu": 2, "gpu": 0})
+    with first:
+        assert first.threads() == 1  # alone in the registry, its sibling counted anyway
+        with HostShare("cpu", folder=tmp_path, cores=2, load=QUIET, siblings={"cpu": 2, "gpu": 0}) as second:
+            assert (first.threads(), second.threads()) == (1, 1)
+        assert first.threads() == 2  # both had joined: the registry alone counts, the sibling has left
+    gpu_first = HostShare("cpu", folder=tmp_path, cores=4, load=QUIET, siblings={"cpu": 1, "gpu": 1})
+    with gpu_first:
+        assert gpu_first.threads() == 3  # the GPU sibling's launching core is kept free from the start
+
+
 def test_threads_for_next_trial_sets_torch_threads(tmp_path):
     before = torch.get_num_threads()
     try:

@@ -124,13 +124,19 @@ class HostShare:
         cores: int | None = None,
         limit: int | None = None,
         load: Callable[[], float] | None = load_average,
+        siblings: dict[str, int] | None = None,
     ):
         """limit: the most threads ever (a user's explicit setting, e.g. OMP_NUM_THREADS, read by the
-        command line); load: the host's load average, or None to ignore other programs."""
+        command line); load: the host's load average, or None to ignore other programs; siblings:
+        the workers by kind, this one included, that the same command starts (`start --workers K`).
+        Until each of them has joined the registry they are counted as if they had: the first
+        worker up would otherwise take every core for its first trial and share them, oversubscribed,
+        with the others for the whole of that trial."""
         self.kind = kind_of(device)
         self.folder = Path(folder) if folder is not None else default_folder()
         self.cores = cores or host_cores()
         self.limit, self.load = (limit if limit is not None else user_limit()), load
+        self.siblings = dict(siblings or {})
         self._lock: filelock.BaseFileLock | None = None
 
     def join(self) -> None:
@@ -198,24 +204,29 @@ class HostShare:
 
         return torch.get_num_threads()
 
-    def _share(self, live: dict[str, int], current: int) -> tuple[int, int]:
-        """(threads, cores busy elsewhere)."""
+    def _share(self, live: dict[str, int], current: int) -> tuple[int, int, dict[str, int]]:
+        """(threads, cores busy elsewhere, the workers counted by kind)."""
         if self._lock is None:  # asked before joining: count this process as if it had joined
             live = {**live, self.kind: live[self.kind] + 1}
+        if self.siblings:
+            if all(live[kind] >= count for kind, count in self.siblings.items()):
+                self.siblings = {}  # all of them have joined: from now on the registry alone counts
+            else:
+                live = {kind: max(n, self.siblings.get(kind, 0)) for kind, n in live.items()}
         # Our CPU workers run about `current` threads each (their share is the same rule's).
         elsewhere = busy_elsewhere(self.load(), live["cpu"] * current) if self.load and self.kind == "cpu" else 0
-        return share_of(self.kind, self.cores, live["cpu"], live["gpu"], elsewhere, self.limit), elsewhere
+        return share_of(self.kind, self.cores, live["cpu"], live["gpu"], elsewhere, self.limit), elsewhere, live
 
     def threads_for_next_trial(self) -> int:
         """Set torch's intra-op threads to this worker's share; call before each trial. Returns it."""
         import torch
 
-        live, current = self.live(), torch.get_num_threads()
-        threads, elsewhere = self._share(live, current)
+        current = torch.get_num_threads()
+        threads, elsewhere, live = self._share(self.live(), current)
         if current != threads:
             log.info(
-                "torch threads for the next trial: %d (%d cores; %d CPU and %d GPU workers on this host; "
-                "%d cores busy with other programs)",
+                "torch threads for the next trial: %d (%d cores; %d CPU and %d GPU workers on this host, "
+                "those still starting counted; %d cores busy with other programs)",
                 threads,
                 self.cores,
                 live["cpu"],

@@ -12,6 +12,7 @@ from .. import configure_logging
 from ..config import RuntimeFailure, UsageError
 from ..storage import backends, lock
 from . import studies
+from .hostshare import KINDS, kind_of
 from .signals import deferred_signals, install_signal_handlers
 from .worker import (
     Worker,
@@ -23,7 +24,14 @@ log = logging.getLogger("nkat_search")
 
 
 def _child(
-    url: str, study_name: str, device: str, verbose: bool, data_root: str | None, max_failures: int, relay=None
+    url: str,
+    study_name: str,
+    device: str,
+    verbose: bool,
+    data_root: str | None,
+    max_failures: int,
+    relay=None,
+    siblings: dict[str, int] | None = None,
 ) -> None:
     if relay is None:
         configure_logging(verbose, tag=f"[{device} pid {os.getpid()}] ")
@@ -33,7 +41,9 @@ def _child(
         log_to_parent(relay, f"[{device} pid {os.getpid()}] ", logging.DEBUG if verbose else logging.INFO)
     install_signal_handlers()
     try:
-        code = run_worker(url, study_name, device, data_root=data_root, max_failures=max_failures, relay=relay)
+        code = run_worker(
+            url, study_name, device, data_root=data_root, max_failures=max_failures, relay=relay, siblings=siblings
+        )
     except KeyboardInterrupt:
         code = 130
     except (UsageError, RuntimeFailure) as exc:
@@ -94,11 +104,11 @@ def _run_processes(
     data_root: str | None,
     max_failures: int,
 ) -> int:
+    slots = [devices[i % len(devices)] for i in range(count)]
+    siblings = {kind: sum(kind_of(d) == kind for d in slots) for kind in KINDS}
     procs = [
-        ctx.Process(
-            target=_child, args=(url, study_name, devices[i % len(devices)], verbose, data_root, max_failures, relay)
-        )
-        for i in range(count)
+        ctx.Process(target=_child, args=(url, study_name, d, verbose, data_root, max_failures, relay, siblings))
+        for d in slots
     ]
     for p in procs:
         p.start()

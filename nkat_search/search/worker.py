@@ -316,12 +316,14 @@ def run_worker(
     poll_seconds: float = 2.0,
     data_root: str | None = None,
     relay=None,
+    siblings: dict[str, int] | None = None,
 ) -> int:
     """Attach to a study and run NKAT trials on one device until its budget is reached.
 
     data_root, when given, replaces the study's data root: where the datasets lie is a property
     of the host, not of the search. relay, when given, is the queue of a parent process that draws
-    the progress display (outputs/progress.py); without it this process shows its own."""
+    the progress display (outputs/progress.py); without it this process shows its own. siblings: the
+    workers by kind that the same command starts (hostshare.HostShare)."""
     from ..data.loader import load_splits
     from ..outputs.dashboard import annotate_trial
     from ..outputs.progress import Relay, StudyProgress
@@ -350,7 +352,7 @@ def run_worker(
     # The workers of this host divide its cores between them; the display counts the study's
     # trials across all workers, without warm-start copies.
     view = Relay(relay) if relay is not None else StudyProgress(study, counted=lambda t: not studies.is_warm_start(t))
-    with HostShare(device) as share, view as progress:
+    with HostShare(device, siblings=siblings) as share, view as progress:
         return run_loop(
             w,
             recording_peak_memory(make_objective(config, load, progress), device),
