@@ -4,6 +4,7 @@ import pytest
 from helpers import ROOT, TINY_STUDY, cli
 
 from nkat_search.config import TrainConfig, UsageError
+from nkat_search.search.kinds import sampler
 from nkat_search.search.study_file import StudyConfig, load_study
 
 
@@ -263,3 +264,23 @@ def test_graphs_is_stored_only_when_a_study_sets_it_so_older_studies_still_resum
     study = load_study(str(path))
     assert study.train.graphs == "off" and study.definition()["train"]["graphs"] == "off"
     assert StudyConfig.from_definition(study.definition()).train.graphs == "off"
+
+
+def test_n_ei_candidates_is_stored_only_when_set_and_reaches_the_sampler(tmp_path):
+    """`n_ei_candidates` came after studies were first stored: at Optuna's default it stays out of
+    the stored definition; set, it is stored, read back and handed to the TPE sampler."""
+    assert "n_ei_candidates" not in load_study(str(_write(tmp_path / "p.toml", BASE))).definition()["sampler"]
+    study = load_study(
+        str(_write(tmp_path / "n.toml", BASE.replace("[sampler]\n", "[sampler]\nn_ei_candidates = 6\n")))
+    )
+    assert study.definition()["sampler"]["n_ei_candidates"] == 6
+    assert StudyConfig.from_definition(study.definition()).sampler.n_ei_candidates == 6
+    assert sampler(study, trial_index=3)._n_ei_candidates == 6
+    bad = _write(tmp_path / "b.toml", BASE.replace("[sampler]\n", "[sampler]\nn_ei_candidates = 0\n"))
+    with pytest.raises(UsageError, match="n_ei_candidates must be >= 1"):
+        load_study(str(bad))
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

@@ -32,12 +32,18 @@ class TPESamplerConfig:
     multivariate: bool = True
     constant_liar: bool = True
     n_startup_trials: int = 10
+    # Candidates drawn from the good trials' density per suggestion, of which the one with the best
+    # ratio of good to bad density is taken (Optuna's default 24). Fewer: less greedy, the
+    # suggestions spread over more of the good region instead of piling onto its densest point.
+    n_ei_candidates: int = 24
 
     def __post_init__(self) -> None:
         check_types(self)
         check_sampler_seed(self.seed)
         if self.n_startup_trials < 0:
             raise UsageError(f"n_startup_trials must be >= 0, got {self.n_startup_trials}.")
+        if self.n_ei_candidates < 1:
+            raise UsageError(f"n_ei_candidates must be >= 1, got {self.n_ei_candidates}.")
 
 
 @dataclass(frozen=True)
@@ -159,7 +165,11 @@ def sampler(study: StudyConfig, trial_index: int | None = None) -> optuna.sample
     if isinstance(s, RandomSamplerConfig):
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(
-        seed=seed, multivariate=s.multivariate, constant_liar=s.constant_liar, n_startup_trials=s.n_startup_trials
+        seed=seed,
+        multivariate=s.multivariate,
+        constant_liar=s.constant_liar,
+        n_startup_trials=s.n_startup_trials,
+        n_ei_candidates=s.n_ei_candidates,
     )
 
 

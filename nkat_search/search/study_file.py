@@ -40,9 +40,11 @@ from .study_tables import (
 # searched values are checked in every combination.
 COUPLED = ("conv_stem", "patch_size", "embed_dim", "num_heads", "split_heads", "mlp_ratio")
 
-# TrainConfig fields added after studies were first stored: definition() writes them only when a
-# study sets them to something other than this default, so an older study's definition still matches.
+# TrainConfig and [sampler] fields added after studies were first stored: definition() writes them
+# only when a study sets them to something other than this default, so an older study's definition
+# still matches.
 ADDED_LATER = {"graphs": "auto"}
+SAMPLER_ADDED_LATER = {"n_ei_candidates": 24}
 
 
 MAX_COMBINATIONS = 20000
@@ -117,7 +119,9 @@ class StudyConfig:
         return _jsonable(
             {
                 "study": {"name": self.name},
-                "sampler": kind_dict(self.sampler),
+                "sampler": {
+                    k: v for k, v in kind_dict(self.sampler).items() if SAMPLER_ADDED_LATER.get(k, object()) != v
+                },
                 "pruner": kind_dict(self.pruner),
                 "stage1": {"dataset": self.stage1_dataset, "epochs": self.stage1_epochs, "gate": self.gate},
                 "stage2": {
