@@ -178,9 +178,9 @@ class EMA:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
-        self.floats = [pair for pair in pairs if pair[0].is_floating_point()]
+        floats = [pair for pair in pairs if pair[0].is_floating_point()]
         self.others = [pair for pair in pairs if not pair[0].is_floating_point()]
-        self.ema_floats, self.model_floats = [e for e, _ in self.floats], [m for _, m in self.floats]
+        self.ema_floats, self.model_floats = [e for e, _ in floats], [m for _, m in floats]
         device = next(iter(model.state_dict().values())).device
         self.updates = torch.zeros((), dtype=torch.float32, device=device)
 

@@ -6,7 +6,7 @@ has, so one epoch of each dataset is timed, as fit() runs it (the study's recipe
 dataset, one validation pass, graphs = "auto") and scaled by its stage's epochs; the rows say so.
 The projection: trials x (Stage 1 + pass rate x Stage 2), one trial at a time on one device; the
 pass rate is a measured share of trials that passed the gate (--pass-rate; by default the demo's
-main job, 33 of 50, docs/demo.md). --scale times a fraction of the real sizes (the CPU test's tiny run).
+main job, 30 of 50, docs/demo.md). --scale times a fraction of the real sizes (the CPU test's tiny run).
 """
 
 from __future__ import annotations

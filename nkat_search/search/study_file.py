@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import DataConfig, ModelConfig, TrainConfig, UsageError, adapt_patch_size
 from ..datasets import DATASETS
-from .kinds import PRUNERS, SAMPLERS, PrunerConfig, SamplerConfig, kind_dict
+from .kinds import PRUNERS, SAMPLERS, PrunerConfig, SamplerConfig, TPESamplerConfig, kind_dict
 from .study_tables import (
     MODEL_KEYS,
     TRAIN_KEYS,
@@ -40,11 +40,18 @@ from .study_tables import (
 # searched values are checked in every combination.
 COUPLED = ("conv_stem", "patch_size", "embed_dim", "num_heads", "split_heads", "mlp_ratio")
 
-# TrainConfig and [sampler] fields added after studies were first stored: definition() writes them
-# only when a study sets them to something other than this default, so an older study's definition
-# still matches.
-ADDED_LATER = {"graphs": "auto"}
-SAMPLER_ADDED_LATER = {"n_ei_candidates": 24}
+# Fields added after studies were first stored, by section: definition() writes them only when a
+# study sets them to something other than their default, so an older study's definition still matches.
+ADDED_LATER = {
+    section: {f.name: f.default for f in dataclasses.fields(cls) if f.name in names}
+    for section, cls, names in (("train", TrainConfig, {"graphs"}), ("sampler", TPESamplerConfig, {"n_ei_candidates"}))
+}
+
+
+def _without_later_defaults(section: str, table: dict) -> dict:
+    """table less the fields of ADDED_LATER[section] that hold their default."""
+    later = ADDED_LATER[section]
+    return {k: v for k, v in table.items() if not (k in later and later[k] == v)}
 
 
 MAX_COMBINATIONS = 20000
@@ -112,16 +119,12 @@ class StudyConfig:
         study; the path and the budget are not part of it). from_definition reads it back."""
         searched = {p.name for p in self.space if not p.datasets}
         train = {k: v for k, v in dataclasses.asdict(self.train).items() if k != "epochs" and k not in searched}
-        for key, default in ADDED_LATER.items():  # so that a study stored before the key still resumes
-            if train.get(key) == default:
-                del train[key]
+        train = _without_later_defaults("train", train)
         train.update({ds: dict(v) for ds, v in self.train_overrides.items() if ds != "stage2"})
         return _jsonable(
             {
                 "study": {"name": self.name},
-                "sampler": {
-                    k: v for k, v in kind_dict(self.sampler).items() if SAMPLER_ADDED_LATER.get(k, object()) != v
-                },
+                "sampler": _without_later_defaults("sampler", kind_dict(self.sampler)),
                 "pruner": kind_dict(self.pruner),
                 "stage1": {"dataset": self.stage1_dataset, "epochs": self.stage1_epochs, "gate": self.gate},
                 "stage2": {
