@@ -38,21 +38,31 @@ def tiny_study(tmp_path):
 
 
 # The modules that take longest, longest first (measured: docs/performance.md, "Test suite
-# timings"). xdist hands whole modules out in collection order; one of minutes handed out last is
-# a tail the other processes sit out (test_worker, last by name, was).
+# timings"). xdist hands whole modules out in collection order (scripts/test.sh passes
+# --no-loadscope-reorder: by default xdist orders them by their number of tests, which put the
+# compose stack, two tests and five minutes, last); one of minutes handed out last is a tail the
+# other processes sit out.
 LONGEST_FIRST = (
     "test_compose_stack",
     "test_chaos",
     "test_worker",
-    "test_bad_input",
-    "test_bench",
-    "test_recipe",
     "test_reliability",
     "test_storage",
-    "test_postgres",
-    "test_train",
     "test_faults",
+    "test_gpu_check",
+    "test_postgres",
+    "test_bad_input",
     "test_cli",
+    "test_bench",
+    "test_recipe",
+    "test_install",
+    "test_train",
+    "test_terminal",
+    "test_properties",
+    "test_signals",
+    "test_train_command",
+    "test_kinds",
+    "test_compose",
 )
 
 

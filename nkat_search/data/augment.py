@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 # RandAugment (Cubuk et al. 2020) as torchvision's v2.RandAugment defines it, written out here so
 # that a torchvision upgrade cannot change our augmentation silently (tests/test_data.py checks
@@ -19,7 +18,20 @@ from torchvision.transforms.v2 import functional as TF
 RANDAUGMENT_BINS = 31
 
 
-_NEAREST = TF.InterpolationMode.NEAREST
+class _Functional:
+    """torchvision.transforms.v2.functional, imported at its first use.
+
+    Importing torchvision costs a process about 1.6 s of CPU (it imports torch._dynamo), and only
+    the reference calls below use it: training applies randaugment.py's batch ops, so a worker on
+    synthetic data or without RandAugment never needs torchvision."""
+
+    def __getattr__(self, name: str):
+        from torchvision.transforms.v2 import functional
+
+        return getattr(functional, name)
+
+
+TF = _Functional()
 
 
 def _shear(x: torch.Tensor, factor: float, axis: int) -> torch.Tensor:
@@ -31,7 +43,7 @@ def _shear(x: torch.Tensor, factor: float, axis: int) -> torch.Tensor:
         translate=[0, 0],
         scale=1.0,
         shear=[angle, 0.0] if axis == 0 else [0.0, angle],
-        interpolation=_NEAREST,
+        interpolation=TF.InterpolationMode.NEAREST,
         center=[0, 0],
     )
 
@@ -46,7 +58,7 @@ RANDAUGMENT_OPS = {
         150 / 331,
         True,
         lambda x, m: TF.affine(
-            x, angle=0.0, translate=[int(m), 0], scale=1.0, shear=[0.0, 0.0], interpolation=_NEAREST
+            x, angle=0.0, translate=[int(m), 0], scale=1.0, shear=[0.0, 0.0], interpolation=TF.InterpolationMode.NEAREST
         ),
     ),
     "TranslateY": (
@@ -54,10 +66,15 @@ RANDAUGMENT_OPS = {
         150 / 331,
         True,
         lambda x, m: TF.affine(
-            x, angle=0.0, translate=[0, int(m)], scale=1.0, shear=[0.0, 0.0], interpolation=_NEAREST
+            x, angle=0.0, translate=[0, int(m)], scale=1.0, shear=[0.0, 0.0], interpolation=TF.InterpolationMode.NEAREST
         ),
     ),
-    "Rotate": (0.0, 30.0, True, lambda x, m: TF.rotate(x, angle=m, interpolation=_NEAREST)),  # degrees
+    "Rotate": (
+        0.0,
+        30.0,
+        True,
+        lambda x, m: TF.rotate(x, angle=m, interpolation=TF.InterpolationMode.NEAREST),
+    ),  # degrees
     "Brightness": (0.0, 0.9, True, lambda x, m: TF.adjust_brightness(x, 1.0 + m)),
     "Color": (0.0, 0.9, True, lambda x, m: TF.adjust_saturation(x, 1.0 + m)),  # grayscale: unchanged
     "Contrast": (0.0, 0.9, True, lambda x, m: TF.adjust_contrast(x, 1.0 + m)),
