@@ -74,7 +74,7 @@ min_pid=$!
 # tests stay on one process (loadfile), so that a module's session fixtures (the bad-input table's
 # outcomes, the retrained study) are built once. (xdist_group marks did not group anything under
 # pytest 9.2 with xdist 3.8: measured, the bad-input table was built on all three processes.)
-# --no-loadscope-reorder keeps tests/conftest.py's longest-first order of the modules; by default
+# --no-loadscope-reorder keeps tests/conftest.py's order of the modules (the compose stack first); by default
 # xdist orders them by their number of tests.
 PARALLEL=(-n "${NKAT_TEST_PROCESSES:-3}" --dist loadfile --no-loadscope-reorder)
 .venv/bin/python -m pytest "${PARALLEL[@]}" || status=$?

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 # One torch thread in the test processes too, set before anything imports torch: the suite runs
 # several processes on 2 cores, and a second spinning OpenMP thread in each costs more than it
@@ -37,35 +38,16 @@ def tiny_study(tmp_path):
     return write
 
 
-# The modules that take longest, longest first (measured: docs/performance.md, "Test suite
-# timings"). xdist hands whole modules out in collection order (scripts/test.sh passes
-# --no-loadscope-reorder: by default xdist orders them by their number of tests, which put the
-# compose stack, two tests and five minutes, last); one of minutes handed out last is a tail the
-# other processes sit out.
-LONGEST_FIRST = (
-    "test_compose_stack",
-    "test_chaos",
-    "test_worker",
-    "test_reliability",
-    "test_storage",
-    "test_faults",
-    "test_gpu_check",
-    "test_postgres",
-    "test_bad_input",
-    "test_cli",
-    "test_bench",
-    "test_recipe",
-    "test_install",
-    "test_train",
-    "test_terminal",
-    "test_properties",
-    "test_signals",
-    "test_train_command",
-    "test_kinds",
-    "test_compose",
-)
+# The compose stack goes first: five minutes on a cold machine, most of them the Docker engine's
+# work (debootstrap, PyPI's torch built into an image), so it overlaps the rest of the suite instead
+# of being a tail that the other processes sit out. The other modules follow in xdist's own order,
+# those with more tests first, which spreads the long multi-process modules among short ones (the
+# longest-first order ran them all at once and took longer: docs/performance.md, "Test suite
+# timings"). scripts/test.sh passes --no-loadscope-reorder, so that xdist keeps this order.
+FIRST = "test_compose_stack"
 
 
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module's own order is kept
+    count = Counter(item.path.stem for item in items)
+    # stable: a module's own order is kept
+    items.sort(key=lambda item: (item.path.stem != FIRST, -count[item.path.stem], item.path.stem))
