@@ -74,9 +74,11 @@ min_pid=$!
 # tests stay on one process (loadfile), so that a module's session fixtures (the bad-input table's
 # outcomes, the retrained study) are built once. (xdist_group marks did not group anything under
 # pytest 9.2 with xdist 3.8: measured, the bad-input table was built on all three processes.)
-# --no-loadscope-reorder keeps tests/conftest.py's order of the modules (the compose stack first); by default
-# xdist orders them by their number of tests.
-PARALLEL=(-n "${NKAT_TEST_PROCESSES:-3}" --dist loadfile --no-loadscope-reorder)
+# xdist hands the modules out in its own order, those with more tests first, which leaves the compose
+# stack (two tests; its image build is heavy on the disk) to the end. Measured both ways from fresh
+# clones: the longest modules first, or the compose stack first, were slower, as the image build
+# then slowed every test beside it (docs/performance.md, "Test suite timings").
+PARALLEL=(-n "${NKAT_TEST_PROCESSES:-3}" --dist loadfile)
 .venv/bin/python -m pytest "${PARALLEL[@]}" || status=$?
 wait "$mypy_pid" || status=$?
 cat .venv/mypy.log

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections import Counter
 
 # One torch thread in the test processes too, set before anything imports torch: the suite runs
 # several processes on 2 cores, and a second spinning OpenMP thread in each costs more than it
@@ -36,18 +35,3 @@ def tiny_study(tmp_path):
         return str(path)
 
     return write
-
-
-# The compose stack goes first: five minutes on a cold machine, most of them the Docker engine's
-# work (debootstrap, PyPI's torch built into an image), so it overlaps the rest of the suite instead
-# of being a tail that the other processes sit out. The other modules follow in xdist's own order,
-# those with more tests first, which spreads the long multi-process modules among short ones (the
-# longest-first order ran them all at once and took longer: docs/performance.md, "Test suite
-# timings"). scripts/test.sh passes --no-loadscope-reorder, so that xdist keeps this order.
-FIRST = "test_compose_stack"
-
-
-def pytest_collection_modifyitems(items):
-    count = Counter(item.path.stem for item in items)
-    # stable: a module's own order is kept
-    items.sort(key=lambda item: (item.path.stem != FIRST, -count[item.path.stem], item.path.stem))
