@@ -44,6 +44,17 @@ fi
 # skipping (tests/helpers.py: unavailable; tests/pg_server.py), so a missing install step shows.
 export CI="${CI:-true}"
 
+# Disk: .venv holds PyPI's torch 2.14.1, a CUDA build (6.4 GB), and the compose stack's engine keeps
+# its images in .cache/docker/engine (6.6 GB); a full run from a fresh clone needs about 14 GB in
+# this folder. Said up front: pip or the engine running out of space midway fails in a traceback.
+need_gb=1
+[ -x .venv/bin/python ] || need_gb=$((need_gb + 7))
+[ -d .cache/docker/engine/image ] || need_gb=$((need_gb + 7))
+free_gb=$(($(df -Pk . | awk 'NR == 2 {print $4}') / 1048576))
+if [ "$free_gb" -lt "$need_gb" ]; then
+  echo "scripts/test.sh: $free_gb GB free on the disk of $PWD, and this run needs about $need_gb GB (the torch of .venv and the compose stack's images); free some space (an old clone's .venv and .cache/docker are most of it) and run it again." >&2
+  exit 1
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -c constraints/ci.txt -e '.[test]'
 if [ $# -gt 0 ]; then
