@@ -86,9 +86,8 @@ min_pid=$!
 # outcomes, the retrained study) are built once. (xdist_group marks did not group anything under
 # pytest 9.2 with xdist 3.8: measured, the bad-input table was built on all three processes.)
 # xdist hands the modules out in its own order, those with more tests first, which leaves the compose
-# stack (two tests; its image build is heavy on the disk) to the end. Measured both ways from fresh
-# clones: the longest modules first, or the compose stack first, were slower, as the image build
-# then slowed every test beside it (docs/performance.md, "Test suite timings").
+# stack (two tests) to the end. The longest modules first, or the compose stack first, were no faster
+# from fresh clones (docs/performance.md, "Test suite timings").
 PARALLEL=(-n "${NKAT_TEST_PROCESSES:-3}" --dist loadfile)
 .venv/bin/python -m pytest "${PARALLEL[@]}" || status=$?
 wait "$mypy_pid" || status=$?
