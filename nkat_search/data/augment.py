@@ -21,9 +21,10 @@ RANDAUGMENT_BINS = 31
 class _Functional:
     """torchvision.transforms.v2.functional, imported at its first use.
 
-    Importing torchvision costs a process about 1.6 s of CPU (it imports torch._dynamo), and only
-    the reference calls below use it: training applies randaugment.py's batch ops, so a worker on
-    synthetic data or without RandAugment never needs torchvision."""
+    Only the reference calls below use it (training applies randaugment.py's batch ops), and its
+    import costs about 1.6 s of CPU in a process that has not imported torch._dynamo yet (the
+    `start` command's own process, a command refused before it trains); about 0.35 s after
+    torch.optim has imported torch._dynamo, as a training process's first optimizer does."""
 
     def __getattr__(self, name: str):
         from torchvision.transforms.v2 import functional

@@ -34,7 +34,7 @@ def _torchvision(spec: DatasetSpec, data: DataConfig) -> tuple[torch.Tensor, ...
     machine without network fails in one step with a sentence instead of a traceback. CIFAR-10
     goes through torchvision too, so its files are checked against the published md5 sums; the
     tests write tiny files in the real format and replace only that md5 check."""
-    import torchvision  # here, not at the top: its import costs about 1.6 s of CPU, synthetic data skips it
+    import torchvision  # here, not at the top: synthetic data never needs it (augment.py's _Functional says why)
 
     root = data.root
     datasets = torchvision.datasets
